@@ -1,0 +1,126 @@
+"""AdapterConfig: everything that defines an adapter, hashable so it can be a static jit argument."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+METHODS = ("lora", "dora", "doran", "dyndora", "full", "frozen")
+ADAPTER_METHODS = ("lora", "dora", "doran", "dyndora")
+MODES = ("merged", "factored")
+SHARES = ("model", "block")
+ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """Configuration of a low-rank adapter.
+
+  Example:
+    >>> cfg = AdapterConfig(method="dora", rank=8, alpha=16.0,
+    ...                     targets=r".*/(query|value)/kernel")
+
+  Attributes:
+    method: 'lora' | 'dora' | 'doran' | 'dyndora' | 'full' | 'frozen'. 'full' and 'frozen' add
+      no adapter (the trainer trains everything / only the head).
+    rank: r (for dyndora the target rank; it starts from ceil(1.5 r)).
+    alpha: scale numerator, s = alpha / r (alpha / sqrt(r) with rslora).
+    targets: regex that must fully match the '/'-joined path of every adapted kernel.
+    rslora: rank-stabilised scaling.
+    dropout: lora_dropout on the adapter input (factored mode only, train only).
+    mode: 'merged' (build W' then run the model) or 'factored' (never build W'; see adapted_apply).
+    transposed: paths of kernels stored as (out, in) (GPT-2 Conv1D); see
+      doran_jax.models.detect_transposed_kernels.
+    norm_eps: floor on the per-output-unit norm (real checkpoints have all-zero columns).
+    tau_init: DoRAN's initial tau = softplus(rho0).
+    tau_per_output: one tau per output unit instead of one per matrix.
+    noise_std: sigma of DoRAN's log-normal noise on tau in train mode (0 = deterministic).
+    detach_norm: DoRAN: stop the gradient through the norm (DoRA always detaches).
+    hyper_emb_dim: DoRAN: width of each target's learnable embedding.
+    hyper_hidden: DoRAN: hidden width of the shared generator.
+    hyper_activation: DoRAN: generator activation.
+    share: DoRAN: 'model' (one generator per kernel shape) or 'block' (one per transformer block).
+    init_rank_factor: DynDoRA: r0 = ceil(init_rank_factor * rank).
+  """
+
+  method: str = "lora"
+  rank: int = 8
+  alpha: float = 16.0
+  targets: str = r".*/(query|value)/kernel"
+  rslora: bool = False
+  dropout: float = 0.0
+  mode: str = "merged"
+  transposed: tuple[str, ...] = ()
+  norm_eps: float = 1e-6
+  tau_init: float = 1e-2
+  tau_per_output: bool = False
+  noise_std: float = 0.1
+  detach_norm: bool = True
+  hyper_emb_dim: int = 8
+  hyper_hidden: int = 8
+  hyper_activation: str = "tanh"
+  share: str = "model"
+  init_rank_factor: float = 1.5
+
+  def __post_init__(self):
+    object.__setattr__(self, "transposed", tuple(self.transposed))
+    _check_choice("method", self.method, METHODS)
+    _check_choice("mode", self.mode, MODES)
+    _check_choice("share", self.share, SHARES)
+    _check_choice("hyper_activation", self.hyper_activation, ACTIVATIONS)
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"rank must be a positive integer, got {self.rank!r}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+    if self.tau_init <= 0:
+      raise ValueError(f"tau_init must be > 0 (tau = softplus(rho) > 0), got {self.tau_init!r}.")
+    if self.noise_std < 0:
+      raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}.")
+    if self.init_rank_factor < 1:
+      raise ValueError(f"init_rank_factor must be >= 1, got {self.init_rank_factor!r}.")
+
+  @property
+  def has_adapters(self) -> bool:
+    return self.method in ADAPTER_METHODS
+
+  @property
+  def stored_rank(self) -> int:
+    """Rank of the stored factors (r0 for dyndora)."""
+    if self.method == "dyndora":
+      return math.ceil(self.init_rank_factor * self.rank)
+    return self.rank
+
+  @property
+  def scale(self) -> float:
+    r = self.stored_rank
+    return self.alpha / (math.sqrt(r) if self.rslora else r)
+
+  def replace(self, **kw) -> "AdapterConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["transposed"] = list(self.transposed)
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown AdapterConfig fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+  @classmethod
+  def from_json(cls, text: str) -> "AdapterConfig":
+    return cls.from_dict(json.loads(text))
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}.")

@@ -1,0 +1,55 @@
+"""DoRAN (Diep et al. 2025): W' = m ⊙ V / (||V|| + ξ), V = W0 + s·A·B, A and B from a hypernetwork.
+
+τ = softplus(ρ) > 0 is learnable (per matrix, or per output unit). In eval mode ξ = τ; in train mode
+ξ = τ·exp(σ·ε − σ²/2) with ε ~ N(0, 1) per output unit, so ξ > 0 and E[ξ] = τ.
+Init: m = ||W0|| + τ0, so W' = W0 at step 0 in eval mode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from doran_jax.adapters.norms import column_norm
+
+NEEDS_NORM = True
+
+
+def softplus_inverse(y: float) -> float:
+  return float(jnp.log(jnp.expm1(jnp.float32(y))))
+
+
+def init_leaves(key, w0_IxO, cfg) -> dict:
+  del key
+  d_out = w0_IxO.shape[1]
+  tau_shape = (d_out,) if cfg.tau_per_output else ()
+  return {
+      "magnitude": column_norm(w0_IxO, cfg.norm_eps) + cfg.tau_init,
+      "tau": jnp.full(tau_shape, softplus_inverse(cfg.tau_init), jnp.float32),
+  }
+
+
+def low_rank(leaves, generated, cfg):
+  del leaves, cfg
+  if generated is None:
+    raise ValueError("doran needs the hypernetwork's generated A and B; adapters['hypernet'] is missing.")
+  return generated
+
+
+def noisy_tau(tau, d_out: int, noise_std: float, key):
+  """ξ = τ·exp(σε − σ²/2), ε ~ N(0, 1) per output unit: positive, with mean τ."""
+  eps_O = jax.random.normal(key, (d_out,), jnp.float32)
+  return tau * jnp.exp(noise_std * eps_O - 0.5 * noise_std**2)
+
+
+def gain(norm_O, leaves, cfg, key, train):
+  tau = jax.nn.softplus(leaves["tau"].astype(jnp.float32))
+  if train and cfg.noise_std > 0:
+    if key is None:
+      raise ValueError("doran in train mode with noise_std > 0 needs an explicit rng key: "
+                       "apply_adapters(..., rng=key, train=True).")
+    xi = noisy_tau(tau, norm_O.shape[0], cfg.noise_std, key)
+  else:
+    xi = tau
+  norm = jax.lax.stop_gradient(norm_O) if cfg.detach_norm else norm_O
+  return leaves["magnitude"] / (norm + xi)

