@@ -1,0 +1,28 @@
+r"""Evaluates a run's latest checkpoint (or an adapter export) on the config's eval split.
+
+  python eval.py --config configs/default.py --workdir runs/default
+  python eval.py --config configs/sst2.py --adapters runs/sst2/export/adapters
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from doran_jax import evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ (default: config.workdir).")
+_ADAPTERS = flags.DEFINE_string("adapters", None, "An adapter-only export folder instead of a checkpoint.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  metrics = evaluate.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value, adapters_dir=_ADAPTERS.value)
+  print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

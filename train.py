@@ -1,0 +1,24 @@
+r"""Fine-tunes a pretrained Flax backbone with an adapter; see configs/ for experiments.
+
+  python train.py --config configs/default.py
+  python train.py --config configs/sst2.py:method=dora --config.adapter.rank=16 --workdir runs/sst2_dora
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from doran_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports (default: config.workdir).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  trainer.run_experiment(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
