@@ -92,7 +92,10 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
     kwargs["num_labels"] = num_labels
   from_pt = os.path.isdir(path) and not _has_flax_weights(path)
   try:
-    model = _auto_class(task).from_pretrained(path, from_pt=from_pt, dtype=dtype, **kwargs)
+    import transformers
+    # The config is built first: the Auto classes would otherwise copy `dtype` into it.
+    hf_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+    model = _auto_class(task).from_pretrained(path, config=hf_config, from_pt=from_pt, dtype=dtype)
   except OSError as e:
     raise ValueError(
         f"could not load model {name_or_path!r}: {e}. Offline, pass a local folder (config.json "

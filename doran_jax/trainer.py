@@ -24,8 +24,9 @@ import optax
 from absl import logging
 
 from doran_jax import checkpoint, data, evaluate, models, optim, sharding, tasks
-from doran_jax.adapters import AdapterConfig, apply_adapters, count_params, init_adapters
-from doran_jax.trainable import effective_params, split_params
+from doran_jax.adapters import AdapterConfig, count_params, init_adapters
+from doran_jax.adapters.factored import adapted_apply
+from doran_jax.trainable import effective_params, merge_params, split_params
 
 DEFAULT_HEADS = {"classification": r"classifier/.*", "image_classification": r"classifier/.*",
                  "causal_lm": ""}
@@ -110,18 +111,24 @@ def num_train_steps(config, n_train: int) -> int:
   return max(1, math.ceil(config.num_epochs * n_train / config.batch_size))
 
 
-def setup(config, *, backbone=None, tokenizer=None) -> Run:
-  """Builds model, data, adapters, optimizer, mesh and sharded state from a config."""
+def setup(config, *, backbone=None, tokenizer=None, with_data: bool = True) -> Run:
+  """Builds model, data, adapters, optimizer, mesh and sharded state from a config.
+
+  `with_data=False` skips the data sets (benchmarks feed their own batches; config.num_steps and
+  config.model.num_labels must then be set).
+  """
   sharding.maybe_initialize_distributed(config.get("distributed", "auto"))
-  if tokenizer is None:
-    tokenizer = load_tokenizer(config)
-  image_size = config.data.get("image_size", None)
-  train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, image_size=image_size)
-  eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
+  train_data = eval_data = None
+  if with_data:
+    if tokenizer is None:
+      tokenizer = load_tokenizer(config)
+    image_size = config.data.get("image_size", None)
+    train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, image_size=image_size)
+    eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
   if backbone is None:
-    backbone = load_model(config, train_data.num_classes)
+    backbone = load_model(config, train_data.num_classes if train_data else None)
   adapter_cfg = adapter_config_from(config, backbone.transposed)
-  num_steps = num_train_steps(config, len(train_data))
+  num_steps = num_train_steps(config, len(train_data)) if train_data else int(config.num_steps)
 
   head_regex = config.get("head", None)
   head_regex = DEFAULT_HEADS[config.model.task] if head_regex is None else head_regex
@@ -192,9 +199,14 @@ def make_train_step(run: Run):
   remat = bool(run.config.model.get("remat", False))
 
   def loss_fn(trainable, frozen, batch, key):
-    key_noise, key_dropout = jax.random.split(key)
-    params = effective_params(frozen, trainable, adapter_cfg, rng=key_noise, train=True)
-    out = model(**tasks.model_inputs(task, batch), params=params, dropout_rng=key_dropout, train=True)
+    key_adapter, key_dropout = jax.random.split(key)
+    inputs = tasks.model_inputs(task, batch)
+    if adapter_cfg.mode == "factored":
+      out = adapted_apply(model, merge_params(frozen, trainable["params"]), trainable["adapters"],
+                          adapter_cfg, rng=key_adapter, train=True, dropout_rng=key_dropout, **inputs)
+    else:
+      params = effective_params(frozen, trainable, adapter_cfg, rng=key_adapter, train=True)
+      out = model(**inputs, params=params, dropout_rng=key_dropout, train=True)
     return tasks.loss_and_metrics(task, out.logits, batch)
 
   if remat:

@@ -128,6 +128,9 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   """
   if not cfg.has_adapters:
     return params
+  if train and cfg.dropout > 0:
+    raise ValueError(f"adapter dropout {cfg.dropout} cannot be applied to merged weights; use "
+                     "mode='factored' (doran_jax.adapters.factored.adapted_apply) or dropout=0.")
   module = METHOD_MODULES[cfg.method]
   flat = flatten(params)
   for i, (t, leaves, a_IxR, b_RxO) in enumerate(target_factors(params, adapters, cfg)):

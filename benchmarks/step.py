@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+r"""Times complete jitted training steps (forward, backward, AdamW) and prints one JSON line.
+
+  python benchmarks/step.py --method dora --model minilm --batch 32 --seq 128 --rank 8 --steps 30
+  python benchmarks/step.py --method doran --model bert-base --mode factored
+
+Models: minilm (the real all-MiniLM-L6-v2), bert-base (BERT-base sizes, random weights),
+vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-1b (LLaMA-shaped, random). Inputs are random
+token ids / pixels from a fixed seed. Timing: after compilation, each step is timed with
+block_until_ready; FLOPs come from XLA's cost analysis of the compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from doran_jax import config_lib, models, sharding, trainer  # noqa: E402
+
+TARGETS = {
+    "bert": {"query,value": r".*/(query|value)/kernel",
+             "all": r".*/(query|key|value|dense)/kernel"},
+    "vit": {"query,value": r".*/(query|value)/kernel",
+            "all": r".*/(query|key|value|dense)/kernel"},
+    "llama": {"query,value": r".*/(q_proj|v_proj)/kernel",
+              "all": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"},
+}
+
+
+def hf_config(name: str, model_dropout):
+  import transformers
+  if name == "bert-base":
+    cfg = transformers.BertConfig(num_labels=2)
+  elif name == "vit-b16":
+    cfg = transformers.ViTConfig(num_labels=100)
+  elif name == "llama-tiny":
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
+                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+  elif name == "llama-1b":
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                   num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                   max_position_embeddings=2048)
+  else:
+    return None
+  if model_dropout is not None:
+    for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+      if hasattr(cfg, k):
+        setattr(cfg, k, model_dropout)
+  return cfg
+
+
+def family(name: str) -> str:
+  return "vit" if name.startswith("vit") else "llama" if name.startswith("llama") else "bert"
+
+
+def build(args):
+  fam = family(args.model)
+  task = {"bert": "classification", "vit": "image_classification", "llama": "causal_lm"}[fam]
+  c = config_lib.base_config()
+  c.model.task = task
+  c.model.num_labels = 2 if fam == "bert" else 100
+  c.model.dtype = args.dtype
+  c.model.remat = args.remat
+  c.adapter = config_lib.adapter_defaults(
+      method=args.method, rank=args.rank, alpha=args.alpha, mode=args.mode, dropout=args.dropout,
+      targets=TARGETS[fam].get(args.targets, args.targets))
+  c.num_steps = args.steps + args.warmup + 1
+  c.batch_size = args.batch
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 0
+  c.optim.clip_norm = 0.0
+  c.sharding_rules = args.sharding
+  c.lock()
+  dtype = jax.numpy.dtype(args.dtype)
+  if args.model == "minilm":
+    overrides = {}
+    if args.model_dropout is not None:
+      overrides = {"hidden_dropout_prob": args.model_dropout,
+                   "attention_probs_dropout_prob": args.model_dropout}
+    bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides)
+  else:
+    cfg = hf_config(args.model, args.model_dropout)
+    if cfg is None:
+      raise SystemExit(f"--model: unknown {args.model!r}")
+    bb = models.from_config(cfg, task, dtype=dtype, detect_layout=False)
+  if args.param_dtype != "float32":
+    bb.params = jax.tree_util.tree_map(lambda x: x.astype(args.param_dtype), bb.params)
+  run = trainer.setup(c, backbone=bb, with_data=False)
+  return run, fam
+
+
+def batches(fam, args, n=4):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    if fam == "vit":
+      b = {"pixel_values": rng.normal(size=(args.batch, 3, 224, 224)).astype(np.float32),
+           "labels": rng.integers(0, 100, args.batch).astype(np.int32)}
+    else:
+      ids = rng.integers(1, 30000, (args.batch, args.seq)).astype(np.int32)
+      b = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+      if fam == "bert":
+        b["token_type_ids"] = np.zeros_like(ids)
+        b["labels"] = rng.integers(0, 2, args.batch).astype(np.int32)
+      else:
+        b["loss_mask"] = np.ones_like(ids)
+    out.append(b)
+  return out
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--method", default="dora", choices=["frozen", "lora", "dora", "doran", "dyndora", "full"])
+  p.add_argument("--model", default="minilm", help="minilm | bert-base | vit-b16 | llama-tiny | llama-1b")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--alpha", type=float, default=16.0)
+  p.add_argument("--targets", default="query,value", help="query,value | all | a regex")
+  p.add_argument("--mode", default="factored", choices=["merged", "factored"])
+  p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (factored mode)")
+  p.add_argument("--model-dropout", type=float, default=None, help="override the backbone's dropout")
+  p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+  p.add_argument("--param-dtype", default="float32", help="backbone storage dtype")
+  p.add_argument("--remat", action="store_true", help="rematerialise the forward in the backward")
+  p.add_argument("--sharding", default="replicated", help="replicated | fsdp | tensor_parallel")
+  p.add_argument("--steps", type=int, default=30)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--peak-gflops", type=float, default=None, help="machine peak to report the fraction")
+  p.add_argument("--tag", default=None)
+  args = p.parse_args(argv)
+
+  run, fam = build(args)
+  step_fn = trainer.make_train_step(run)
+  host_batches = batches(fam, args)
+  device_batches = [sharding.global_batch(b, run.mesh) for b in host_batches]
+  state = run.state
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, run.frozen, device_batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  times = []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, run.frozen, device_batches[i % len(device_batches)])
+    jax.block_until_ready((state, metrics))
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
+  median = statistics.median(times)
+  result = {
+      "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
+      "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": args.targets,
+      "dtype": args.dtype, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+      "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
+      "peak_rss_mb": peak_rss_mb(), "trainable_params": trainer.count_params(state.trainable),
+      "compile_s": compile_s, "flops_per_step": flops, "achieved_gflops": flops / median / 1e9,
+      "final_loss": float(metrics["loss"]), "tag": args.tag,
+  }
+  if jax.devices()[0].platform == "gpu":
+    stats = jax.devices()[0].memory_stats() or {}
+    result["peak_device_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+  if args.peak_gflops:
+    result["fraction_of_peak"] = result["achieved_gflops"] / args.peak_gflops
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,119 @@
+"""Factored mode: run the unmodified model with adapted layers computed as x·W0 plus a low-rank path.
+
+  LoRA:        y = x·W0 + s·(drop(x)·A)·B + bias
+  DoRA/DoRAN:  y = g ⊙ (x·W0 + s·(drop(x)·A)·B) + bias,   g = m / (n [+ ξ])
+
+W' is never formed, so the backward pass never builds a full-size weight gradient for an adapted
+kernel (the frozen W0 gets none). The norm n comes from the column-norm identity
+  n² = ‖W0‖² + 2s·Σ_r (W0ᵀA)∘Bᵀ + s²·diag(Bᵀ(AᵀA)B),
+which needs (out, r) temporaries instead of the (in, out) matrix V. Dropout follows PEFT: the base
+path sees the clean input. Layers are swapped in with `flax.linen.intercept_methods`, so the model
+code stays untouched and the adapters stay a pure pytree input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from doran_jax.adapters import core
+from doran_jax.adapters.config import AdapterConfig
+from doran_jax.targets import SEP
+
+DROPOUT_STREAM = 2**31 - 1
+
+
+def column_norm_factored(w0_IxO, a_IxR, b_RxO, scale: float, eps: float):
+  """‖W0 + s·A·B‖ per output unit without materialising the sum (float32)."""
+  w0 = w0_IxO.astype(jnp.float32)
+  a = a_IxR.astype(jnp.float32)
+  b = b_RxO.astype(jnp.float32)
+  w0_sq_O = jnp.sum(w0 * w0, axis=0)
+  cross_O = jnp.sum((w0.T @ a) * b.T, axis=1)
+  gram_RxR = a.T @ a
+  ab_sq_O = jnp.sum(b * (gram_RxR @ b), axis=0)
+  sq_O = w0_sq_O + 2.0 * scale * cross_O + scale**2 * ab_sq_O
+  return jnp.maximum(jnp.sqrt(jnp.maximum(sq_O, 0.0)), eps)
+
+
+def layer_factors(params, adapters, cfg: AdapterConfig, *, rng=None, train=False) -> dict:
+  """{module path tuple: (A, B, g or None, transposed, index)} for every adapted kernel."""
+  module = core.METHOD_MODULES[cfg.method]
+  flat = None
+  out = {}
+  for i, (t, leaves, a_IxR, b_RxO) in enumerate(core.target_factors(params, adapters, cfg)):
+    g_O = None
+    if module.NEEDS_NORM:
+      if flat is None:
+        from doran_jax.targets import flatten
+        flat = flatten(params)
+      w0 = flat[t.path]
+      w0_IxO = w0.T if t.transposed else w0
+      norm_O = column_norm_factored(w0_IxO, a_IxR, b_RxO, cfg.scale, cfg.norm_eps)
+      g_O = module.gain(norm_O, leaves, cfg, core.target_key(rng, i), train)
+    out[tuple(t.module_path.split(SEP))] = (a_IxR, b_RxO, g_O, t.transposed, i)
+  return out
+
+
+def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: bool):
+  a_IxR, b_RxO, g_O, transposed, _ = factors
+  dtype = getattr(module, "dtype", None) or x.dtype
+  kernel = jnp.asarray(module.get_variable("params", "kernel"), dtype)
+  x = jnp.asarray(x, dtype)
+  base = x @ (kernel.T if transposed else kernel)
+  x_lora = x
+  if train and cfg.dropout > 0:
+    if dropout_key is None:
+      raise ValueError("adapter dropout > 0 in train mode needs an rng: adapted_apply(..., rng=key).")
+    keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, x.shape)
+    x_lora = jnp.where(keep, x / (1.0 - cfg.dropout), 0).astype(x.dtype)
+  low = (x_lora.astype(jnp.float32) @ a_IxR.astype(jnp.float32)) @ b_RxO.astype(jnp.float32)
+  y = base.astype(jnp.float32) + cfg.scale * low
+  if g_O is not None:
+    y = y * g_O
+  y = y.astype(dtype)
+  if module.has_variable("params", "bias"):
+    y = y + jnp.asarray(module.get_variable("params", "bias"), dtype)
+  return y
+
+
+def adapted_apply(model, params, adapters, cfg: AdapterConfig, *, rng: Optional[jax.Array] = None,
+                  train: bool = False, dropout_rng: Optional[jax.Array] = None, **inputs):
+  """Calls `model(**inputs, params=params)` with every adapted layer computed in factored form.
+
+  Equals `model(**inputs, params=apply_adapters(params, adapters, cfg, rng=rng, train=train))`
+  when cfg.dropout == 0 (up to float rounding). `rng` drives DoRAN's noise and adapter dropout;
+  `dropout_rng` the model's own dropout.
+
+  Example:
+    >>> out = adapted_apply(model, params, adapters, cfg, rng=key, train=True, input_ids=ids)
+  """
+  if not cfg.has_adapters:
+    return model(**inputs, params=params, dropout_rng=dropout_rng, train=train)
+  # Noise keys match apply_adapters(rng=rng); dropout draws from a separate fold of the same key.
+  key_drop = None if rng is None else jax.random.fold_in(rng, DROPOUT_STREAM)
+  factors = layer_factors(params, adapters, cfg, rng=rng, train=train)
+  seen = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name != "__call__" or mod.scope is None:
+      return next_fun(*args, **kwargs)
+    path = tuple(mod.scope.path)
+    if path not in factors:
+      return next_fun(*args, **kwargs)
+    seen.add(path)
+    f = factors[path]
+    key = None if key_drop is None else jax.random.fold_in(key_drop, f[4])
+    return _adapted_dense(mod, args[0], f, cfg, key, train)
+
+  with nn.intercept_methods(interceptor):
+    out = model(**inputs, params=params, dropout_rng=dropout_rng, train=train)
+  missing = set(factors) - seen
+  if missing:
+    raise ValueError(f"factored mode: adapted kernels {sorted(SEP.join(p) for p in missing)[:4]} "
+                     "were never called by the model; use adapter.mode='merged' for this model.")
+  return out
