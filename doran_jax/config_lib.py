@@ -56,21 +56,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_arg(config: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
-  """Applies 'k=v,k=v' (short names in ARG_KEYS or dotted paths), then locks the config."""
+def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collections.ConfigDict:
+  """Applies 'k=v,k=v' (short names in ARG_KEYS, `aliases`, or dotted paths), then locks.
+
+  Example:
+    >>> apply_arg(base_config(), "method=dora,rank=16").adapter.rank
+    16
+  """
+  names = {**ARG_KEYS, **(aliases or {})}
   if arg:
     for item in str(arg).split(","):
       if "=" not in item:
         raise ValueError(f"config argument {item!r} must look like name=value; known names: "
-                         f"{', '.join(sorted(ARG_KEYS))}")
+                         f"{', '.join(sorted(names))}")
       key, value = (s.strip() for s in item.split("=", 1))
-      path = ARG_KEYS.get(key, key)
+      path = names.get(key, key)
       parent = config
       for part in path.split(".")[:-1]:
         parent = parent[part]
       leaf = path.split(".")[-1]
       if leaf not in parent:
-        raise ValueError(f"unknown config argument {key!r}; known names: {', '.join(sorted(ARG_KEYS))}")
+        raise ValueError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
       current = parent[leaf]
       parent[leaf] = _parse(value, current)
   config.lock()

@@ -209,8 +209,10 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
       `seed` so the eval set stays fixed across training seeds.
     min_examples, eval_fraction: chatterbot: keep topics with at least this many utterances;
       the stratified share held out for eval.
-    tasks, task, train_file: commonsense: task folder names; `task` (if set) replaces `tasks`
-      with that one task; `train_file` (if set) trains on this JSON list instead (e.g. the
+    tasks, train_tasks, task, train_file: commonsense: task folders to evaluate on (`tasks`) and
+      to train on (`train_tasks`, None = `tasks`; the defaults are the tasks kept in
+      ../shared/data/commonsense, of which only four ship a train.json); `task` (if set) replaces
+      both with that one task; `train_file` (if set) trains on this JSON list instead (e.g. the
       170k combined file) while eval still reads the task folders.
     num_classes: tsv: None = inferred from the labels (max + 1).
   """
@@ -219,8 +221,8 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   c = dict(source=source, path=None, format=None, name=None, data_dir=None,
            text_keys=("sentence",), label_key="label", image_key="image", max_length=128,
            image_size=None, train_split=None, eval_split=None, limit=None, eval_limit=None,
-           seed=0, split_seed=0, min_examples=40, eval_fraction=0.2, tasks=(), task=None,
-           train_file=None, num_classes=None)
+           seed=0, split_seed=0, min_examples=40, eval_fraction=0.2, tasks=(), train_tasks=None,
+           task=None, train_file=None, num_classes=None)
   if source == "tsv":
     c.update(format="sst2")
   elif source == "tfds":
@@ -231,7 +233,8 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
     # and score eval_split="test", eval_limit=None.
     c.update(name="cifar100", limit=800, eval_limit=200)
   elif source == "commonsense":
-    c.update(max_length=256, tasks=commonsense.LOCAL_TASKS)
+    c.update(max_length=256, tasks=commonsense.LOCAL_TASKS,
+             train_tasks=commonsense.LOCAL_TRAIN_TASKS)
   unknown = sorted(set(overrides) - set(c))
   if unknown:
     raise ValueError(f"unknown data config key(s) {unknown}; known keys: {', '.join(sorted(c))}.")
@@ -286,22 +289,8 @@ def load_dataset(data_cfg, split: str, *, tokenizer=None, image_size: Optional[i
   max_length = _max_length(data_cfg)
   if source == "commonsense":
     return _load_commonsense(data_cfg, split, name, tokenizer, max_length)
-  pairs = None
-  if source == "tfds":
-    # Limited while reading: only the kept records are fetched from disk.
-    texts, pairs, labels, num_classes, label_names = _read_tfds_text(data_cfg, split, name)
-  else:
-    if source == "chatterbot":
-      texts, labels, label_names = _chatterbot_split(data_cfg, name)
-      num_classes = len(label_names)
-    else:  # tsv
-      texts, labels = read_tsv(_tsv_file(data_cfg, name), data_cfg.get("format", None))
-      num_classes = data_cfg.get("num_classes", None) or int(max(labels)) + 1
-      label_names = TSV_LABEL_NAMES[data_cfg.format]
-      label_names = label_names if num_classes == len(label_names) else None
-    keep = _keep(data_cfg, split, len(texts))
-    texts = [texts[i] for i in keep]
-    labels = np.asarray(labels, np.int32)[keep]
+  readers = {"chatterbot": _read_chatterbot, "tsv": _read_tsv_source, "tfds": _read_tfds_text}
+  texts, pairs, labels, num_classes, label_names = readers[source](data_cfg, split, name)
   if labels.max() >= num_classes:
     raise ValueError(f"label {labels.max()} is out of range for num_classes={num_classes}; set "
                      "data.num_classes to the number of classes.")
@@ -436,6 +425,12 @@ def _chatterbot_split(data_cfg, name):
   return [texts[i] for i in idx], [labels[i] for i in idx], names
 
 
+def _read_chatterbot(data_cfg, split, name):
+  texts, labels, names = _chatterbot_split(data_cfg, name)
+  keep = _keep(data_cfg, split, len(texts))
+  return [texts[i] for i in keep], None, np.asarray(labels, np.int32)[keep], len(names), names
+
+
 # ------------------------------------------------------------------------------------- tsv
 
 
@@ -447,9 +442,19 @@ def _tsv_file(data_cfg, name) -> str:
   path = os.path.expanduser(path)
   file = os.path.join(path, f"{name}.tsv")
   if not os.path.isfile(file):
+    found = sorted(glob.glob(os.path.join(path, "*.tsv")))
     raise ValueError(f"TSV file {file!r} does not exist; check data.path={path!r} and the split "
-                     f"name {name!r} (files found: {sorted(glob.glob(os.path.join(path, '*.tsv')))}).")
+                     f"name {name!r} (files found: {found}).")
   return file
+
+
+def _read_tsv_source(data_cfg, split, name):
+  texts, labels = read_tsv(_tsv_file(data_cfg, name), data_cfg.get("format", None))
+  num_classes = data_cfg.get("num_classes", None) or max(labels) + 1
+  names = TSV_LABEL_NAMES[data_cfg.format]
+  keep = _keep(data_cfg, split, len(texts))
+  return ([texts[i] for i in keep], None, np.asarray(labels, np.int32)[keep], int(num_classes),
+          names if num_classes == len(names) else None)
 
 
 def read_tsv(file: str, fmt: str) -> tuple[list[str], list[int]]:
@@ -556,7 +561,7 @@ def _text(value) -> str:
 
 
 def _read_tfds_text(data_cfg, split, name):
-  """texts, pairs, labels, num_classes, label_names (already limited)."""
+  """texts, pairs, labels, num_classes, label_names; only the kept records are read."""
   keys = tuple(data_cfg.get("text_keys", ("sentence",)))
   if len(keys) not in (1, 2):
     raise ValueError(f"data.text_keys must name one or two text features, got {keys}.")

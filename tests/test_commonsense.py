@@ -1,0 +1,140 @@
+"""doran_jax.commonsense on the real ../shared/data/commonsense files; a tiny LLaMA generates."""
+
+import numpy as np
+import pytest
+
+from doran_jax import commonsense, data, models
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(models.minilm_path())
+
+
+@pytest.fixture(scope="module")
+def root(shared_data):
+  return shared_data / "commonsense"
+
+
+def _cfg(root, **kw):
+  return data.default_data_config("commonsense", path=str(root), **kw)
+
+
+def test_training_arrays_mask_only_the_answer(root, tokenizer):
+  ds = data.load_dataset(_cfg(root, limit=40, max_length=256), "train", tokenizer=tokenizer)
+  assert len(ds) == 40 and ds.num_classes is None and len(ds.examples) == 40
+  assert {r["task"] for r in ds.examples} <= set(commonsense.LOCAL_TRAIN_TASKS)
+  ids, att, loss = (ds.arrays[k] for k in ("input_ids", "attention_mask", "loss_mask"))
+  assert ids.shape == att.shape == loss.shape == (40, 256) and ids.dtype == np.int32
+  for i, rec in enumerate(ds.examples):
+    n = att[i].sum()
+    assert att[i, :n].all() and not att[i, n:].any()            # right padding
+    assert not loss[i, n:].any()
+    assert tokenizer.decode(ids[i][loss[i] == 1]) == rec["output"]
+    prompt = commonsense.generate_prompt(rec["instruction"], rec["input"])
+    assert prompt.startswith("Below is an instruction") and prompt.endswith("### Response:\n")
+    expected = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert list(ids[i][(loss[i] == 0) & (att[i] == 1)]) == expected
+
+
+def test_eos_bos_and_truncation(root, tokenizer):
+  import transformers
+  tok = transformers.AutoTokenizer.from_pretrained(models.minilm_path(), bos_token="[CLS]",
+                                                   eos_token="[SEP]")
+  recs = commonsense.load_records(str(root / "boolq" / "test.json"), "boolq")[:3]
+  a = commonsense.tokenize_examples(recs, tok, 256)
+  n = a["attention_mask"][0].sum()
+  assert a["input_ids"][0, 0] == tok.bos_token_id and a["loss_mask"][0, 0] == 0
+  assert a["input_ids"][0, n - 1] == tok.eos_token_id and a["loss_mask"][0, n - 1] == 1
+  assert tok.decode(a["input_ids"][0][a["loss_mask"][0] == 1], skip_special_tokens=True) == (
+      recs[0]["output"])
+  short = commonsense.tokenize_examples(recs, tok, 16)   # the answer is cut off entirely
+  assert short["attention_mask"].all() and not short["loss_mask"].any()
+  assert short["input_ids"][0, -1] != tok.eos_token_id   # no room: no EOS, like LLM-Adapters
+
+
+def test_eval_split_reads_every_task_test_file(root, tokenizer):
+  cfg = _cfg(root, tasks=("piqa", "winogrande"), max_length=128, eval_limit=30)
+  ds = data.load_dataset(cfg, "eval", tokenizer=tokenizer)
+  assert len(ds) == 30 and {r["task"] for r in ds.examples} == {"piqa", "winogrande"}
+  full = commonsense.read_split(cfg, "eval", "test")
+  assert len(full) == 1838 + 1267
+
+
+def test_split_errors_and_single_files(root, tmp_path):
+  with pytest.raises(ValueError, match="piqa.*train"):
+    commonsense.read_split(_cfg(root, train_tasks=None), "train", "train")
+  with pytest.raises(ValueError, match="data.path"):
+    commonsense.read_split(data.default_data_config("commonsense"), "train", "train")
+  one = str(root / "openbookqa" / "test.json")
+  with pytest.raises(ValueError, match="data.task"):
+    commonsense.read_split(_cfg(one), "eval", "test")
+  recs = commonsense.read_split(_cfg(one, task="openbookqa"), "eval", "test")
+  assert len(recs) == 500 and recs[0]["task"] == "openbookqa"
+  train = commonsense.read_split(_cfg(root, train_file=one), "train", "train")
+  assert len(train) == 500
+  bad = tmp_path / "bad.json"
+  bad.write_text('[{"instruction": "q"}]')
+  with pytest.raises(ValueError, match="record 0"):
+    commonsense.load_records(str(bad))
+  with pytest.raises(ValueError, match="unknown commonsense task 'mmlu'"):
+    commonsense.read_split(_cfg(root, task="mmlu"), "eval", "test")
+
+
+def test_extract_answer_on_real_outputs_and_generations(root):
+  for task in commonsense.LOCAL_TASKS:
+    recs = commonsense.load_records(str(root / task / "test.json"), task)
+    assert all(commonsense.extract_answer(task, r["output"]) == r["answer"] for r in recs)
+  ex = commonsense.extract_answer
+  assert ex("boolq", " false. it is true that ...") == "false"       # first match wins
+  assert ex("piqa", "the correct answer is solution2\n\n### Instruction") == "solution2"
+  assert ex("social_i_qa", "answer3 is right, not answer1") == "answer3"
+  assert ex("hellaswag", "the correct answer is ending4") == "ending4"
+  assert ex("winogrande", "option1") == "option1"
+  assert ex("ARC-Easy", "i do not know") == ""
+  with pytest.raises(ValueError, match="unknown commonsense task"):
+    ex("arc", "answer1")
+
+
+def test_evaluate_commonsense_with_fake_generators(root):
+  recs = (commonsense.load_records(str(root / "boolq" / "test.json"), "boolq")[:5]
+          + commonsense.load_records(str(root / "ARC-Easy" / "test.json"), "ARC-Easy")[:6])
+  by_prompt = {commonsense.generate_prompt(r["instruction"], r["input"]): r for r in recs}
+  calls = []
+
+  def right(prompts):
+    calls.append(len(prompts))
+    return [by_prompt[p]["output"] for p in prompts]
+
+  def wrong(prompts):
+    flip = {"true": "false", "false": "true", "answer1": "answer2"}
+    return [f"the correct answer is {flip.get(by_prompt[p]['answer'], 'answer1')}"
+            for p in prompts]
+
+  r = commonsense.evaluate_commonsense(right, recs, batch_size=4, return_outputs=True)
+  assert r["accuracy"] == 1.0 and r["n"] == 11 and calls == [4, 4, 4]
+  assert r["per_task"] == {"ARC-Easy": {"accuracy": 1.0, "n": 6},
+                           "boolq": {"accuracy": 1.0, "n": 5}}
+  assert [o["prediction"] for o in r["outputs"]] == [x["answer"] for x in recs]
+  assert commonsense.evaluate_commonsense(wrong, recs, batch_size=3)["accuracy"] == 0.0
+  half = commonsense.evaluate_commonsense(lambda ps: ["true"] * len(ps), recs[:5], "boolq")
+  assert half["accuracy"] == np.mean([x["answer"] == "true" for x in recs[:5]])
+  with pytest.raises(ValueError, match="no 'task'"):
+    commonsense.evaluate_commonsense(right, [dict(recs[0], task=None)])
+
+
+def test_make_generate_fn_on_a_tiny_llama(tokenizer):
+  bb = models.from_config(models.tiny_config("llama", vocab_size=tokenizer.vocab_size,
+                                             max_position_embeddings=128), "causal_lm",
+                          detect_layout=False)
+  # pad_to_multiple_of=1: the short prompt is padded only when batched with the long one.
+  gen = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=6,
+                                     pad_to_multiple_of=1)
+  short = commonsense.generate_prompt("is the sky blue?")
+  long = commonsense.generate_prompt("is the sky blue on a clear summer day in the mountains?")
+  out = gen([short, long])
+  assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
+  # Left padding: a prompt's greedy continuation does not depend on its batch neighbours.
+  assert gen([short])[0] == out[0]
+  assert gen([long])[0] == out[1]
