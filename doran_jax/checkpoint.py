@@ -26,8 +26,9 @@ from doran_jax.targets import flatten
 def manager(directory: str, *, max_to_keep: Optional[int] = 3, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta"))
+  # Handlers are named up front so a fresh process can read the metadata before restoring.
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, *, force: bool = False) -> bool:

@@ -231,9 +231,9 @@ def make_train_step(run: Run):
       ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss = loss / accum
       grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     trainable = optax.apply_updates(state.trainable, updates)
     new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
@@ -273,14 +273,28 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def quiet_third_party_logs() -> None:
+  """Keeps the console to our progress lines: transformers' load chatter and the deprecation notice
+  of its Flax classes (we pin the last line that has them) go to errors only."""
+  import warnings
+  import transformers
+  transformers.logging.set_verbosity_error()
+  warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
+  logging.set_verbosity(logging.WARNING)
+
+
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
   logging.info(msg)
 
 
-def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None) -> dict:
+def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
+          max_steps: Optional[int] = None) -> dict:
   """Trains with checkpoints/resume, evaluates, exports. Returns the results dict.
+
+  `max_steps` stops this call (with a checkpoint, status 'paused') after that many steps, for
+  jobs that run in time-limited chunks; the next call resumes exactly where it stopped.
 
   Example:
     >>> from configs import default
@@ -320,7 +334,7 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None) -
         mngr.wait_until_finished()
         last = mngr.latest_step()
         raise NonFiniteLossError(
-            f"loss became {metrics['loss']} at step {step} (grad norm {metrics['grad_norm']}); "
+            f"loss became {metrics['loss']} at step {step + 1} (grad norm {metrics['grad_norm']}); "
             f"the update was skipped and the run stopped. Last good checkpoint: step {last} in "
             f"{mngr.directory}. Lower optim.lr, enable optim.clip_norm, or check the data.")
       record = {"step": step + 1, "loss": float(metrics["loss"]),
@@ -340,8 +354,13 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None) -
              f"{rate:.2f} step/s eta {eta:.0f}s")
         t_last, last_step = now, done
       meta = {"data_step": done, "adapter": run.adapter_cfg.to_dict()}
-      if done % ckpt_cfg.every == 0 or done == run.num_steps or preemption.requested:
+      pause = max_steps is not None and done - start_step >= max_steps
+      if done % ckpt_cfg.every == 0 or done == run.num_steps or preemption.requested or pause:
         checkpoint.save(mngr, done, state, meta, force=True)
+      if pause and done < run.num_steps:
+        mngr.wait_until_finished()
+        mngr.close()
+        return {"status": "paused", "step": done, "history": history}
       if preemption.requested:
         mngr.wait_until_finished()
         _log(f"preempted: checkpoint at step {done} saved in {mngr.directory}; rerun to resume.")
