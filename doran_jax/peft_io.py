@@ -1,0 +1,499 @@
+"""Moving adapters to and from Hugging Face PEFT adapter folders (LoRA and DoRA).
+
+A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors` with tensors named
+after the torch modules, in PyTorch's (out, in) layout:
+
+  base_model.model.<module>.lora_A.weight          (r, in)    = our lora_a.T
+  base_model.model.<module>.lora_B.weight          (out, r)   = our lora_b.T
+  base_model.model.<module>.lora_magnitude_vector  (out,)     DoRA's m
+  base_model.model.<head>.<param>                  modules_to_save (a trained task head)
+
+Flax module paths of the transformers Flax classes (BERT/RoBERTa, ViT, GPT-2, LLaMA) are the torch
+module names with '/' for '.', so `bert/encoder/layer/0/attention/self/query/kernel` belongs to the
+torch module `bert.encoder.layer.0.attention.self.query`. Flax keeps every kernel as the transpose
+of the torch weight (Dense: (in, out) vs Linear (out, in); GPT-2's Conv1D: (out, in) vs (in, out)).
+PEFT's lora_A / lora_B have the same layout for Linear and Conv1D; `fan_in_fan_out` only tells PEFT
+that the base weight of a Conv1D is stored (in, out).
+
+Export per method (every export reproduces our `apply_adapters(..., train=False)` weights):
+  lora, dora  as themselves.
+  doran       as a PEFT DoRA adapter: the hypernetwork's A and B are materialised and τ is folded
+              into the magnitude, m' = m·n/(n + τ) (PEFT divides by the plain norm n of V).
+  dyndora     as LoRA with only the live components (gate != 0), the gate folded into B; layers of
+              different live rank get PEFT's `rank_pattern` / `alpha_pattern`, and a layer with no
+              live component (it equals W0) is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from doran_jax.adapters import core
+from doran_jax.adapters.config import ADAPTER_METHODS, AdapterConfig
+from doran_jax.adapters.norms import column_norm
+from doran_jax.targets import SEP, find_targets, flatten, unflatten
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# Our task names -> PEFT's task_type (None: a plain PeftModel, e.g. for image classification).
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "image_classification": None}
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+                   "FEATURE_EXTRACTION")
+# Modules that PEFT's task classes add to modules_to_save on their own.
+_AUTO_SAVED = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+_A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+# PEFT options that change the forward pass in ways our adapters cannot represent.
+_UNSUPPORTED_OPTIONS = ("lora_bias", "layer_replication", "target_parameters", "use_qalora",
+                        "alora_invocation_tokens", "trainable_token_indices", "use_bdlora")
+# These inits rewrite the base weights; their saved adapter only fits the rewritten base model.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def torch_module_name(module_path: str) -> str:
+  """Flax module path -> torch module name.
+
+  Example:
+    >>> torch_module_name("bert/encoder/layer/0/attention/self/query")
+    'bert.encoder.layer.0.attention.self.query'
+  """
+  return module_path.replace(SEP, ".")
+
+
+def flax_module_path(module_name: str) -> str:
+  """Torch module name -> Flax module path (the inverse of `torch_module_name`)."""
+  return module_name.replace(".", SEP)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: AdapterConfig, *,
+                 modules_to_save: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict]:
+  """The PEFT state dict (float32 numpy, torch layout) and the LoRA config fields of an adapter.
+
+  Example:
+    >>> tensors, fields = peft_tensors(params, adapters, cfg)
+    >>> tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape
+    (8, 384)
+
+  Args:
+    params: the backbone params (W0, and the trained head when `modules_to_save` names it).
+    adapters: the adapter tree of `cfg`.
+    cfg: its AdapterConfig (method lora, dora, doran or dyndora).
+    modules_to_save: Flax module paths saved whole (e.g. ('classifier',)), PEFT's modules_to_save.
+
+  Returns:
+    (tensors, fields): fields holds r, lora_alpha, use_dora, use_rslora, fan_in_fan_out,
+    target_modules, rank_pattern, alpha_pattern, lora_dropout and modules_to_save.
+  """
+  if cfg.method not in ADAPTER_METHODS:
+    raise ValueError(f"method {cfg.method!r} has no adapter to export to PEFT; export the model "
+                     f"itself (save_pretrained). Exportable methods: {', '.join(ADAPTER_METHODS)}.")
+  flat = flatten(params)
+  tensors, ranks, modules, transposed = {}, {}, [], []
+  for t, leaves, a_IxR, b_RxO in core.target_factors(params, adapters, cfg):
+    if not t.path.endswith(SEP + "kernel"):
+      raise ValueError(f"target {t.path!r} is not a Dense/Conv1D 'kernel'; PEFT export supports "
+                       "linear kernels only. Narrow adapter.targets to end with '/kernel'.")
+    a_IxR, b_RxO, m_O = _export_factors(flat[t.path], t, leaves, a_IxR, b_RxO, cfg)
+    if a_IxR.shape[1] == 0:
+      continue  # dyndora: no live component, the layer is W0 and PEFT need not touch it.
+    name = torch_module_name(t.module_path)
+    tensors[PREFIX + name + _A] = np.ascontiguousarray(a_IxR.T)
+    tensors[PREFIX + name + _B] = np.ascontiguousarray(b_RxO.T)
+    if m_O is not None:
+      tensors[PREFIX + name + _M] = m_O
+    ranks[name] = a_IxR.shape[1]
+    modules.append(name)
+    transposed.append(t.transposed)
+  if not modules:
+    raise ValueError("every targeted layer has zero live components (all dyndora gates are 0): "
+                     "the adapter is the identity, there is nothing to export to PEFT.")
+  saved = []
+  for module_path in modules_to_save:
+    tensors.update(_module_tensors(flat, module_path))
+    saved.append(torch_module_name(module_path))
+  fields = _lora_fields(cfg, ranks, all(transposed))
+  fields["target_modules"] = sorted(modules)
+  fields["modules_to_save"] = saved or None
+  return tensors, fields
+
+
+def _export_factors(w0, t, leaves, a_IxR, b_RxO, cfg):
+  """(A (in, r'), B (r', out), PEFT magnitude or None) as float32 numpy for one target."""
+  a_IxR = np.asarray(a_IxR, np.float32)
+  b_RxO = np.asarray(b_RxO, np.float32)  # dyndora's low_rank already folds the gate into B
+  if cfg.method == "dyndora":
+    live = np.asarray(leaves["gate"]) != 0
+    return a_IxR[:, live], b_RxO[live], None
+  if not core.METHOD_MODULES[cfg.method].NEEDS_NORM:
+    return a_IxR, b_RxO, None
+  w0_IxO = jnp.asarray(w0, jnp.float32)
+  v_IxO = (w0_IxO.T if t.transposed else w0_IxO) + cfg.scale * (jnp.asarray(a_IxR) @ b_RxO)
+  # PEFT divides by the plain norm; we divide by the eps-floored one (plus τ for doran).
+  n_raw = column_norm(v_IxO, 0.0)
+  n_ours = jnp.maximum(n_raw, cfg.norm_eps)
+  gain_O = core.METHOD_MODULES[cfg.method].gain(n_ours, leaves, cfg, None, False)
+  m_O = gain_O * n_raw
+  if cfg.method == "dora":
+    # Keep m bit-exact where the floor is inactive, so ours -> PEFT -> ours is the identity.
+    m_O = jnp.where(n_raw >= cfg.norm_eps, leaves["magnitude"].astype(jnp.float32), m_O)
+  m_O = np.asarray(m_O, np.float32)
+  dead = np.asarray(n_raw) == 0
+  if dead.any():
+    b_RxO = _revive_dead_columns(b_RxO, a_IxR, dead, t)
+  return a_IxR, b_RxO, m_O
+
+
+def _revive_dead_columns(b_RxO, a_IxR, dead_O, t):
+  """Gives all-zero columns of V a nonzero ΔW so PEFT's m/‖V‖ is 0/x, not 0/0.
+
+  Our output for such a unit is 0 (its gain multiplies a zero column); PEFT computes
+  m/‖V‖·V with no floor, so we export m = 0 there and make V's column nonzero through B.
+  """
+  k = int(np.argmax(np.linalg.norm(a_IxR, axis=0)))
+  if not np.any(a_IxR[:, k]):
+    raise ValueError(
+        f"{t.path!r} has {int(dead_O.sum())} output units whose column of W0 + s·A·B is all zero "
+        "and lora_a is all zero too: PEFT's DoRA would divide 0 by 0 there. Train the adapter "
+        "(or export the merged model with save_pretrained) instead.")
+  b_RxO = b_RxO.copy()
+  b_RxO[k, dead_O] = 1.0
+  return b_RxO
+
+
+def _lora_fields(cfg: AdapterConfig, ranks: Mapping[str, int], fan_in_fan_out: bool) -> dict:
+  fields = {"use_dora": cfg.method in ("dora", "doran"), "fan_in_fan_out": fan_in_fan_out,
+            "lora_dropout": cfg.dropout, "rank_pattern": {}, "alpha_pattern": {}}
+  if cfg.method != "dyndora":
+    fields.update(r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=cfg.rslora)
+    return fields
+  # DynDoRA's live rank varies per layer but its scale alpha/r0 does not: PEFT's per-layer
+  # alpha_l / r_l is made equal to it (no rslora, which PEFT does not combine with patterns).
+  scale = cfg.scale
+  r = max(ranks.values())
+  fields.update(r=r, lora_alpha=scale * r, use_rslora=False)
+  for name, r_l in sorted(ranks.items()):
+    if r_l != r:
+      fields["rank_pattern"][name] = r_l
+      fields["alpha_pattern"][name] = scale * r_l
+  return fields
+
+
+def _module_tensors(flat: Mapping[str, Any], module_path: str) -> dict[str, np.ndarray]:
+  prefix = module_path.rstrip(SEP) + SEP
+  leaves = {p: v for p, v in flat.items() if p.startswith(prefix)}
+  if not leaves:
+    raise ValueError(f"modules_to_save entry {module_path!r} is not a module of the params; give "
+                     f"Flax module paths such as 'classifier'. Top-level keys: {_top_keys(flat)}")
+  out = {}
+  for path, value in leaves.items():
+    module, leaf = path.rsplit(SEP, 1)
+    value = np.asarray(value, np.float32)
+    if leaf == "kernel":
+      if value.ndim != 2:
+        raise ValueError(f"modules_to_save {module_path!r} holds the {value.ndim}-D kernel "
+                         f"{path!r}; only Dense/Conv1D/LayerNorm/Embed modules can be saved "
+                         "for PEFT.")
+      # Flax kernels are the torch weight transposed, for Dense and Conv1D alike.
+      value, leaf = value.T, "weight"
+    elif leaf in ("scale", "embedding"):
+      leaf = "weight"
+    out[PREFIX + torch_module_name(module) + "." + leaf] = np.ascontiguousarray(value)
+  return out
+
+
+def _top_keys(flat) -> list[str]:
+  return sorted({p.split(SEP, 1)[0] for p in flat})
+
+
+def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, Any],
+                      cfg: AdapterConfig, *, base_model_name_or_path: str,
+                      task_type: Optional[str] = None,
+                      modules_to_save: Sequence[str] = ()) -> str:
+  """Writes a PEFT LoRA/DoRA adapter folder that `PeftModel.from_pretrained` loads.
+
+  Example:
+    >>> save_peft_adapter("export/peft", params, adapters, cfg,
+    ...                   base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+    ...                   task_type="classification", modules_to_save=("classifier",))
+    >>> # torch: PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(...),
+    >>> #                                  "export/peft")
+
+  Args:
+    path: the folder to write (created if needed).
+    params: backbone params; with the trained head when `modules_to_save` names it.
+    adapters, cfg: the adapter tree and its config (lora, dora, doran or dyndora).
+    base_model_name_or_path: recorded in adapter_config.json for PEFT to find the base model.
+    task_type: PEFT's task type ('SEQ_CLS', 'CAUSAL_LM', ...) or ours ('classification',
+      'causal_lm', 'image_classification'); None for a plain PeftModel. PEFT's SEQ_CLS and
+      TOKEN_CLS wrap 'classifier' and 'score' as modules_to_save and need their weights, so the
+      head found under those names in `params` is always saved for them.
+    modules_to_save: Flax module paths (e.g. ('classifier',)) whose params are saved whole.
+
+  Returns:
+    `path`.
+  """
+  if isinstance(base_model_name_or_path, os.PathLike):
+    base_model_name_or_path = os.fspath(base_model_name_or_path)
+  if not base_model_name_or_path or not isinstance(base_model_name_or_path, str):
+    raise ValueError(f"base_model_name_or_path must be a hub name or folder of the base model, got "
+                     f"{base_model_name_or_path!r}.")
+  peft_task = _peft_task_type(task_type)
+  # PEFT's task classes wrap their head (e.g. 'classifier') as modules_to_save and refuse to load
+  # an adapter file without its weights, so the head in `params` always goes along.
+  modules_to_save = list(modules_to_save)
+  for module_path in _head_modules(params, _AUTO_SAVED.get(peft_task, [])):
+    if module_path not in modules_to_save:
+      modules_to_save.append(module_path)
+  tensors, fields = peft_tensors(params, adapters, cfg, modules_to_save=modules_to_save)
+  # PEFT never puts LoRA inside a modules_to_save module: such a target would be dropped silently.
+  saved = (fields["modules_to_save"] or []) + _AUTO_SAVED.get(peft_task, [])
+  shadowed = [n for n in fields["target_modules"]
+              if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)]
+  if shadowed:
+    raise ValueError(
+        f"targets {shadowed} lie inside modules PEFT saves whole ({saved}, "
+        f"task_type={peft_task!r}) and PEFT would ignore their adapters; leave the head out of "
+        "adapter.targets (pass it as modules_to_save) or export with task_type=None.")
+  config = {
+      "peft_type": "LORA", "task_type": peft_task,
+      "base_model_name_or_path": base_model_name_or_path, "revision": None,
+      "bias": "none", "lora_bias": False, "init_lora_weights": True, "inference_mode": True,
+      **fields,
+  }
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  from safetensors.numpy import save_file
+  # Our own config rides along in the metadata (string -> string), out of PEFT's way.
+  save_file(tensors, os.path.join(path, WEIGHTS_NAME),
+            metadata={"format": "pt", "doran_jax_config": cfg.to_json()})
+  with open(os.path.join(path, CONFIG_NAME), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  return path
+
+
+def _head_modules(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+  """The outermost Flax module paths whose last component is one of `names`."""
+  found = []
+  for path in sorted(flatten(params)):
+    parts = path.split(SEP)[:-1]
+    for i, part in enumerate(parts):
+      if part in names:
+        module_path = SEP.join(parts[:i + 1])
+        if module_path not in found:
+          found.append(module_path)
+        break
+  return found
+
+
+def _peft_task_type(task_type: Optional[str]) -> Optional[str]:
+  if task_type is None or task_type in PEFT_TASK_TYPES:
+    return task_type
+  if task_type in TASK_TYPES:
+    return TASK_TYPES[task_type]
+  raise ValueError(f"unknown task_type {task_type!r}; use one of PEFT's "
+                   f"{', '.join(PEFT_TASK_TYPES)}, one of ours ({', '.join(TASK_TYPES)}) or None.")
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(adapter_config.json as a dict, float32 tensors) of a PEFT adapter folder."""
+  config_file = os.path.join(path, CONFIG_NAME)
+  weights_file = os.path.join(path, WEIGHTS_NAME)
+  if not os.path.isfile(config_file):
+    raise ValueError(f"{path!r} is not a PEFT adapter folder: {CONFIG_NAME} is missing.")
+  if not os.path.isfile(weights_file):
+    raise ValueError(f"{path!r} has no {WEIGHTS_NAME}; re-save the adapter with PEFT's "
+                     "save_pretrained(..., safe_serialization=True).")
+  with open(config_file) as f:
+    config = json.load(f)
+  from safetensors.flax import load_file  # reads bfloat16 too, unlike the numpy loader
+  tensors = {k: np.asarray(v, np.float32) for k, v in load_file(weights_file).items()}
+  return config, tensors
+
+
+def load_peft_adapter(path: str, params: Mapping[str, Any], *,
+                      transposed: Optional[Sequence[str]] = None) -> tuple[dict, AdapterConfig]:
+  """Imports a PEFT LoRA or DoRA adapter folder as (adapters, AdapterConfig) for `params`.
+
+  Example:
+    >>> adapters, cfg = load_peft_adapter("peft_out", bb.params, transposed=bb.transposed)
+    >>> logits = bb.model(**batch, params=apply_adapters(bb.params, adapters, cfg)).logits
+
+  Layers of different rank (PEFT's rank_pattern) are padded with zero components to the largest
+  rank, and any per-layer scale (alpha_pattern, rslora) that differs from the config's is folded
+  into lora_b, so the imported tree reproduces PEFT's weights exactly. modules_to_save tensors are
+  not adapters: read them with `load_peft_modules_to_save`.
+
+  Args:
+    path: the adapter folder (adapter_config.json + adapter_model.safetensors).
+    params: the Flax backbone params the adapter was made for.
+    transposed: paths of kernels stored (out, in) (`Backbone.transposed`). By default the targeted
+      kernels count as transposed exactly when the adapter was made with fan_in_fan_out (GPT-2's
+      Conv1D, which Flax stores (out, in)).
+
+  Raises:
+    ValueError: not a LoRA adapter, an option we cannot represent, a module the params do not
+      have, or tensors whose shapes do not fit the params.
+  """
+  config, tensors = read_peft_adapter(path)
+  _check_config(config, path)
+  flat = flatten(params)
+  factors = _group_tensors(tensors, config, path)
+  use_dora = bool(config.get("use_dora", False))
+  kernels = {}
+  for name in sorted(factors):
+    kernel = flax_module_path(name) + SEP + "kernel"
+    if kernel not in flat or np.ndim(flat[kernel]) != 2:
+      raise ValueError(
+          f"PEFT module {name!r} has no 2-D kernel {kernel!r} in these params; was the adapter "
+          f"made for another model? Top-level keys of the params: {_top_keys(flat)}")
+    kernels[name] = kernel
+  if transposed is None:
+    transposed = sorted(kernels.values()) if config.get("fan_in_fan_out") else []
+  transposed = tuple(sorted(transposed))
+  regex = _targets_regex(flat, kernels.values())
+  targets = {t.path: t for t in find_targets(params, regex, transposed)}
+  r_max = max(f[_A].shape[0] for f in factors.values())
+  cfg = AdapterConfig(method="dora" if use_dora else "lora", rank=r_max,
+                      alpha=float(config.get("lora_alpha", 8)), targets=regex,
+                      rslora=bool(config.get("use_rslora", False)),
+                      dropout=float(config.get("lora_dropout", 0.0) or 0.0), transposed=transposed)
+  leaves = {}
+  for name, f in factors.items():
+    t = targets[kernels[name]]
+    a_RxI, b_OxR = f[_A], f[_B]
+    r_l = a_RxI.shape[0]
+    if a_RxI.shape != (r_l, t.d_in) or b_OxR.shape != (t.d_out, r_l):
+      raise ValueError(
+          f"PEFT module {name!r} has lora_A {a_RxI.shape} and lora_B {b_OxR.shape} but the kernel "
+          f"{t.path!r} needs ({r_l}, {t.d_in}) and ({t.d_out}, {r_l}) (in={t.d_in}, "
+          f"out={t.d_out}). Wrong model, or pass transposed=backbone.transposed.")
+    a_IxR = np.zeros((t.d_in, r_max), np.float32)
+    b_RxO = np.zeros((r_max, t.d_out), np.float32)
+    a_IxR[:, :r_l] = a_RxI.T
+    b_RxO[:r_l] = b_OxR.T * (_peft_scale(config, name, r_l) / cfg.scale)
+    leaves[t.module_path + SEP + "lora_a"] = jnp.asarray(a_IxR)
+    leaves[t.module_path + SEP + "lora_b"] = jnp.asarray(b_RxO)
+    if use_dora:
+      m_O = f[_M].reshape(-1)
+      if m_O.shape != (t.d_out,):
+        raise ValueError(f"PEFT module {name!r} has a magnitude of shape {f[_M].shape}; the kernel "
+                         f"{t.path!r} has {t.d_out} output units.")
+      leaves[t.module_path + SEP + "magnitude"] = jnp.asarray(m_O)
+  adapters = {"targets": unflatten(leaves)}
+  core.targets_for(params, cfg)  # validates rank <= min(in, out) with a clear message
+  return adapters, cfg
+
+
+def _check_config(config: Mapping[str, Any], path: str) -> None:
+  peft_type = config.get("peft_type")
+  if peft_type != "LORA":
+    raise ValueError(f"{path!r} holds a PEFT {peft_type!r} adapter; only LORA adapters (LoRA or "
+                     "DoRA, use_dora=true) can be imported.")
+  bad = [k for k in _UNSUPPORTED_OPTIONS if config.get(k)]
+  if config.get("bias", "none") != "none":
+    bad.append(f"bias={config['bias']!r}")
+  if bad:
+    raise ValueError(f"PEFT adapter {path!r} uses {bad}, which doran_jax adapters cannot "
+                     "represent; re-train it without them or merge it in PEFT "
+                     "(merge_and_unload) instead.")
+  init = str(config.get("init_lora_weights", True)).lower()
+  if init.startswith(_BASE_REWRITING_INITS):
+    raise ValueError(
+        f"PEFT adapter {path!r} was saved with init_lora_weights={config['init_lora_weights']!r}, "
+        "which rewrites the base weights; save it with PEFT's "
+        "path_initial_model_for_weight_conversion so it applies to the original base model.")
+
+
+def _group_tensors(tensors, config, path) -> dict[str, dict[str, np.ndarray]]:
+  """{torch module name: {_A, _B[, _M]: tensor}}; modules_to_save tensors are skipped."""
+  saved = config.get("modules_to_save") or []
+  use_dora = bool(config.get("use_dora", False))
+  factors = {}
+  for key, value in tensors.items():
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if name.endswith(_M + ".weight"):
+      name = name[:-len(".weight")]  # older PEFT releases kept the parameter's own name
+    kind = next((s for s in (_A, _B, _M) if name.endswith(s)), None)
+    if kind is None:
+      if any(re.match(rf"(^|.*\.){re.escape(m)}\.", name) for m in saved):
+        continue
+      raise ValueError(f"PEFT tensor {key!r} in {path!r} is neither lora_A/lora_B/"
+                       "lora_magnitude_vector nor part of modules_to_save; doran_jax imports "
+                       "linear LoRA/DoRA layers only (no embedding LoRA, biases or tokens).")
+    factors.setdefault(name[:-len(kind)], {})[kind] = value
+  if not factors:
+    raise ValueError(f"PEFT adapter {path!r} has no lora_A/lora_B tensors.")
+  for name, f in factors.items():
+    want = {_A, _B, _M} if use_dora else {_A, _B}
+    if set(f) != want:
+      raise ValueError(f"PEFT module {name!r} has {sorted(k.lstrip('.') for k in f)} but "
+                       f"use_dora={use_dora} needs {sorted(k.lstrip('.') for k in want)}.")
+  return factors
+
+
+def _peft_scale(config: Mapping[str, Any], name: str, r_l: int) -> float:
+  """PEFT's scaling of one module: alpha_l / r_l (alpha_l / sqrt(r_l) with rslora)."""
+  alpha = config.get("lora_alpha", 8)
+  for pattern, value in (config.get("alpha_pattern") or {}).items():
+    if re.match(rf"(.*\.)?({pattern})$", name):  # PEFT's get_pattern_key
+      alpha = value
+      break
+  return alpha / (math.sqrt(r_l) if config.get("use_rslora") else r_l)
+
+
+def _targets_regex(flat: Mapping[str, Any], kernels) -> str:
+  """The shortest '.*/(a|b)/kernel'-style regex matching exactly `kernels` among the 2-D leaves."""
+  kernels = set(kernels)
+  candidates = {p for p, v in flat.items() if np.ndim(v) == 2}
+  depth = max(len(k.split(SEP)) for k in kernels) - 1
+  for n in range(1, depth):
+    names = sorted({SEP.join(k.split(SEP)[-1 - n:-1]) for k in kernels})
+    group = re.escape(names[0]) if len(names) == 1 else "(" + "|".join(map(re.escape, names)) + ")"
+    pattern = rf".*/{group}/kernel"
+    if {p for p in candidates if re.fullmatch(pattern, p)} == kernels:
+      return pattern
+  return "(" + "|".join(re.escape(k) for k in sorted(kernels)) + ")"
+
+
+def load_peft_modules_to_save(path: str, params: Mapping[str, Any]) -> dict:
+  """`params` with the modules a PEFT folder saved whole (modules_to_save, e.g. the task head).
+
+  Example:
+    >>> params = load_peft_modules_to_save("peft_out", bb.params)
+  """
+  config, tensors = read_peft_adapter(path)
+  saved = config.get("modules_to_save") or []
+  flat = flatten(params)
+  for key, value in tensors.items():
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if not any(re.match(rf"(^|.*\.){re.escape(m)}\.", name) for m in saved):
+      continue
+    module, leaf = name.rsplit(".", 1)
+    module_path = flax_module_path(module)
+    options = {"bias": [("bias", value)]}.get(
+        leaf, [("kernel", value.T), ("scale", value), ("embedding", value)])
+    for flax_leaf, array in options:
+      target = module_path + SEP + flax_leaf
+      if target in flat:
+        if tuple(np.shape(flat[target])) != array.shape:
+          raise ValueError(f"PEFT tensor {key!r} has shape {value.shape}; {target!r} in the params "
+                           f"has {tuple(np.shape(flat[target]))} (stored transposed for kernels).")
+        flat[target] = jnp.asarray(array, jnp.asarray(flat[target]).dtype)
+        break
+    else:
+      raise ValueError(f"PEFT tensor {key!r} (modules_to_save) has no counterpart under "
+                       f"{module_path!r} in the params; was it saved for another model?")
+  return unflatten(flat)
