@@ -51,6 +51,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
     if len(devices) % known:
       raise ValueError(f"mesh {list(axes)} does not divide {len(devices)} devices.")
     sizes[sizes.index(-1)] = len(devices) // known
+  if -1 not in [int(s) for _, s in axes] and math.prod(sizes) < len(devices):
+    logging.warning("mesh %s uses %d of the %d devices", dict(zip(names, sizes)), math.prod(sizes),
+                    len(devices))
+    devices = devices[:math.prod(sizes)]
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices; "
                      f"{len(devices)} are available. Use -1 for one axis to fill the rest.")

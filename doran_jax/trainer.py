@@ -157,10 +157,10 @@ def setup(config, *, backbone=None, tokenizer=None, with_data: bool = True) -> R
   extra = method_state_init(adapter_cfg, adapters)
   state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
                      rng=key_run, extra=extra)
+  # Leaves not already laid out on the mesh (step, rng, optimizer counts) are replicated on it.
   replicated = sharding.named(mesh, jax.sharding.PartitionSpec())
-  state = state.replace(step=jax.device_put(state.step, replicated),
-                        rng=jax.device_put(state.rng, replicated),
-                        extra=jax.device_put(state.extra, replicated))
+  state = jax.tree_util.tree_map(
+      lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated), state)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
   return Run(config=config, backbone=backbone, adapter_cfg=adapter_cfg, frozen=frozen, state=state,
