@@ -181,8 +181,10 @@ def sharding_rules(config):
 
 
 def method_state_init(adapter_cfg: AdapterConfig, adapters) -> dict:
-  """State outside the gradient that some methods keep (none for lora/dora/doran)."""
-  del adapter_cfg, adapters
+  """State outside the gradient that some methods keep (DynDoRA's importance EMA and mask)."""
+  if adapter_cfg.method == "dyndora":
+    from doran_jax import dynrank
+    return dynrank.init_state(adapters, adapter_cfg)
   return {}
 
 
@@ -197,8 +199,12 @@ def make_train_step(run: Run):
   model, task, adapter_cfg, tx = run.backbone.model, run.config.model.task, run.adapter_cfg, run.tx
   accum = int(run.config.optim.get("accum_steps", 1))
   remat = bool(run.config.model.get("remat", False))
+  dynamic_rank = adapter_cfg.method == "dyndora"
+  if dynamic_rank:
+    from doran_jax import dynrank
+    dyn_cfg, num_steps = run.config.dyndora, run.num_steps
 
-  def loss_fn(trainable, frozen, batch, key):
+  def loss_fn(trainable, frozen, batch, key, step):
     key_adapter, key_dropout = jax.random.split(key)
     inputs = tasks.model_inputs(task, batch)
     if adapter_cfg.mode == "factored":
@@ -207,7 +213,11 @@ def make_train_step(run: Run):
     else:
       params = effective_params(frozen, trainable, adapter_cfg, rng=key_adapter, train=True)
       out = model(**inputs, params=params, dropout_rng=key_dropout, train=True)
-    return tasks.loss_and_metrics(task, out.logits, batch)
+    loss, aux = tasks.loss_and_metrics(task, out.logits, batch)
+    if dynamic_rank:
+      reg = dynrank.regularizer(trainable["adapters"], step, num_steps, dyn_cfg)
+      loss, aux = loss + reg, {**aux, "dyndora_reg": reg}
+    return loss, aux
 
   if remat:
     loss_fn = jax.checkpoint(loss_fn)
@@ -216,16 +226,16 @@ def make_train_step(run: Run):
   def step(state: TrainState, frozen, batch):
     key = jax.random.fold_in(state.rng, state.step)
     if accum == 1:
-      (loss, aux), grads = grad_fn(state.trainable, frozen, batch, key)
+      (loss, aux), grads = grad_fn(state.trainable, frozen, batch, key, state.step)
     else:
       micro = jax.tree_util.tree_map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
       first = jax.tree_util.tree_map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(grad_fn, state.trainable, frozen, first, key)
+      shapes = jax.eval_shape(grad_fn, state.trainable, frozen, first, key, state.step)
       zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
       def body(carry, xs):
         i, mb = xs
-        out = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i))
+        out = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i), state.step)
         return jax.tree_util.tree_map(jnp.add, carry, out), None
 
       ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
@@ -235,7 +245,12 @@ def make_train_step(run: Run):
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     trainable = optax.apply_updates(state.trainable, updates)
-    new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    extra = state.extra
+    if dynamic_rank:  # importance EMA, pruning at scheduled steps, mask held afterwards
+      adapters, extra = dynrank.post_update(trainable["adapters"], extra, state.step + 1, num_steps,
+                                            dyn_cfg)
+      trainable = {**trainable, "adapters": adapters}
+    new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, extra=extra)
     new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
     new = new.replace(step=state.step + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
