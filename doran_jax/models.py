@@ -195,6 +195,13 @@ def detect_transposed_kernels(model, params, inputs: dict) -> tuple[str, ...]:
   return tuple(sorted(p for p, t in found.items() if t))
 
 
+def enable_remat(backbone: Backbone) -> None:
+  """Rematerialises every transformer block in the backward pass (transformers' own nn.remat)."""
+  if not hasattr(backbone.model, "enable_gradient_checkpointing"):
+    raise ValueError(f"{type(backbone.model).__name__} has no gradient checkpointing; set model.remat=False.")
+  backbone.model.enable_gradient_checkpointing()
+
+
 def count_backbone_params(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 

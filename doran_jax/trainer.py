@@ -127,6 +127,8 @@ def setup(config, *, backbone=None, tokenizer=None, with_data: bool = True) -> R
     eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
   if backbone is None:
     backbone = load_model(config, train_data.num_classes if train_data else None)
+  if config.model.get("remat", False):
+    models.enable_remat(backbone)
   adapter_cfg = adapter_config_from(config, backbone.transposed)
   num_steps = num_train_steps(config, len(train_data)) if train_data else int(config.num_steps)
 
@@ -198,7 +200,6 @@ def make_train_step(run: Run):
   """
   model, task, adapter_cfg, tx = run.backbone.model, run.config.model.task, run.adapter_cfg, run.tx
   accum = int(run.config.optim.get("accum_steps", 1))
-  remat = bool(run.config.model.get("remat", False))
   dynamic_rank = adapter_cfg.method == "dyndora"
   if dynamic_rank:
     from doran_jax import dynrank
@@ -219,8 +220,6 @@ def make_train_step(run: Run):
       loss, aux = loss + reg, {**aux, "dyndora_reg": reg}
     return loss, aux
 
-  if remat:
-    loss_fn = jax.checkpoint(loss_fn)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, frozen, batch):

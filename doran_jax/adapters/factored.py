@@ -70,11 +70,12 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
       raise ValueError("adapter dropout > 0 in train mode needs an rng: adapted_apply(..., rng=key).")
     keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, x.shape)
     x_lora = jnp.where(keep, x / (1.0 - cfg.dropout), 0).astype(x.dtype)
-  low = (x_lora.astype(jnp.float32) @ a_IxR.astype(jnp.float32)) @ b_RxO.astype(jnp.float32)
-  y = base.astype(jnp.float32) + cfg.scale * low
+  # Adapter weights, norms and gains are float32; activation-sized tensors stay in the compute
+  # dtype (bf16 on accelerators), as the base path does.
+  low = ((x_lora @ a_IxR.astype(dtype)) @ b_RxO.astype(dtype)) * jnp.asarray(cfg.scale, dtype)
+  y = base + low
   if g_O is not None:
-    y = y * g_O
-  y = y.astype(dtype)
+    y = y * g_O.astype(dtype)
   if module.has_variable("params", "bias"):
     y = y + jnp.asarray(module.get_variable("params", "bias"), dtype)
   return y
