@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.optim.schedule = "linear"
   c.optim.clip_norm = 0.0
   c.checkpoint.every = 500
-  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+  c.mesh = "data:-1,fsdp:1,model:1"
   c.sharding_rules = "fsdp"
   c.generate = dict(enabled=True, max_new_tokens=32, limit_per_task=0)
   return config_lib.apply_arg(c, arg)

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   # DynDoRA's schedule (fractions of num_steps) and variance regulariser weight.
   c.dyndora = ml_collections.ConfigDict(dict(
       prune_start=0.15, prune_end=0.5, prune_interval=10, ema_beta=0.9, eta=0.1))
-  c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+  c.mesh = "data:-1,fsdp:1,model:1"   # axis:size, one size may be -1 (the remaining devices)
   c.sharding_rules = "replicated"
   c.distributed = "auto"
   return c

@@ -35,12 +35,26 @@ TENSOR_PARALLEL_RULES = (
 REPLICATED_RULES = ((r".*", ()),)
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> Mesh:
-  """Mesh from [(name, size), ...]; one size may be -1 (all remaining devices).
+def parse_mesh(spec) -> list[tuple[str, int]]:
+  """'data:-1,fsdp:2,model:1' (or a list of (name, size) pairs) -> [(name, size), ...]."""
+  if not isinstance(spec, str):
+    return [(str(n), int(s)) for n, s in spec]
+  axes = []
+  for item in spec.split(","):
+    name, sep, size = item.strip().partition(":")
+    if not sep or not name:
+      raise ValueError(f"mesh {spec!r}: each axis must look like name:size, e.g. 'data:-1,fsdp:2'.")
+    axes.append((name, int(size)))
+  return axes
+
+
+def make_mesh(axes, devices=None) -> Mesh:
+  """Mesh from 'data:-1,fsdp:2' or [(name, size), ...]; one size may be -1 (remaining devices).
 
   Example:
-    >>> mesh = make_mesh([("data", -1), ("fsdp", 1), ("model", 1)])
+    >>> mesh = make_mesh("data:-1,fsdp:1,model:1")
   """
+  axes = parse_mesh(axes)
   devices = list(devices if devices is not None else jax.devices())
   names = [str(n) for n, _ in axes]
   sizes = [int(s) for _, s in axes]

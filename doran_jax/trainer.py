@@ -143,7 +143,7 @@ def setup(config, *, backbone=None, tokenizer=None, with_data: bool = True) -> R
   logging.info("trainable: %d adapter + %d head/backbone parameters (%s)", count_params(adapters),
                count_params(trainable_params), adapter_cfg.method)
 
-  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  mesh = sharding.make_mesh(config.mesh)
   rules = sharding_rules(config)
   frozen_specs = sharding.param_specs(frozen, mesh, rules)
   trainable_specs = {"params": sharding.param_specs(trainable_params, mesh, rules),

@@ -28,7 +28,7 @@ def config_for(method, mesh, data, workdir, steps):
     c.data.path = data
     c.workdir = workdir
     c.num_steps = steps
-    c.mesh = [("data", mesh[0]), ("fsdp", mesh[1]), ("model", mesh[2])]
+    c.mesh = f"data:{mesh[0]},fsdp:{mesh[1]},model:{mesh[2]}"
     c.sharding_rules = "tensor_parallel"
     c.checkpoint.every = 1000
   return c

@@ -7,6 +7,8 @@ Init: m = ||W0|| + τ0, so W' = W0 at step 0 in eval mode.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +18,8 @@ NEEDS_NORM = True
 
 
 def softplus_inverse(y: float) -> float:
-  return float(jnp.log(jnp.expm1(jnp.float32(y))))
+  # Plain math: init must also work under jax.eval_shape / jit tracing.
+  return math.log(math.expm1(y))
 
 
 def init_leaves(key, w0_IxO, cfg) -> dict:
