@@ -1,0 +1,288 @@
+"""Adapter math against an independent NumPy (float64) reference of DESIGN.md §3–4, on perturbed
+adapters; W' = W0 at init on real and tiny models; noise, jit/grad, and bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import doran_jax as dj
+from doran_jax import hypernet, models
+from doran_jax.targets import flatten
+
+FAMILIES = {
+    "bert": ("classification", r".*/(query|value|intermediate/dense|output/dense)/kernel"),
+    "vit": ("image_classification", r".*/(query|value|intermediate/dense)/kernel"),
+    "gpt2": ("causal_lm", r".*/(c_attn|c_proj|c_fc)/kernel"),
+    "llama": ("causal_lm", r".*/(q_proj|v_proj|up_proj|down_proj)/kernel"),
+}
+METHODS = ("lora", "dora", "doran", "dyndora")
+
+
+@pytest.fixture(scope="module")
+def tiny_backbones():
+  return {fam: models.from_config(models.tiny_config(fam), task) for fam, (task, _) in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+  return models.load_backbone("minilm", "classification", num_labels=2)
+
+
+def perturb(tree, key, scale=0.1):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype)
+                            for k, x in zip(keys, leaves)])
+
+
+def max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+             zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+# ------------------------------------------------------------------ independent NumPy reference
+
+def np_softplus(x):
+  return np.log1p(np.exp(x))
+
+
+def np_generate(hyper, d_in, d_out, rank, act=np.tanh):
+  """DoRAN's generator for every target of one shape group, one target at a time."""
+  out = []
+  for e in np.asarray(hyper["embeddings"], np.float64):
+    h = act(e @ np.asarray(hyper["w1"], np.float64) + np.asarray(hyper["b1"], np.float64))
+    a = h @ np.asarray(hyper["head_a"]["kernel"], np.float64) + np.asarray(hyper["head_a"]["bias"], np.float64)
+    b = h @ np.asarray(hyper["head_b"]["kernel"], np.float64) + np.asarray(hyper["head_b"]["bias"], np.float64)
+    out.append((a.reshape(d_in, rank), b.reshape(rank, d_out)))
+  return out
+
+
+def np_merged(w_stored, method, leaves, scale, transposed=False, ab=None, xi=None, eps=1e-6):
+  """W' for one kernel, in the stored layout, float64."""
+  w0 = np.asarray(w_stored, np.float64)
+  w0 = w0.T if transposed else w0
+  if ab is None:
+    a, b = (np.asarray(leaves[k], np.float64) for k in ("lora_a", "lora_b"))
+  else:
+    a, b = ab
+  if method == "dyndora":
+    b = np.asarray(leaves["gate"], np.float64)[:, None] * b
+  v = w0 + scale * a @ b
+  if method in ("lora", "dyndora"):
+    w = v
+  else:
+    n = np.maximum(np.linalg.norm(v, axis=0), eps)
+    m = np.asarray(leaves["magnitude"], np.float64)
+    if method == "dora":
+      w = v * (m / n)[None, :]
+    else:
+      tau = np_softplus(np.asarray(leaves["tau"], np.float64)) if xi is None else xi
+      w = v * (m / (n + tau))[None, :]
+  return w.T if transposed else w
+
+
+def node(tree, module_path):
+  for part in module_path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+# ------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+def test_identity_at_init_tiny(tiny_backbones, fam, method):
+  bb = tiny_backbones[fam]
+  cfg = dj.AdapterConfig(method=method, rank=4, targets=FAMILIES[fam][1], transposed=bb.transposed)
+  adapters = dj.init_adapters(jax.random.key(1), bb.params, cfg)
+  assert max_diff(dj.apply_adapters(bb.params, adapters, cfg), bb.params) < 1e-6
+  if method == "doran":
+    zero_noise = cfg.replace(noise_std=0.0)
+    eff = dj.apply_adapters(bb.params, adapters, zero_noise, rng=jax.random.key(2), train=True)
+    assert max_diff(eff, bb.params) < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("targets", [r".*/(query|value)/kernel", r".*/(query|key|value|dense)/kernel"])
+def test_identity_at_init_real_minilm(minilm, method, targets):
+  cfg = dj.AdapterConfig(method=method, rank=8, targets=targets)
+  adapters = dj.init_adapters(jax.random.key(0), minilm.params, cfg)
+  assert max_diff(dj.apply_adapters(minilm.params, adapters, cfg), minilm.params) < 1e-6
+
+
+@pytest.mark.parametrize("fam", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("rslora,tau_per_output", [(False, False), (True, True)])
+def test_merged_weights_match_numpy_reference(tiny_backbones, fam, method, rslora, tau_per_output):
+  bb = tiny_backbones[fam]
+  cfg = dj.AdapterConfig(method=method, rank=4, alpha=7.0, targets=FAMILIES[fam][1],
+                         transposed=bb.transposed, rslora=rslora, tau_per_output=tau_per_output)
+  adapters = perturb(dj.init_adapters(jax.random.key(1), bb.params, cfg), jax.random.key(2))
+  with jax.numpy_rank_promotion("raise"):  # no silent broadcasting in the adapter math
+    eff = flatten(dj.apply_adapters(bb.params, adapters, cfg, train=False))
+  flat = flatten(bb.params)
+  targets = dj.targets_for(bb.params, cfg)
+  assert any(t.d_in != t.d_out for t in targets)  # the norm axis is exercised on non-square kernels
+  scale = 7.0 / (np.sqrt(cfg.stored_rank) if rslora else cfg.stored_rank)
+  generated = {}
+  if method == "doran":
+    for name, group in hypernet.group_targets(targets).items():
+      ab = np_generate(adapters["hypernet"][name], group[0].d_in, group[0].d_out, 4)
+      generated.update({t.path: g for t, g in zip(group, ab)})
+  for t in targets:
+    ref = np_merged(flat[t.path], method, node(adapters["targets"], t.module_path), scale,
+                    transposed=t.transposed, ab=generated.get(t.path))
+    np.testing.assert_allclose(np.asarray(eff[t.path]), ref, rtol=2e-5, atol=2e-6, err_msg=t.path)
+    assert np.abs(ref - np.asarray(flat[t.path])).max() > 1e-4  # the perturbation moved W'
+
+
+def test_gpt2_kernels_are_detected_as_transposed(tiny_backbones):
+  bb = tiny_backbones["gpt2"]
+  assert bb.transposed and all(p.split("/")[-2] in ("c_attn", "c_proj", "c_fc") for p in bb.transposed)
+  cfg = dj.AdapterConfig(method="dora", rank=4, targets=r".*/c_attn/kernel", transposed=bb.transposed)
+  adapters = dj.init_adapters(jax.random.key(0), bb.params, cfg)
+  leaves = node(adapters["targets"], "transformer/h/0/attn/c_attn")
+  # c_attn is stored (3·d, d): in = d, out = 3·d; the magnitude is per output unit.
+  assert leaves["lora_a"].shape == (32, 4) and leaves["magnitude"].shape == (96,)
+  assert not tiny_backbones["bert"].transposed and not tiny_backbones["llama"].transposed
+
+
+@pytest.mark.parametrize("method", ["dora", "doran"])
+def test_all_zero_columns_stay_finite(tiny_backbones, method):
+  bb = tiny_backbones["bert"]
+  params = jax.tree_util.tree_map(lambda x: x, bb.params)
+  q = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
+  q["kernel"] = q["kernel"].at[:, :5].set(0.0)
+  cfg = dj.AdapterConfig(method=method, rank=4, targets=r".*/query/kernel")
+  adapters = dj.init_adapters(jax.random.key(0), params, cfg)
+  eff = dj.apply_adapters(params, adapters, cfg)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(eff))
+  adapters = perturb(adapters, jax.random.key(3))
+
+  def loss(ad):
+    w = dj.apply_adapters(params, ad, cfg, rng=jax.random.key(4), train=True)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree_util.tree_leaves(w))
+
+  grads = jax.jit(jax.grad(loss))(adapters)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_doran_noise_is_keyed_and_unbiased(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  cfg = dj.AdapterConfig(method="doran", rank=4, targets=r".*/query/kernel", noise_std=0.5)
+  adapters = perturb(dj.init_adapters(jax.random.key(0), bb.params, cfg), jax.random.key(1))
+  a = dj.apply_adapters(bb.params, adapters, cfg, rng=jax.random.key(7), train=True)
+  b = dj.apply_adapters(bb.params, adapters, cfg, rng=jax.random.key(7), train=True)
+  c = dj.apply_adapters(bb.params, adapters, cfg, rng=jax.random.key(8), train=True)
+  assert max_diff(a, b) == 0.0 and max_diff(a, c) > 1e-6
+  quiet = cfg.replace(noise_std=0.0)
+  assert max_diff(dj.apply_adapters(bb.params, adapters, quiet, rng=jax.random.key(7), train=True),
+                  dj.apply_adapters(bb.params, adapters, quiet, train=False)) == 0.0
+  from doran_jax.adapters.doran import noisy_tau
+  keys = jax.random.split(jax.random.key(9), 4000)
+  xi = jax.vmap(lambda k: noisy_tau(jnp.float32(0.3), 8, 0.5, k))(keys)
+  assert float(xi.min()) > 0
+  assert abs(float(xi.mean()) - 0.3) < 0.01  # E[ξ] = τ
+
+
+def test_hypernetwork_one_vmapped_call_distinct_targets(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  counts = {}
+  for targets in (r".*/layer/0/attention/self/(query|value)/kernel", r".*/(query|key|value)/kernel"):
+    cfg = dj.AdapterConfig(method="doran", rank=4, targets=targets)
+    adapters = perturb(dj.init_adapters(jax.random.key(0), bb.params, cfg), jax.random.key(1))
+    tg = dj.targets_for(bb.params, cfg)
+    jaxpr = jax.make_jaxpr(lambda h: hypernet.generate(h, tg, cfg))(adapters["hypernet"])
+    counts[len(tg)] = str(jaxpr).count("dot_general")
+    out = hypernet.generate(adapters["hypernet"], tg, cfg)
+    bs = [np.asarray(out[t.path][1]) for t in tg]
+    assert all(np.abs(bs[i] - bs[j]).max() > 1e-4 for i in range(len(bs)) for j in range(i))
+  assert len(counts) == 2 and len(set(counts.values())) == 1, counts  # 2 or 6 targets: same ops
+
+
+def test_share_block_stacks_generators(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  cfg = dj.AdapterConfig(method="doran", rank=4, targets=r".*/(query|value)/kernel", share="block")
+  adapters = dj.init_adapters(jax.random.key(0), bb.params, cfg)
+  assert adapters["hypernet"]["32x32"]["w1"].shape == (2, 8, 8)  # 2 blocks
+  assert max_diff(dj.apply_adapters(bb.params, adapters, cfg), bb.params) < 1e-6
+  adapters = perturb(adapters, jax.random.key(1))
+  tg = dj.targets_for(bb.params, cfg)
+  h = adapters["hypernet"]["32x32"]
+  out = hypernet.generate(adapters["hypernet"], tg, cfg)
+  for i, t in enumerate(tg):
+    gen = jax.tree_util.tree_map(lambda x: x[t.block], {k: v for k, v in h.items() if k != "embeddings"})
+    ref = np_generate({"embeddings": h["embeddings"][i:i + 1], **gen}, 32, 32, 4)[0]
+    np.testing.assert_allclose(np.asarray(out[t.path][0]), ref[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out[t.path][1]), ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_jit_and_grad_reach_the_right_leaves(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  x = models.dummy_inputs(bb.config)
+
+  def grads_for(cfg, adapters):
+    def loss(ad):
+      eff = dj.apply_adapters(bb.params, ad, cfg, rng=jax.random.key(5), train=True)
+      return jnp.sum(bb.model(**x, params=eff).logits ** 2)
+    return jax.jit(jax.grad(loss))(adapters)
+
+  lora = dj.AdapterConfig(method="lora", rank=4, targets=r".*/query/kernel")
+  g = grads_for(lora, dj.init_adapters(jax.random.key(0), bb.params, lora))
+  q = node(g["targets"], "bert/encoder/layer/0/attention/self/query")
+  assert float(jnp.abs(q["lora_a"]).max()) == 0.0 and float(jnp.abs(q["lora_b"]).max()) > 0
+  dora = lora.replace(method="dora")
+  g = grads_for(dora, perturb(dj.init_adapters(jax.random.key(0), bb.params, dora), jax.random.key(1)))
+  assert float(jnp.abs(node(g["targets"], "bert/encoder/layer/0/attention/self/query")["magnitude"]).max()) > 0
+  doran = lora.replace(method="doran")
+  ad = perturb(dj.init_adapters(jax.random.key(0), bb.params, doran), jax.random.key(1))
+  g1 = grads_for(doran, ad)
+  assert float(jnp.abs(node(g1["targets"], "bert/encoder/layer/0/attention/self/query")["tau"])) > 0
+  g2 = grads_for(doran.replace(detach_norm=False), ad)
+  assert max_diff(g1["hypernet"], g2["hypernet"]) > 1e-9
+
+
+def test_param_counts(minilm):
+  counts = {}
+  for method in METHODS:
+    cfg = dj.AdapterConfig(method=method, rank=8, targets=r".*/(query|value)/kernel")
+    counts[method] = dj.count_params(dj.init_adapters(jax.random.key(0), minilm.params, cfg))
+  assert counts["lora"] == 12 * 8 * (384 + 384)
+  assert counts["dora"] == counts["lora"] + 12 * 384
+  assert counts["dyndora"] == 12 * (12 * (384 + 384) + 12)  # r0 = 12
+  assert 0.5 * counts["lora"] < counts["doran"] < 1.2 * counts["lora"]
+
+
+def test_bad_inputs_name_the_problem(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="unknown method 'lorra'"):
+    dj.AdapterConfig(method="lorra")
+  with pytest.raises(ValueError, match=r"'\.\*/nothing/kernel' matches no parameter"):
+    dj.init_adapters(key, bb.params, dj.AdapterConfig(targets=r".*/nothing/kernel"))
+  with pytest.raises(ValueError, match="not a valid regular expression"):
+    dj.init_adapters(key, bb.params, dj.AdapterConfig(targets=r".*/(query"))
+  with pytest.raises(ValueError, match="rank 64 .* larger than min"):
+    dj.init_adapters(key, bb.params, dj.AdapterConfig(rank=64, targets=r".*/query/kernel"))
+  with pytest.raises(ValueError, match="only 2-D kernels"):
+    dj.init_adapters(key, bb.params, dj.AdapterConfig(targets=r".*/query/bias"))
+  cfg = dj.AdapterConfig(method="dora", rank=4, targets=r".*/query/kernel")
+  adapters = dj.init_adapters(key, bb.params, cfg)
+  with pytest.raises(ValueError, match="needs \\(32, 8\\)"):
+    dj.apply_adapters(bb.params, adapters, cfg.replace(rank=8))
+  with pytest.raises(ValueError, match="no adapter for target"):
+    dj.apply_adapters(bb.params, adapters, cfg.replace(targets=r".*/(query|value)/kernel"))
+  other = tiny_backbones["llama"]
+  with pytest.raises(ValueError, match="matches no parameter"):
+    dj.apply_adapters(other.params, adapters, cfg)
+  doran = dj.AdapterConfig(method="doran", rank=4, targets=r".*/query/kernel")
+  with pytest.raises(ValueError, match="needs an explicit rng"):
+    dj.apply_adapters(bb.params, dj.init_adapters(key, bb.params, doran), doran, train=True)
+
+
+def test_config_json_round_trip():
+  cfg = dj.AdapterConfig(method="doran", rank=16, alpha=32.0, transposed=("a/kernel",), share="block")
+  assert dj.AdapterConfig.from_json(cfg.to_json()) == cfg
+  with pytest.raises(ValueError, match="unknown AdapterConfig fields"):
+    dj.AdapterConfig.from_dict({"method": "lora", "rnak": 4})
