@@ -387,6 +387,11 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
              "train_minutes": train_time / 60, "history": history,
              "trainable_params": count_params(state.trainable),
              "adapter_params": count_params(state.trainable["adapters"])}
+  if run.adapter_cfg.method == "dyndora" and jax.process_index() == 0:
+    from doran_jax import dynrank
+    adapters = jax.device_get(state.trainable["adapters"])
+    _log(dynrank.rank_report(adapters, os.path.join(workdir, "dyndora_ranks.png")))
+    results["live_adapter_params"] = dynrank.count_live_params(adapters)
   results["eval"] = evaluate.evaluate(run.backbone.model, config.model.task, run.frozen,
                                       state.trainable, run.adapter_cfg, run.eval_data,
                                       config.eval_batch_size)
