@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -9,12 +11,17 @@ from doran_jax import tasks
 from doran_jax.trainable import effective_params
 
 
+_merge = jax.jit(effective_params, static_argnames=("adapter_cfg", "train"))
+
+
 def merged_params(frozen, trainable, adapter_cfg):
   """W' folded into the backbone once per evaluation (zero inference overhead)."""
-  return jax.jit(lambda f, t: effective_params(f, t, adapter_cfg, train=False))(frozen, trainable)
+  return _merge(frozen, trainable, adapter_cfg, train=False)
 
 
+@functools.lru_cache(maxsize=8)
 def make_forward(model, task: str):
+  """Jitted (params, batch) -> logits, one compilation per model and task."""
   @jax.jit
   def forward(params, batch):
     return model(**tasks.model_inputs(task, batch), params=params, train=False).logits

@@ -65,6 +65,7 @@ class Run:
   num_steps: int
   state_shardings: Any = None
   frozen_shardings: Any = None
+  step_fn: Any = None  # the compiled train step, kept across train() calls on this run
 
 
 def adapter_config_from(config, transposed=()) -> AdapterConfig:
@@ -324,7 +325,9 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
     state, meta = checkpoint.restore(mngr, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
     _log(f"resumed from step {int(state.step)} ({mngr.directory}); data position {meta['data_step']}")
-  step_fn = make_train_step(run)
+  if run.step_fn is None:
+    run.step_fn = make_train_step(run)
+  step_fn = run.step_fn
   bs = config.batch_size
   if bs % jax.process_count():
     raise ValueError(f"batch_size {bs} must divide by the {jax.process_count()} processes.")
@@ -374,6 +377,7 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
       if pause and done < run.num_steps:
         mngr.wait_until_finished()
         mngr.close()
+        run.state = state
         return {"status": "paused", "step": done, "history": history}
       if preemption.requested:
         mngr.wait_until_finished()
