@@ -248,7 +248,7 @@ def prune_mask(scores: Mapping[str, jax.Array], num_prune) -> dict[str, jax.Arra
   all_N = jnp.concatenate([jnp.ravel(scores[m]) for m in modules])
   k = jnp.clip(jnp.asarray(num_prune, jnp.int32), 0, all_N.size)
   threshold = jnp.sort(all_N)[jnp.maximum(k - 1, 0)]
-  return {m: jnp.where((k > 0) & (scores[m] < threshold), 0.0, 1.0).astype(jnp.float32)
+  return {m: jnp.where((k > 0) & (scores[m] <= threshold), 0.0, 1.0).astype(jnp.float32)
           for m in modules}
 
 
@@ -396,7 +396,7 @@ def _bar_plot(ranks, stored, names, path_png):
   # Colour by projection kind: the label without its block index ('attention/self/query').
   kinds = [SEP.join(p for p in names[m].split(SEP) if not p.isdigit()) or names[m] for m in modules]
   palette = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys(kinds))}
-  fig = Figure(figsize=(max(6.0, 0.28 * len(modules) + 2.0), 4.5))
+  fig = Figure(figsize=(max(6.0, 0.28 * len(modules) + 5.0), 4.5))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
   x = np.arange(len(modules))
@@ -410,7 +410,7 @@ def _bar_plot(ranks, stored, names, path_png):
   ax.set_xticklabels([names[m] for m in modules], rotation=90, fontsize=6)
   ax.set_ylabel("live rank")
   ax.set_title("DynDoRA rank allocation per adapted kernel")
-  ax.legend(fontsize=6, ncol=2)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach r0
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
   fig.savefig(path_png, dpi=120)

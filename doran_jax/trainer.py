@@ -396,6 +396,7 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
     adapters = jax.device_get(state.trainable["adapters"])
     _log(dynrank.rank_report(adapters, os.path.join(workdir, "dyndora_ranks.png")))
     results["live_adapter_params"] = dynrank.count_live_params(adapters)
+    results["live_ranks"] = dynrank.live_ranks(adapters)
   results["eval"] = evaluate.evaluate(run.backbone.model, config.model.task, run.frozen,
                                       state.trainable, run.adapter_cfg, run.eval_data,
                                       config.eval_batch_size)

@@ -1,7 +1,7 @@
 """DynDoRA (Mao et al. 2024): ΔW = (α/r0)·A·diag(c)·B with rank-1 components pruned during training.
 
 Init: A ~ U(±1/sqrt(in)), B ~ N(0, 0.02²) (both random, so every component has an importance
-signal), gate c = 0, so W' = W0 at step 0. The pruning schedule lives in doran_jax.dyndora_schedule.
+signal), gate c = 0, so W' = W0 at step 0. The pruning schedule lives in doran_jax.dynrank.
 """
 
 from __future__ import annotations
