@@ -17,7 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from doran_jax.targets import Target
+from doran_jax.targets import Target, flatten
 
 ACTIVATIONS = {"tanh": jnp.tanh, "gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
 
@@ -50,6 +50,36 @@ def _init_generator(key, d_emb, hidden, d_in, d_out, rank):
           "bias": jnp.zeros((rank * d_out,), jnp.float32),
       },
   }
+
+
+def _generator_shapes(cfg, d_in, d_out, n_targets, n_blocks) -> dict:
+  """Shapes _init_generator (and init) produce, to tell a mismatched config from a shape error."""
+  stack = (n_blocks,) if cfg.share == "block" else ()
+  e, h, r = cfg.hyper_emb_dim, cfg.hyper_hidden, cfg.rank
+  return {
+      "embeddings": (n_targets, e),
+      "w1": stack + (e, h),
+      "b1": stack + (h,),
+      "head_a": {"kernel": stack + (h, d_in * r), "bias": stack + (d_in * r,)},
+      "head_b": {"kernel": stack + (h, r * d_out), "bias": stack + (r * d_out,)},
+  }
+
+
+def _check_group(name, p, group, cfg) -> None:
+  want = _generator_shapes(cfg, group[0].d_in, group[0].d_out, len(group), len(_blocks(group)))
+  want_flat = flatten(want)  # tuples are leaves to flatten_dict
+  have_flat = flatten(p)
+  if set(have_flat) != set(want_flat):
+    raise ValueError(f"adapters['hypernet'][{name!r}] has leaves {sorted(have_flat)} but a DoRAN "
+                     f"generator has {sorted(want_flat)}.")
+  for leaf, shape in want_flat.items():
+    got = tuple(have_flat[leaf].shape)
+    if got != shape:
+      raise ValueError(
+          f"adapters['hypernet'][{name!r}]/{leaf} has shape {got} but {len(group)} targets of "
+          f"shape {name} with rank={cfg.rank}, hyper_emb_dim={cfg.hyper_emb_dim}, "
+          f"hyper_hidden={cfg.hyper_hidden}, share={cfg.share!r} need {shape}; use the "
+          "AdapterConfig the adapters were made with.")
 
 
 def init(key, targets: Sequence[Target], cfg) -> dict:
@@ -91,6 +121,7 @@ def generate(hyper_params: dict, targets: Sequence[Target], cfg) -> dict[str, tu
     if emb.shape[0] != len(group):
       raise ValueError(f"hypernet group {name} has {emb.shape[0]} embeddings but the params have "
                        f"{len(group)} targets of that shape.")
+    _check_group(name, p, group, cfg)
     gen = {k: v for k, v in p.items() if k != "embeddings"}
     d_in, d_out = group[0].d_in, group[0].d_out
     one = lambda e, g: _generate_one(e, g, d_in, d_out, cfg.rank, act)

@@ -65,6 +65,9 @@ class AdapterConfig:
   init_rank_factor: float = 1.5
 
   def __post_init__(self):
+    if isinstance(self.transposed, str):  # tuple("a/kernel") would split it into characters
+      raise ValueError(f"transposed must be a sequence of kernel paths, got the string "
+                       f"{self.transposed!r}; pass ({self.transposed!r},).")
     object.__setattr__(self, "transposed", tuple(self.transposed))
     _check_choice("method", self.method, METHODS)
     _check_choice("mode", self.mode, MODES)

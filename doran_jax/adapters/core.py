@@ -29,6 +29,13 @@ LEAF_SHAPES = {
     "tau": lambda t, cfg: (t.d_out,) if cfg.tau_per_output else (),
     "gate": lambda t, cfg: (cfg.stored_rank,),
 }
+# The leaves each method's init_leaves creates at a target's module.
+METHOD_LEAVES = {
+    "lora": ("lora_a", "lora_b"),
+    "dora": ("lora_a", "lora_b", "magnitude"),
+    "doran": ("magnitude", "tau"),
+    "dyndora": ("lora_a", "lora_b", "gate"),
+}
 
 
 def targets_for(params: Mapping[str, Any], cfg: AdapterConfig) -> list[Target]:
@@ -85,6 +92,12 @@ def _module_leaves(adapter_targets: Mapping[str, Any], t: Target, cfg: AdapterCo
           f"adapters do not fit these params: no adapter for target {t.path!r} (missing "
           f"{part!r}). Were they made with another targets regex or for another model?")
     node = node[part]
+  want_names = METHOD_LEAVES[cfg.method]
+  if not isinstance(node, Mapping) or set(node) != set(want_names):
+    have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+    raise ValueError(
+        f"adapter leaves at {t.module_path!r} are {have} but method {cfg.method!r} uses "
+        f"{list(want_names)}; were the adapters made with another adapter.method?")
   for name, leaf in node.items():
     want = LEAF_SHAPES[name](t, cfg) if name in LEAF_SHAPES else None
     if want is not None and tuple(leaf.shape) != tuple(want):
@@ -102,6 +115,7 @@ def target_factors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
     if "hypernet" not in adapters:
       raise ValueError("doran adapters need adapters['hypernet']; these were made for another method.")
     generated = hypernet.generate(adapters["hypernet"], targets, cfg)
+  _check_no_extra_targets(adapters["targets"], targets, cfg)
   module = METHOD_MODULES[cfg.method]
   out = []
   for t in targets:
@@ -109,6 +123,19 @@ def target_factors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
     a_IxR, b_RxO = module.low_rank(leaves, generated.get(t.path), cfg)
     out.append((t, leaves, a_IxR, b_RxO))
   return out
+
+
+def _check_no_extra_targets(adapter_targets: Mapping[str, Any], targets: list[Target],
+                            cfg: AdapterConfig) -> None:
+  # Adapters for modules the regex no longer matches would otherwise be dropped without a word.
+  wanted = {t.module_path for t in targets}
+  have = {p.rsplit(SEP, 1)[0] for p in flatten(adapter_targets)}
+  extra = sorted(have - wanted)
+  if extra:
+    raise ValueError(
+        f"adapters hold {len(extra)} module(s) that targets regex {cfg.targets!r} does not match "
+        f"in these params, e.g. {extra[:3]}; were they made with other adapter.targets or for "
+        "another model?")
 
 
 def target_key(rng: Optional[jax.Array], index: int) -> Optional[jax.Array]:

@@ -36,7 +36,8 @@ def column_norm_factored(w0_IxO, a_IxR, b_RxO, scale: float, eps: float):
   gram_RxR = a.T @ a
   ab_sq_O = jnp.sum(b * (gram_RxR @ b), axis=0)
   sq_O = w0_sq_O + 2.0 * scale * cross_O + scale**2 * ab_sq_O
-  return jnp.maximum(jnp.sqrt(jnp.maximum(sq_O, 0.0)), eps)
+  # Floored before the root, as in column_norm: finite gradients at all-zero columns.
+  return jnp.sqrt(jnp.maximum(sq_O, eps * eps))
 
 
 def layer_factors(params, adapters, cfg: AdapterConfig, *, rng=None, train=False) -> dict:

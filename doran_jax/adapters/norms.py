@@ -6,4 +6,6 @@ import jax.numpy as jnp
 def column_norm(w_IxO, eps: float):
   """||w||_2 over the input axis, in float32, floored at `eps` (all-zero columns stay finite)."""
   w = w_IxO.astype(jnp.float32)
-  return jnp.maximum(jnp.sqrt(jnp.sum(w * w, axis=0)), eps)
+  # Floor the square before the root: max(sqrt(s), eps) would send 0·inf = NaN back through
+  # sqrt at an all-zero column whenever the norm is not detached (DoRAN's detach_norm=False).
+  return jnp.sqrt(jnp.maximum(jnp.sum(w * w, axis=0), eps * eps))
