@@ -1,6 +1,10 @@
-r"""Evaluates a run's latest checkpoint (or an adapter export) on the config's eval split.
+r"""Evaluates a run's checkpoint (the latest or --step) or an adapter export on the eval split.
+
+Prints the metrics as one JSON line and writes them next to what was evaluated
+(<workdir>/eval_step<N>.json, or <adapters>/eval.json).
 
   python eval.py --config configs/default.py --workdir runs/default
+  python eval.py --config configs/default.py --workdir runs/default --step 100
   python eval.py --config configs/sst2.py --adapters runs/sst2/export/adapters
 """
 
@@ -14,6 +18,7 @@ from doran_jax.trainer import quiet_third_party_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ (default: config.workdir).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 _ADAPTERS = flags.DEFINE_string("adapters", None, "An adapter-only export folder instead of a checkpoint.")
 
 
@@ -21,8 +26,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   quiet_third_party_logs()
-  metrics = evaluate.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value, adapters_dir=_ADAPTERS.value)
-  print(json.dumps(metrics, indent=2))
+  metrics = evaluate.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value,
+                                  adapters_dir=_ADAPTERS.value, step=_STEP.value)
+  print(json.dumps(metrics))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise ValueError(f"no checkpoint in {mngr.directory}.")
+  if step not in mngr.all_steps():
+    raise ValueError(f"no checkpoint for step {step} in {mngr.directory}; it holds steps "
+                     f"{sorted(mngr.all_steps())}.")
   stored = mngr.item_metadata(step)["state"]
   want, have = _shapes(abstract_state), _shapes(stored)
   diffs = [f"{k}: checkpoint {have.get(k)} vs run {v}" for k, v in want.items() if have.get(k) != v]

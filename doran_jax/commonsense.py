@@ -277,7 +277,8 @@ def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
   """Batched greedy decoding with a transformers Flax causal LM, prompts left padded.
 
   Prompts are encoded like training (`encode`), cut to their last `max_prompt_length` tokens
-  (the end holds the '### Response:' cue) and left padded to a multiple of
+  (at most the model's positions minus `max_new_tokens`; the end holds the '### Response:'
+  cue) and left padded to a multiple of
   `pad_to_multiple_of`, so the jitted generate compiles once per padded length. Returns only
   the new text.
 
@@ -289,6 +290,14 @@ def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
   if max_new_tokens <= 0 or pad_to_multiple_of <= 0:
     raise ValueError(f"max_new_tokens ({max_new_tokens}) and pad_to_multiple_of "
                      f"({pad_to_multiple_of}) must be positive.")
+  # Prompt + answer must fit the model's positions (the Flax causal mask has that size).
+  positions = getattr(model.config, "max_position_embeddings", None)
+  if positions:
+    room = positions - max_new_tokens
+    if room <= 0:
+      raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the "
+                       f"model's {positions} positions; lower generate.max_new_tokens.")
+    max_prompt_length = min(max_prompt_length or room, room)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   eos = tokenizer.eos_token_id
   if eos is None:
@@ -307,6 +316,7 @@ def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
     if max_prompt_length:
       encoded = [e[-max_prompt_length:] for e in encoded]
     length = math.ceil(max(len(e) for e in encoded) / pad_to_multiple_of) * pad_to_multiple_of
+    length = min(length, max_prompt_length or length)
     input_ids = np.full((len(encoded), length), pad, np.int32)
     attention_mask = np.zeros((len(encoded), length), np.int32)
     for i, e in enumerate(encoded):

@@ -46,7 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 128
   c.num_steps = 0          # 0 -> from num_epochs
   c.num_epochs = 1.0
-  c.log_every = 50
+  c.log_every = 50        # a plain progress line every N steps (also in batch logs)
+  c.progress_bar = config_dict.placeholder(bool)   # None: a tqdm bar on a terminal or notebook
+  c.tensorboard = False    # True: also write <workdir>/tensorboard (needs tensorboardX)
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, max_to_keep=2))
   c.export = ml_collections.ConfigDict(dict(merged=False))
   c.baselines = ()         # ("majority", "frozen") for classification

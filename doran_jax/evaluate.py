@@ -29,12 +29,13 @@ def make_forward(model, task: str):
 
 
 def evaluate(model, task: str, frozen, trainable, adapter_cfg, dataset, batch_size: int) -> dict:
-  """Accuracy / macro-F1 / MCC for classification; loss and token accuracy for causal LM.
+  """Accuracy / macro-F1 / MCC / cross-entropy for classification; loss and token accuracy for
+  causal LM.
 
   Example:
     >>> evaluate(run.backbone.model, "classification", run.frozen, state.trainable,
     ...          run.adapter_cfg, run.eval_data, 128)
-    {'accuracy': 0.91, 'macro_f1': 0.88, 'mcc': 0.87, 'n': 412}
+    {'accuracy': 0.91, 'macro_f1': 0.88, 'mcc': 0.87, 'n': 412, 'eval_loss': 0.27}
   """
   params = merged_params(frozen, trainable, adapter_cfg)
   forward = make_forward(model, task)
@@ -47,14 +48,18 @@ def evaluate(model, task: str, frozen, trainable, adapter_cfg, dataset, batch_si
       n += float(aux["tokens"])
       correct += float(aux["token_correct"])
     return {"eval_loss": total / max(n, 1.0), "token_accuracy": correct / max(n, 1.0)}
-  predictions, labels = [], []
+  predictions, labels, losses = [], [], []
   for batch in dataset.eval_batches(batch_size):
-    logits = np.asarray(forward(params, batch))
+    logits = np.asarray(forward(params, batch), np.float64)
     keep = np.asarray(batch["weights"]) > 0
+    label = np.asarray(batch["labels"])
+    log_z = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    losses.append((log_z - np.take_along_axis(logits, label[:, None], -1)[:, 0])[keep])
     predictions.append(logits.argmax(-1)[keep])
-    labels.append(np.asarray(batch["labels"])[keep])
-  return tasks.classification_report(np.concatenate(predictions), np.concatenate(labels),
-                                     dataset.num_classes)
+    labels.append(label[keep])
+  report = tasks.classification_report(np.concatenate(predictions), np.concatenate(labels),
+                                       dataset.num_classes)
+  return {**report, "eval_loss": float(np.concatenate(losses).mean())}
 
 
 def majority_baseline(train_data, eval_data) -> dict:
@@ -66,21 +71,42 @@ def majority_baseline(train_data, eval_data) -> dict:
                                      eval_data.num_classes)
 
 
-def evaluate_run(config, *, workdir=None, adapters_dir=None) -> dict:
-  """Evaluates the latest checkpoint in `workdir` (or an adapter-only export) on config's eval split."""
+def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=True) -> dict:
+  """Evaluates a checkpoint (the latest, or `step`) or an adapter-only export on the eval split.
+
+  The metrics get 'step' and 'source' keys and, with `save`, are written as JSON next to what
+  was evaluated: <workdir>/eval_step<N>.json, or <adapters_dir>/eval.json.
+
+  Example:
+    >>> from configs import sst2
+    >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
+  """
+  import json
   import os
   from doran_jax import checkpoint, trainer
   run = trainer.setup(config)
   if adapters_dir:
-    trainable, cfg, _ = checkpoint.load_adapters(adapters_dir)
+    if step is not None:
+      raise ValueError("step selects a checkpoint in a workdir; an adapter export has no steps.")
+    trainable, cfg, extra = checkpoint.load_adapters(adapters_dir)
     if cfg.method != run.adapter_cfg.method:
       raise ValueError(f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
                        f"{run.adapter_cfg.method!r}; pass the matching config.")
+    source, out_path = adapters_dir, os.path.join(adapters_dir, "eval.json")
+    step = extra.get("step") if isinstance(extra, dict) else None
   else:
-    mngr = checkpoint.manager(os.path.join(workdir or config.workdir, "checkpoints"))
+    workdir = workdir or config.workdir
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-    state, _ = checkpoint.restore(mngr, abstract)
-    trainable, cfg = state.trainable, run.adapter_cfg
-  return evaluate(run.backbone.model, config.model.task, run.frozen, trainable, cfg,
-                  run.eval_data, config.eval_batch_size)
+    state, _ = checkpoint.restore(mngr, abstract, step)
+    mngr.close()
+    trainable, cfg, step = state.trainable, run.adapter_cfg, int(state.step)
+    source, out_path = workdir, os.path.join(workdir, f"eval_step{step}.json")
+  metrics = evaluate(run.backbone.model, config.model.task, run.frozen, trainable, cfg,
+                     run.eval_data, config.eval_batch_size)
+  metrics = {"step": step, "source": source, **metrics}
+  if save and jax.process_index() == 0:
+    with open(out_path, "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics

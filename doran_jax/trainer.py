@@ -7,12 +7,14 @@ A notebook calls the same functions as train.py:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import re
 import signal
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -22,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from tqdm import tqdm
 
-from doran_jax import checkpoint, data, evaluate, models, optim, sharding, tasks
+from doran_jax import checkpoint, data, evaluate, models, optim, progress, sharding, tasks
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters.factored import adapted_apply
 from doran_jax.trainable import effective_params, merge_params, split_params
@@ -300,7 +303,8 @@ def quiet_third_party_logs() -> None:
 
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
-    print(msg, flush=True)
+    tqdm.write(msg, file=sys.stdout)  # prints above a running progress bar, or plainly
+    sys.stdout.flush()
   logging.info(msg)
 
 
@@ -333,74 +337,85 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
     raise ValueError(f"batch_size {bs} must divide by the {jax.process_count()} processes.")
   log_every = int(config.get("log_every", 50))
   history = []
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   start_step = int(state.step)
+  writer = progress.MetricWriter(workdir, total_steps=run.num_steps, start_step=start_step,
+                                 progress_bar=config.get("progress_bar", None),
+                                 tensorboard=bool(config.get("tensorboard", False)),
+                                 enabled=jax.process_index() == 0)
   t0 = time.time()
-  t_last, last_step = t0, start_step
+  t_last, last_step, t_step = t0, start_step, t0
   _log(f"training {run.adapter_cfg.method} for {run.num_steps} steps (batch {bs}, "
        f"{len(run.train_data)} train / {len(run.eval_data)} eval examples, "
        f"{count_params(state.trainable)} trainable parameters)")
-  with _Preemption() as preemption:
-    for step in range(start_step, run.num_steps):
-      local = run.train_data.batch(step, bs, seed=config.seed, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-      batch = sharding.global_batch(local, run.mesh)
-      state, metrics = step_fn(state, run.frozen, batch)
-      metrics = jax.device_get(metrics)
-      if not metrics["finite"]:
-        mngr.wait_until_finished()
-        last = mngr.latest_step()
-        raise NonFiniteLossError(
-            f"loss became {metrics['loss']} at step {step + 1} (grad norm {metrics['grad_norm']}); "
-            f"the update was skipped and the run stopped. Last good checkpoint: step {last} in "
-            f"{mngr.directory}. Lower optim.lr, enable optim.clip_norm, or check the data.")
-      record = {"step": step + 1, "loss": float(metrics["loss"]),
-                "grad_norm": float(metrics["grad_norm"]), "lr": float(run.schedule(step))}
-      if "correct" in metrics:
-        record["train_accuracy"] = float(metrics["correct"] / max(metrics["examples"], 1))
-      history.append(record)
-      if jax.process_index() == 0:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(record) + "\n")
-      done = step + 1
-      if done % log_every == 0 or done == run.num_steps or done == start_step + 1:
+  try:
+    with _Preemption() as preemption:
+      for step in range(start_step, run.num_steps):
+        local = run.train_data.batch(step, bs, seed=config.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+        batch = sharding.global_batch(local, run.mesh)
+        state, metrics = step_fn(state, run.frozen, batch)
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+          mngr.wait_until_finished()
+          last = mngr.latest_step()
+          raise NonFiniteLossError(
+              f"loss became {metrics['loss']} at step {step + 1} (grad norm {metrics['grad_norm']}); "
+              f"the update was skipped and the run stopped. Last good checkpoint: step {last} in "
+              f"{mngr.directory}. Lower optim.lr, enable optim.clip_norm, or check the data.")
+        record = {"step": step + 1, "loss": float(metrics["loss"]),
+                  "grad_norm": float(metrics["grad_norm"]), "lr": float(run.schedule(step))}
+        if "correct" in metrics:
+          record["train_accuracy"] = float(metrics["correct"] / max(metrics["examples"], 1))
+        history.append(record)
         now = time.time()
-        rate = (done - last_step) / max(now - t_last, 1e-9)
-        eta = (run.num_steps - done) / max(rate, 1e-9)
-        _log(f"step {done}/{run.num_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-             f"{rate:.2f} step/s eta {eta:.0f}s")
-        t_last, last_step = now, done
-      meta = {"data_step": done, "adapter": run.adapter_cfg.to_dict()}
-      pause = max_steps is not None and done - start_step >= max_steps
-      if done % ckpt_cfg.every == 0 or done == run.num_steps or preemption.requested or pause:
-        checkpoint.save(mngr, done, state, meta, force=True)
-      if pause and done < run.num_steps:
-        mngr.wait_until_finished()
-        mngr.close()
-        run.state = state
-        return {"status": "paused", "step": done, "history": history}
-      if preemption.requested:
-        mngr.wait_until_finished()
-        _log(f"preempted: checkpoint at step {done} saved in {mngr.directory}; rerun to resume.")
-        mngr.close()
-        return {"status": "preempted", "step": done, "history": history}
-  mngr.wait_until_finished()
-  mngr.close()
-  train_time = time.time() - t0
-  results = {"status": "done", "method": run.adapter_cfg.method, "steps": run.num_steps,
-             "train_minutes": train_time / 60, "history": history,
-             "trainable_params": count_params(state.trainable),
-             "adapter_params": count_params(state.trainable["adapters"])}
-  if run.adapter_cfg.method == "dyndora" and jax.process_index() == 0:
-    from doran_jax import dynrank
-    adapters = jax.device_get(state.trainable["adapters"])
-    _log(dynrank.rank_report(adapters, os.path.join(workdir, "dyndora_ranks.png")))
-    results["live_adapter_params"] = dynrank.count_live_params(adapters)
-    results["live_ranks"] = dynrank.live_ranks(adapters)
-  results["eval"] = evaluate.evaluate(run.backbone.model, config.model.task, run.frozen,
-                                      state.trainable, run.adapter_cfg, run.eval_data,
-                                      config.eval_batch_size)
-  _log(f"eval ({run.adapter_cfg.method}): " + json.dumps(results["eval"]))
+        writer.train_step(step + 1, {k.replace("train_", ""): v for k, v in record.items()
+                                     if k != "step"},
+                          examples_per_s=bs / max(now - t_step, 1e-9))
+        t_step = now
+        done = step + 1
+        if done % log_every == 0 or done == run.num_steps or done == start_step + 1:
+          rate = (done - last_step) / max(now - t_last, 1e-9)
+          eta = (run.num_steps - done) / max(rate, 1e-9)
+          _log(f"step {done}/{run.num_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+               f"{rate:.2f} step/s {rate * bs:.1f} examples/s eta {eta:.0f}s")
+          t_last, last_step = now, done
+        meta = {"data_step": done, "adapter": run.adapter_cfg.to_dict()}
+        pause = max_steps is not None and done - start_step >= max_steps
+        if done % ckpt_cfg.every == 0 or done == run.num_steps or preemption.requested or pause:
+          checkpoint.save(mngr, done, state, meta, force=True)
+        if pause and done < run.num_steps:
+          mngr.wait_until_finished()
+          mngr.close()
+          run.state = state
+          return {"status": "paused", "step": done, "history": history}
+        if preemption.requested:
+          mngr.wait_until_finished()
+          _log(f"preempted: checkpoint at step {done} saved in {mngr.directory}; rerun to resume.")
+          mngr.close()
+          return {"status": "preempted", "step": done, "history": history}
+    mngr.wait_until_finished()
+    mngr.close()
+    train_time = time.time() - t0
+    results = {"status": "done", "method": run.adapter_cfg.method, "steps": run.num_steps,
+               "train_minutes": train_time / 60, "history": history,
+               "trainable_params": count_params(state.trainable),
+               "adapter_params": count_params(state.trainable["adapters"])}
+    if run.adapter_cfg.method == "dyndora" and jax.process_index() == 0:
+      from doran_jax import dynrank
+      adapters = jax.device_get(state.trainable["adapters"])
+      _log(dynrank.rank_report(adapters, os.path.join(workdir, "dyndora_ranks.png")))
+      results["live_adapter_params"] = dynrank.count_live_params(adapters)
+      results["live_ranks"] = dynrank.live_ranks(adapters)
+    results["eval"] = evaluate.evaluate(run.backbone.model, config.model.task, run.frozen,
+                                        state.trainable, run.adapter_cfg, run.eval_data,
+                                        config.eval_batch_size)
+    generate = config.get("generate", None)
+    if config.model.task == "causal_lm" and generate and generate.get("enabled", False):
+      results["eval"]["commonsense"] = generation_eval(run, state, generate)
+    _log(f"eval ({run.adapter_cfg.method}): " + json.dumps(results["eval"]))
+    writer.write(run.num_steps, progress.flatten_metrics(results["eval"], "eval/"))
+  finally:
+    writer.close()
   export(run, state, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -409,11 +424,28 @@ def train(config, workdir: Optional[str] = None, *, run: Optional[Run] = None,
   return results
 
 
+def generation_eval(run: Run, state: TrainState, generate) -> dict:
+  """Commonsense accuracy: greedy generation with the merged weights, answer word extracted."""
+  from doran_jax import commonsense
+  limit = int(generate.get("limit_per_task", 0) or 0)
+  seen, examples = collections.Counter(), []
+  for example in run.eval_data.examples or []:
+    seen[example["task"]] += 1
+    if not limit or seen[example["task"]] <= limit:
+      examples.append(example)
+  merged = evaluate.merged_params(run.frozen, state.trainable, run.adapter_cfg)
+  generate_fn = commonsense.make_generate_fn(run.backbone.model, merged, run.tokenizer,
+                                             max_new_tokens=int(generate.get("max_new_tokens", 32)))
+  return commonsense.evaluate_commonsense(generate_fn, examples, None,
+                                          batch_size=run.config.eval_batch_size)
+
+
 def export(run: Run, state: TrainState, workdir: str) -> None:
   """Adapter-only export always; the merged save_pretrained export when config.export.merged."""
   if jax.process_index() != 0:
     return
-  extra = {"model": run.config.model.to_dict(), "head": run.config.get("head", None)}
+  extra = {"model": run.config.model.to_dict(), "head": run.config.get("head", None),
+           "step": int(state.step)}
   checkpoint.export_adapters(os.path.join(workdir, "export", "adapters"), state.trainable,
                              run.adapter_cfg, extra)
   if run.config.get("export", {}).get("merged", False):

@@ -138,3 +138,18 @@ def test_make_generate_fn_on_a_tiny_llama(tokenizer):
   # Left padding: a prompt's greedy continuation does not depend on its batch neighbours.
   assert gen([short])[0] == out[0]
   assert gen([long])[0] == out[1]
+
+
+def test_generate_fn_keeps_prompt_and_answer_inside_the_models_positions(tokenizer):
+  bb = models.from_config(models.tiny_config("llama", vocab_size=tokenizer.vocab_size,
+                                             max_position_embeddings=32), "causal_lm",
+                          detect_layout=False)
+  long = commonsense.generate_prompt("is the sky blue? " * 20)   # far more than 32 tokens
+  assert len(commonsense.encode(tokenizer, long)) > 32
+  gen = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=4)
+  # The prompt is cut to its last 28 tokens (it ends with the response cue), so this runs.
+  cut = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=4,
+                                     max_prompt_length=28)
+  assert gen([long]) == cut([long])
+  with pytest.raises(ValueError, match="leaves no room for a prompt"):
+    commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=32)

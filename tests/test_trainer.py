@@ -64,6 +64,8 @@ def test_causal_lm_on_real_commonsense_files(shared_data, tmp_path):
   results = trainer.train(c)
   assert all(np.isfinite(h["loss"]) for h in results["history"])
   assert np.isfinite(results["eval"]["eval_loss"]) and 0 <= results["eval"]["token_accuracy"] <= 1
+  generated = results["eval"]["commonsense"]  # greedy generation + answer extraction ran
+  assert generated["n"] == 8 and 0.0 <= generated["accuracy"] <= 1.0
 
 
 def test_image_classification_under_tfds_mock(tmp_path, shared_data):

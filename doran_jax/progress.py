@@ -1,0 +1,105 @@
+"""What a training run shows and records: a tqdm bar, `metrics.jsonl`, optional TensorBoard.
+
+Every record is one JSON object per line in `<workdir>/metrics.jsonl`, keyed by `step` and
+prefixed names (`train/loss`, `train/lr`, `train/examples_per_s`, `eval/accuracy`, ...), the
+same scalars go to TensorBoard (`<workdir>/tensorboard`, via tensorboardX, no TensorFlow) when
+`config.tensorboard=True`. Only the writer built with `enabled=True` (process 0) writes.
+
+Example:
+  >>> with MetricWriter("runs/x", total_steps=100) as writer:
+  ...   writer.train_step(1, {"loss": 0.69, "lr": 1e-3}, examples_per_s=55.0)
+  ...   writer.write(100, flatten_metrics({"accuracy": 0.91}, prefix="eval/"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from typing import Optional
+
+from tqdm import tqdm
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+  """Numeric leaves of a nested dict as {'prefix' + 'a/b': value}; other leaves are dropped.
+
+  Example:
+    >>> flatten_metrics({"accuracy": 0.9, "commonsense": {"boolq": 0.7}}, "eval/")
+    {'eval/accuracy': 0.9, 'eval/commonsense/boolq': 0.7}
+  """
+  out = {}
+  for key, value in metrics.items():
+    if isinstance(value, dict):
+      out.update(flatten_metrics(value, f"{prefix}{key}/"))
+    elif isinstance(value, numbers.Number) and not isinstance(value, bool):
+      out[f"{prefix}{key}"] = float(value)
+  return out
+
+
+def _bar_wanted(progress_bar: Optional[bool]) -> bool:
+  if progress_bar is not None:
+    return bool(progress_bar)
+  # Auto: a terminal or a notebook; batch logs (nohup, CI) keep the plain periodic lines.
+  return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+class MetricWriter:
+  """Progress bar + metrics.jsonl + optional TensorBoard for one run (see the module docstring)."""
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+               progress_bar: Optional[bool] = None, tensorboard: bool = False,
+               enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                     disable=not (enabled and _bar_wanted(progress_bar)), file=sys.stderr)
+    self._tb = None
+    if tensorboard and enabled:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError as e:
+        raise ValueError("config.tensorboard=True needs tensorboardX (no TensorFlow): "
+                         "pip install tensorboardX==2.6.5, or set --config.tensorboard=False.") from e
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Appends {'step': step, **scalars} to metrics.jsonl (and TensorBoard)."""
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    if self._tb is not None:
+      for name, value in scalars.items():
+        if math.isfinite(value):
+          self._tb.add_scalar(name, value, int(step))
+      self._tb.flush()
+
+  def train_step(self, step: int, record: dict, *, examples_per_s: float) -> None:
+    """Records one training step ('train/' + each key of `record`) and advances the bar."""
+    scalars = flatten_metrics({**record, "examples_per_s": examples_per_s}, "train/")
+    self.write(step, scalars)
+    if not self._bar.disable:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            ex_s=f"{examples_per_s:.1f}", refresh=False)
+
+  def log(self, msg: str) -> None:
+    """Prints a line without breaking the bar."""
+    if self.enabled:
+      tqdm.write(msg, file=sys.stdout)
+      sys.stdout.flush()
+
+  def close(self) -> None:
+    self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+    return False
