@@ -7,8 +7,9 @@ output unit; kernels stored (out, in), such as GPT-2's Conv1D, are transposed fi
   ΔD = mean_o ( 1 − cos(W'_o, W0_o) )       direction change (dimensionless, in [0, 2])
 
 computed per adapted kernel and per checkpoint. The ΔD-vs-ΔM scatter with its Pearson
-correlation is the paper's Figure 2: full fine-tuning and LoRA move magnitude and direction
-together (positive slope), DoRA decouples them (negative slope).
+correlation is the paper's Figure 2: LoRA moves magnitude and direction together (positive
+slope); full fine-tuning and DoRA show a negative slope (large direction changes with small
+magnitude changes, and the reverse).
 
 Example:
   >>> base = target_weights(params_before, targets)               # host copy of W0 per target
@@ -362,7 +363,8 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str], value: str = "accuracy"
   """Groups rows by `keys`: mean and std of `value` over finished runs, and run counts.
 
   Rows with status 'nan' have no final model: they count in 'runs' and 'nan' but not in the
-  mean. 'diverged' = NaN stops + runs at chance accuracy. Groups keep first-seen order.
+  mean. 'failed' = NaN stops + runs that ended at chance accuracy (too slow to learn, or
+  collapsed to one class). Groups keep first-seen order.
 
   Example:
     >>> aggregate(rows, ("method", "lr"))[0]
@@ -379,15 +381,21 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str], value: str = "accuracy"
     out.append({**dict(zip(keys, key)),
                 "mean": float(vals.mean()) if len(vals) else float("nan"),
                 "std": float(vals.std(ddof=1)) if len(vals) > 1 else (0.0 if len(vals) else float("nan")),
-                "runs": len(rs), "nan": n_nan, "chance": n_chance, "diverged": n_nan + n_chance})
+                "runs": len(rs), "nan": n_nan, "chance": n_chance, "failed": n_nan + n_chance})
   return out
 
 
+def _failed_label(a: dict) -> str:
+  label = f"{a['chance']}/{a['runs']} at chance"
+  return label + (f", {a['nan']} NaN" if a["nan"] else "")
+
+
 def markdown_grid(agg: Sequence[dict], row_key: str, col_key: str, *, row_label: str = "",
-                  fmt=lambda v: f"{v:g}", show_diverged: bool = True) -> str:
+                  fmt=lambda v: f"{v:g}", show_failed: bool = True) -> str:
   """A markdown table of aggregated results: one row per `row_key`, one column per `col_key`.
 
-  Cells read 'mean ± std' and, with `show_diverged`, '(diverged/runs)'.
+  Cells read 'mean ± std' and, with `show_failed`, how many runs ended at chance and how many
+  stopped on a NaN: '(1/3 at chance)', '(1/3 at chance, 1 NaN)'.
   """
   rows = list(dict.fromkeys(a[row_key] for a in agg))
   cols = list(dict.fromkeys(a[col_key] for a in agg))
@@ -402,8 +410,8 @@ def markdown_grid(agg: Sequence[dict], row_key: str, col_key: str, *, row_label:
         items.append("")
         continue
       text = "—" if np.isnan(a["mean"]) else f"{a['mean']:.3f} ± {a['std']:.3f}"
-      if show_diverged:
-        text += f" ({a['diverged']}/{a['runs']})"
+      if show_failed:
+        text += f" ({_failed_label(a)})"
       items.append(text)
     lines.append(f"| {fmt(r)} | " + " | ".join(items) + " |")
   return "\n".join(lines)
@@ -412,11 +420,11 @@ def markdown_grid(agg: Sequence[dict], row_key: str, col_key: str, *, row_label:
 def plot_study(agg: Sequence[dict], x_key: str, group_key: str, path_png: str, *, xlabel: str,
                ylabel: str, title: str = "", chance: Optional[float] = None,
                logx: bool = True) -> None:
-  """Mean ± std of each group against `x_key`; groups with diverged runs are annotated."""
+  """Mean ± std of each group against `x_key`; groups with failed runs are annotated."""
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for i, group in enumerate(dict.fromkeys(a[group_key] for a in agg)):
-    pts = sorted((a[x_key], a["mean"], a["std"], a["diverged"], a["runs"]) for a in agg
+    pts = sorted((a[x_key], a["mean"], a["std"], a["failed"], _failed_label(a)) for a in agg
                  if a[group_key] == group)
     xs = np.array([p[0] for p in pts], np.float64)
     # Small offsets on the log axis keep the error bars of the methods apart.
@@ -425,8 +433,8 @@ def plot_study(agg: Sequence[dict], x_key: str, group_key: str, path_png: str, *
                        capsize=3, label=str(group))
     for x, p in zip(shift, pts):
       if p[3]:
-        ax.annotate(f"{p[3]}/{p[4]} div.", (x, p[1] if np.isfinite(p[1]) else chance or 0.5),
-                    textcoords="offset points", xytext=(0, -12), ha="center", fontsize=7,
+        ax.annotate(p[4].replace(" at chance", " chance"), (x, p[1] if np.isfinite(p[1]) else chance or 0.5),
+                    textcoords="offset points", xytext=(0, -12 - 9 * i), ha="center", fontsize=7,
                     color=line[0].get_color())
   if chance is not None:
     ax.axhline(chance, color="gray", ls=":", lw=1, label="majority class")

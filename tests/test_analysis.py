@@ -210,15 +210,15 @@ def test_aggregate_counts_nan_and_chance_runs():
   assert [(a["method"], a["lr"]) for a in agg] == [("lora", 1e-3), ("lora", 3e-2), ("dora", 1e-3)]
   first, second, third = agg
   assert first["mean"] == pytest.approx(0.82) and first["std"] == pytest.approx(np.std([0.8, 0.84], ddof=1))
-  assert (first["runs"], first["diverged"]) == (2, 0)
+  assert (first["runs"], first["failed"]) == (2, 0)
   assert second["mean"] == pytest.approx(0.5) and second["std"] == 0.0   # NaN runs have no model
-  assert (second["nan"], second["chance"], second["diverged"], second["runs"]) == (1, 1, 2, 2)
-  assert np.isnan(third["mean"]) and third["diverged"] == 1
+  assert (second["nan"], second["chance"], second["failed"], second["runs"]) == (1, 1, 2, 2)
+  assert np.isnan(third["mean"]) and third["failed"] == 1
   table = analysis.markdown_grid(agg, "lr", "method", row_label="learning rate")
   lines = table.splitlines()
   assert lines[0] == "| learning rate | lora | dora |"
-  assert lines[2] == "| 0.001 | 0.820 ± 0.028 (0/2) | — (1/1) |"
-  assert lines[3] == "| 0.03 | 0.500 ± 0.000 (2/2) |  |"
+  assert lines[2] == "| 0.001 | 0.820 ± 0.028 (0/2 at chance) | — (0/1 at chance, 1 NaN) |"
+  assert lines[3] == "| 0.03 | 0.500 ± 0.000 (1/2 at chance, 1 NaN) |  |"
 
 
 def test_study_csv_round_trip_and_plot(tmp_path):
