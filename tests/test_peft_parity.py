@@ -453,3 +453,67 @@ def test_bad_imports_raise(tiny_bert_params, tmp_path):
     peft_io.load_peft_adapter(fresh("shape"), other)
   with pytest.raises(ValueError, match="not a PEFT adapter folder"):
     peft_io.load_peft_adapter(str(tmp_path / "missing"), params)
+
+
+# ------------------------------------------------------------------ lora_dropout against PEFT
+
+
+class _FixedMask(torch.nn.Module):
+  """PEFT's lora_dropout slot with our mask: the same inverted dropout for a fixed key."""
+
+  def __init__(self, keep, p):
+    super().__init__()
+    self.keep, self.p = keep, p
+
+  def forward(self, x):
+    return x * self.keep / (1.0 - self.p) if self.training else x
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_factored_dropout_equals_peft_train_mode(method):
+  from flax import linen as nn
+  from doran_jax.adapters import factored
+
+  class OneDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name="query")(x)
+
+  x = jax.random.normal(jax.random.key(0), (6, 12))
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, OneDense().init(jax.random.key(1), x)["params"])
+  cfg = AdapterConfig(method=method, rank=4, alpha=8.0, targets=r"query/kernel", dropout=0.5)
+  adapters = make_adapters(params, cfg, seed=3)
+  rng = jax.random.key(11)
+  ours = factored.adapted_apply(lambda x, params, **_: OneDense().apply({"params": params}, x),
+                                params, adapters, cfg, rng=rng, train=True, x=x)
+  key0 = jax.random.fold_in(jax.random.fold_in(rng, factored.DROPOUT_STREAM), 0)
+  keep = torch.tensor(np.asarray(jax.random.bernoulli(key0, 0.5, x.shape), np.float32))
+
+  class OneLinear(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.query = torch.nn.Linear(12, 10)
+
+    def forward(self, x):
+      return self.query(x)
+
+  base = OneLinear()
+  leaves = adapters["targets"]["query"]
+  t = lambda v: torch.tensor(np.asarray(v, np.float32))
+  with torch.no_grad():
+    base.query.weight.copy_(t(params["query"]["kernel"]).T)
+    base.query.bias.copy_(t(params["query"]["bias"]))
+  model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["query"], r=4, lora_alpha=8,
+                                                    lora_dropout=0.5, use_dora=method == "dora"))
+  layer = model.base_model.model.query
+  with torch.no_grad():
+    layer.lora_A["default"].weight.copy_(t(leaves["lora_a"]).T)
+    layer.lora_B["default"].weight.copy_(t(leaves["lora_b"]).T)
+    if method == "dora":
+      layer.lora_magnitude_vector["default"].weight.copy_(t(leaves["magnitude"]))
+  layer.lora_dropout["default"] = _FixedMask(keep, 0.5)
+  model.train()
+  theirs = model(torch.tensor(np.asarray(x))).detach().numpy()
+  assert_close(ours, theirs, 1e-5, f"{method} train-mode dropout vs PEFT")
+  model.eval()   # and PEFT's eval output differs from its train output: the mask mattered
+  assert np.abs(model(torch.tensor(np.asarray(x))).detach().numpy() - theirs).max() > 1e-3

@@ -1,13 +1,15 @@
 """Factored mode: run the unmodified model with adapted layers computed as x·W0 plus a low-rank path.
 
   LoRA:        y = x·W0 + s·(drop(x)·A)·B + bias
-  DoRA/DoRAN:  y = g ⊙ (x·W0 + s·(drop(x)·A)·B) + bias,   g = m / (n [+ ξ])
+  DoRA/DoRAN:  y = g ⊙ (x·W0 + s·(x·A)·B) + bias,   g = m / (n [+ ξ])          (no dropout)
+               y = x·W0 + bias + (g − 1) ⊙ (drop(x)·W0) + g ⊙ s·(drop(x)·A)·B   (dropout, train)
 
 W' is never formed, so the backward pass never builds a full-size weight gradient for an adapted
 kernel (the frozen W0 gets none). The norm n comes from the column-norm identity
   n² = ‖W0‖² + 2s·Σ_r (W0ᵀA)∘Bᵀ + s²·diag(Bᵀ(AᵀA)B),
-which needs (out, r) temporaries instead of the (in, out) matrix V. Dropout follows PEFT: the base
-path sees the clean input. Layers are swapped in with `flax.linen.intercept_methods`, so the model
+which needs (out, r) temporaries instead of the (in, out) matrix V. Dropout follows PEFT exactly
+(peft.tuners.lora DoRA variant): the base layer's output sees the clean input, DoRA's rescaling
+of it and the low-rank path see the dropped input (one extra x·W0 matmul, as in PEFT). Layers are swapped in with `flax.linen.intercept_methods`, so the model
 code stays untouched and the adapters stay a pure pytree input.
 """
 
@@ -65,8 +67,9 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
   kernel = jnp.asarray(module.get_variable("params", "kernel"), dtype)
   x = jnp.asarray(x, dtype)
   base = x @ (kernel.T if transposed else kernel)
+  dropped = train and cfg.dropout > 0
   x_lora = x
-  if train and cfg.dropout > 0:
+  if dropped:
     if dropout_key is None:
       raise ValueError("adapter dropout > 0 in train mode needs an rng: adapted_apply(..., rng=key).")
     keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, x.shape)
@@ -74,9 +77,13 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
   # Adapter weights, norms and gains are float32; activation-sized tensors stay in the compute
   # dtype (bf16 on accelerators), as the base path does.
   low = ((x_lora @ a_IxR.astype(dtype)) @ b_RxO.astype(dtype)) * jnp.asarray(cfg.scale, dtype)
-  y = base + low
-  if g_O is not None:
-    y = y * g_O.astype(dtype)
+  if g_O is None:
+    y = base + low
+  elif dropped:
+    g = g_O.astype(dtype)
+    y = base + (g - 1) * (x_lora @ (kernel.T if transposed else kernel)) + g * low
+  else:
+    y = (base + low) * g_O.astype(dtype)
   if module.has_variable("params", "bias"):
     y = y + jnp.asarray(module.get_variable("params", "bias"), dtype)
   return y
