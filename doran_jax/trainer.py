@@ -494,6 +494,6 @@ def summary_table(results: dict) -> str:
   lines = ["| run | " + " | ".join(keys) + " | trainable params | train min |",
            "|---" * (len(keys) + 3) + "|"]
   for name, r, n, minutes in rows:
-    lines.append(f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys)
+    lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "—" for k in keys)
                  + f" | {n:,} | {minutes:.1f} |")
   return "\n".join(lines)

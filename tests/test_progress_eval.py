@@ -77,3 +77,13 @@ def test_eval_of_latest_and_named_checkpoints(shared_data, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   printed = json.loads(proc.stdout.strip().splitlines()[-1])
   assert printed["step"] == 2 and printed["eval_loss"] == pytest.approx(early["eval_loss"], rel=1e-5)
+
+
+def test_summary_table_marks_metrics_a_baseline_does_not_have():
+  results = {"method": "dora", "trainable_params": 1234, "train_minutes": 1.25,
+             "eval": {"accuracy": 0.9, "macro_f1": 0.8, "mcc": 0.7, "eval_loss": 0.3, "n": 10},
+             "baselines": {"majority": {"accuracy": 0.5, "macro_f1": 0.3, "mcc": 0.0}}}
+  lines = trainer.summary_table(results).splitlines()
+  assert lines[0] == "| run | accuracy | macro_f1 | mcc | eval_loss | trainable params | train min |"
+  assert lines[2] == "| dora | 0.9000 | 0.8000 | 0.7000 | 0.3000 | 1,234 | 1.2 |"
+  assert lines[3] == "| baseline: majority | 0.5000 | 0.3000 | 0.0000 | — | 0 | 0.0 |"
