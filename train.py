@@ -4,6 +4,12 @@ r"""Fine-tunes a pretrained Flax backbone with an adapter; see configs/ for expe
   python train.py --config configs/sst2.py:method=dora --config.adapter.rank=16 --workdir runs/sst2_dora
 """
 
+import os
+
+# transformers imports PyTorch whenever it is importable (the parity extra installs it), which
+# costs ~280 MB of RSS and is never used here: the Flax path needs no torch.
+os.environ.setdefault("USE_TORCH", "0")
+
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -23,6 +23,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# transformers imports PyTorch whenever it is importable (the parity extra installs it), which
+# costs ~280 MB of RSS and is never used here: the Flax path needs no torch.
+os.environ.setdefault("USE_TORCH", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
