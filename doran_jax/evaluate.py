@@ -48,18 +48,19 @@ def evaluate(model, task: str, frozen, trainable, adapter_cfg, dataset, batch_si
       n += float(aux["tokens"])
       correct += float(aux["token_correct"])
     return {"eval_loss": total / max(n, 1.0), "token_accuracy": correct / max(n, 1.0)}
-  predictions, labels, losses = [], [], []
+  predictions, labels = [], []
+  total = n = 0.0
   for batch in dataset.eval_batches(batch_size):
-    logits = np.asarray(forward(params, batch), np.float64)
+    logits = forward(params, batch)
+    loss, aux = tasks.loss_and_metrics(task, logits, batch)   # the training loss, padding masked
+    total += float(loss) * float(aux["examples"])
+    n += float(aux["examples"])
     keep = np.asarray(batch["weights"]) > 0
-    label = np.asarray(batch["labels"])
-    log_z = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-    losses.append((log_z - np.take_along_axis(logits, label[:, None], -1)[:, 0])[keep])
-    predictions.append(logits.argmax(-1)[keep])
-    labels.append(label[keep])
+    predictions.append(np.asarray(logits).argmax(-1)[keep])
+    labels.append(np.asarray(batch["labels"])[keep])
   report = tasks.classification_report(np.concatenate(predictions), np.concatenate(labels),
                                        dataset.num_classes)
-  return {**report, "eval_loss": float(np.concatenate(losses).mean())}
+  return {**report, "eval_loss": total / max(n, 1.0)}
 
 
 def majority_baseline(train_data, eval_data) -> dict:
@@ -93,7 +94,7 @@ def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=Tru
       raise ValueError(f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
                        f"{run.adapter_cfg.method!r}; pass the matching config.")
     source, out_path = adapters_dir, os.path.join(adapters_dir, "eval.json")
-    step = extra.get("step") if isinstance(extra, dict) else None
+    step = extra.get("step")
   else:
     workdir = workdir or config.workdir
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))

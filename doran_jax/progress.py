@@ -75,7 +75,6 @@ class MetricWriter:
       for name, value in scalars.items():
         if math.isfinite(value):
           self._tb.add_scalar(name, value, int(step))
-      self._tb.flush()
 
   def train_step(self, step: int, record: dict, *, examples_per_s: float) -> None:
     """Records one training step ('train/' + each key of `record`) and advances the bar."""
@@ -85,12 +84,6 @@ class MetricWriter:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             ex_s=f"{examples_per_s:.1f}", refresh=False)
-
-  def log(self, msg: str) -> None:
-    """Prints a line without breaking the bar."""
-    if self.enabled:
-      tqdm.write(msg, file=sys.stdout)
-      sys.stdout.flush()
 
   def close(self) -> None:
     self._bar.close()

@@ -9,8 +9,9 @@ kernel (the frozen W0 gets none). The norm n comes from the column-norm identity
   n² = ‖W0‖² + 2s·Σ_r (W0ᵀA)∘Bᵀ + s²·diag(Bᵀ(AᵀA)B),
 which needs (out, r) temporaries instead of the (in, out) matrix V. Dropout follows PEFT exactly
 (peft.tuners.lora DoRA variant): the base layer's output sees the clean input, DoRA's rescaling
-of it and the low-rank path see the dropped input (one extra x·W0 matmul, as in PEFT). Layers are swapped in with `flax.linen.intercept_methods`, so the model
-code stays untouched and the adapters stay a pure pytree input.
+of it and the low-rank path see the dropped input (one extra x·W0 matmul, as in PEFT). Layers
+are swapped in with `flax.linen.intercept_methods`, so the model code stays untouched and the
+adapters stay a pure pytree input.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
   dtype = getattr(module, "dtype", None) or x.dtype
   kernel = jnp.asarray(module.get_variable("params", "kernel"), dtype)
   x = jnp.asarray(x, dtype)
-  base = x @ (kernel.T if transposed else kernel)
+  w0 = kernel.T if transposed else kernel
+  base = x @ w0
   dropped = train and cfg.dropout > 0
   x_lora = x
   if dropped:
@@ -81,7 +83,7 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
     y = base + low
   elif dropped:
     g = g_O.astype(dtype)
-    y = base + (g - 1) * (x_lora @ (kernel.T if transposed else kernel)) + g * low
+    y = base + (g - 1) * (x_lora @ w0) + g * low
   else:
     y = (base + low) * g_O.astype(dtype)
   if module.has_variable("params", "bias"):
