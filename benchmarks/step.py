@@ -77,6 +77,7 @@ def build(args):
   c.model.num_labels = 2 if fam == "bert" else 100
   c.model.dtype = args.dtype
   c.model.remat = args.remat
+  c.model.fused_layers = not args.no_fused
   c.adapter = config_lib.adapter_defaults(
       method=args.method, rank=args.rank, alpha=args.alpha, mode=args.mode, dropout=args.dropout,
       targets=TARGETS[fam].get(args.targets, args.targets))
@@ -165,6 +166,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
   p.add_argument("--param-dtype", default="float32", help="backbone storage dtype")
   p.add_argument("--remat", action="store_true", help="rematerialise the forward in the backward")
+  p.add_argument("--no-fused", action="store_true",
+                 help="the model's own attention and GELU instead of doran_jax.fused")
   p.add_argument("--sharding", default="replicated", help="replicated | fsdp | tensor_parallel")
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)
@@ -197,7 +200,7 @@ def main(argv=None):
   result = {
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
       "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": args.targets,
-      "dtype": args.dtype, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+      "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
       "peak_rss_mb": peak_rss_mb(), "trainable_params": trainer.count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,

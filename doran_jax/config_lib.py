@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   # num_labels=0: taken from the data set.
   c.model = ml_collections.ConfigDict(dict(
       name="minilm", task="classification", num_labels=0, dtype="float32", param_dtype="float32",
-      tiny="", tokenizer="", remat=False, config_overrides={}))
+      tiny="", tokenizer="", remat=False, config_overrides={},
+      # Memory-lean attention and GELU for BERT/RoBERTa/ViT (doran_jax.fused); same maths.
+      fused_layers=True))
   c.adapter = adapter_defaults()
   c.head = config_dict.placeholder(str)   # None -> the task's default head regex
   c.freeze = ()                            # regexes of trainable leaves to keep fixed (logged)

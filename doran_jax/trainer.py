@@ -26,7 +26,8 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from doran_jax import checkpoint, data, evaluate, models, optim, progress, sharding, tasks
+from doran_jax import (checkpoint, data, evaluate, fused, models, optim, progress, sharding,
+                       tasks)
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters.factored import adapted_apply
 from doran_jax.trainable import effective_params, merge_params, split_params
@@ -205,6 +206,7 @@ def make_train_step(run: Run):
   model, task, adapter_cfg, tx = run.backbone.model, run.config.model.task, run.adapter_cfg, run.tx
   accum = int(run.config.optim.get("accum_steps", 1))
   dynamic_rank = adapter_cfg.method == "dyndora"
+  fused_enabled = bool(run.config.model.get("fused_layers", True))
   if dynamic_rank:
     from doran_jax import dynrank
     dyn_cfg, num_steps = run.config.dyndora, run.num_steps
@@ -212,12 +214,14 @@ def make_train_step(run: Run):
   def loss_fn(trainable, frozen, batch, key, step):
     key_adapter, key_dropout = jax.random.split(key)
     inputs = tasks.model_inputs(task, batch)
-    if adapter_cfg.mode == "factored":
-      out = adapted_apply(model, merge_params(frozen, trainable["params"]), trainable["adapters"],
-                          adapter_cfg, rng=key_adapter, train=True, dropout_rng=key_dropout, **inputs)
-    else:
-      params = effective_params(frozen, trainable, adapter_cfg, rng=key_adapter, train=True)
-      out = model(**inputs, params=params, dropout_rng=key_dropout, train=True)
+    with fused.fused_layers(fused_enabled):
+      if adapter_cfg.mode == "factored":
+        out = adapted_apply(model, merge_params(frozen, trainable["params"]),
+                            trainable["adapters"], adapter_cfg, rng=key_adapter, train=True,
+                            dropout_rng=key_dropout, **inputs)
+      else:
+        params = effective_params(frozen, trainable, adapter_cfg, rng=key_adapter, train=True)
+        out = model(**inputs, params=params, dropout_rng=key_dropout, train=True)
     loss, aux = tasks.loss_and_metrics(task, out.logits, batch)
     if dynamic_rank:
       reg = dynrank.regularizer(trainable["adapters"], step, num_steps, dyn_cfg)
