@@ -57,7 +57,8 @@ def _after(x, cotangent):
 
   XLA would otherwise merge it with the forward's identical ops (CSE) or hoist it there, and keep
   the large intermediates alive after all; XLA:CPU drops optimization barriers before CSE. A
-  float multiply by zero is not folded (NaN semantics), so the tie survives optimisation.
+  float multiply by zero is not folded (NaN semantics), so the tie survives optimisation; a
+  non-finite cotangent makes the whole gradient non-finite, which the trainer rejects anyway.
   """
   return x + (cotangent.reshape(-1)[0] * 0).astype(x.dtype)
 
