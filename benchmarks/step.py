@@ -200,7 +200,8 @@ def main(argv=None):
   result = {
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
       "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": args.targets,
-      "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+      "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind,
+      "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
       "peak_rss_mb": peak_rss_mb(), "trainable_params": trainer.count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,

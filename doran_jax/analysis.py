@@ -94,6 +94,20 @@ def correlation(rows: Sequence[dict]) -> float:
   return float(np.corrcoef(dm, dd)[0, 1])
 
 
+def decomposition_summary(rows: Sequence[dict]) -> dict:
+  """Pearson r over all rows, and the mean ΔM and ΔD at the last checkpoint.
+
+  Example:
+    >>> decomposition_summary(out["rows"])
+    {'corr': 0.3, 'points': 24, 'final_step': 200, 'final_delta_m': 0.01, 'final_delta_d': 2e-4}
+  """
+  last = max(r["step"] for r in rows)
+  final = [r for r in rows if r["step"] == last]
+  return {"corr": correlation(rows), "points": len(rows), "final_step": last,
+          "final_delta_m": float(np.mean([r["delta_m"] for r in final])),
+          "final_delta_d": float(np.mean([r["delta_d"] for r in final]))}
+
+
 def tau_values(adapters: Mapping) -> dict[str, np.ndarray]:
   """DoRAN's τ = softplus(ρ) per adapted module ({} for other methods).
 

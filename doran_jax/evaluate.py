@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import numpy as np
@@ -82,9 +84,7 @@ def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=Tru
     >>> from configs import sst2
     >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
   """
-  import json
-  import os
-  from doran_jax import checkpoint, trainer
+  from doran_jax import checkpoint, trainer  # trainer imports this module
   run = trainer.setup(config)
   if adapters_dir:
     if step is not None:

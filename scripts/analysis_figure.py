@@ -33,8 +33,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
-
 from configs import default, sst2  # noqa: E402
 from doran_jax import analysis, trainer  # noqa: E402
 
@@ -71,14 +69,9 @@ def summary(outs: dict) -> list[dict]:
   """Per method: eval accuracy, Pearson r over all points, and the final-checkpoint means."""
   table = []
   for method, out in outs.items():
-    rows = out["rows"]
-    last = max(r["step"] for r in rows)
-    final = [r for r in rows if r["step"] == last]
     table.append({
         "method": method, "accuracy": out["results"]["eval"]["accuracy"],
-        "corr": analysis.correlation(rows), "points": len(rows),
-        "final_delta_m": float(np.mean([r["delta_m"] for r in final])),
-        "final_delta_d": float(np.mean([r["delta_d"] for r in final])),
+        **analysis.decomposition_summary(out["rows"]),
         "trainable_params": out["results"]["trainable_params"],
         "train_minutes": out["results"]["train_minutes"]})
   return table

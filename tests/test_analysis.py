@@ -167,6 +167,11 @@ def test_checkpoint_decomposition_reads_every_checkpoint(shared_data, tmp_path, 
   np.testing.assert_allclose([r["delta_m"] for r in last], [r["delta_m"] for r in final], rtol=1e-6)
   np.testing.assert_allclose([r["delta_d"] for r in last], [r["delta_d"] for r in final], rtol=1e-6)
   assert all(r["delta_d"] > 0 and r["delta_m"] > 0 for r in last)   # training moved the weights
+  summary = analysis.decomposition_summary(rows)
+  assert summary["final_step"] == 3 and summary["points"] == len(rows)
+  assert summary["final_delta_m"] == pytest.approx(np.mean([r["delta_m"] for r in final]))
+  assert summary["final_delta_d"] == pytest.approx(np.mean([r["delta_d"] for r in final]))
+  np.testing.assert_equal(summary["corr"], analysis.correlation(rows))
   if method == "doran":
     assert len(taus) == 3 * len(targets)
     live = analysis.tau_values(jax.device_get(run.state.trainable["adapters"]))
