@@ -18,8 +18,7 @@ os.environ.setdefault("USE_TORCH", "0")
 from absl import app, flags
 from ml_collections import config_flags
 
-from doran_jax import evaluate
-from doran_jax.trainer import quiet_third_party_logs
+from doran_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ (default: config.workdir).")
@@ -30,9 +29,9 @@ _ADAPTERS = flags.DEFINE_string("adapters", None, "An adapter-only export folder
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  quiet_third_party_logs()
-  metrics = evaluate.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value,
-                                  adapters_dir=_ADAPTERS.value, step=_STEP.value)
+  experiment.quiet_third_party_logs()
+  metrics = experiment.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value,
+                                    adapters_dir=_ADAPTERS.value, step=_STEP.value)
   print(json.dumps(metrics))
 
 

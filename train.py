@@ -13,8 +13,7 @@ os.environ.setdefault("USE_TORCH", "0")
 from absl import app, flags
 from ml_collections import config_flags
 
-from doran_jax import trainer
-from doran_jax.trainer import quiet_third_party_logs
+from doran_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports (default: config.workdir).")
@@ -23,8 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and export
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  quiet_third_party_logs()
-  trainer.run_experiment(_CONFIG.value, _WORKDIR.value)
+  experiment.quiet_third_party_logs()
+  experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

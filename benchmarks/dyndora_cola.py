@@ -26,10 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from configs import cola  # noqa: E402
-from doran_jax import dynrank, trainer  # noqa: E402
+from doran_jax import analysis, experiment  # noqa: E402
+from doran_jax import run as run_lib  # noqa: E402
+from doran_jax.adapters import dynrank  # noqa: E402
 from doran_jax.adapters import count_params  # noqa: E402
 
 FIELDS = ("method", "rank", "stored_rank", "mcc", "accuracy", "adapter_params_trained",
@@ -53,21 +54,21 @@ def run_method(method: str, args) -> tuple[dict, str]:
     config.log_every = 25
     config.seed = args.seed
   t0 = time.time()
-  run = trainer.setup(config)
-  results = trainer.train(config, workdir, run=run)
-  adapters = run.state.trainable["adapters"]
+  run = run_lib.setup(config)
+  results = experiment.train(config, workdir, run=run)
+  adapters = jax.device_get(results["state"].trainable["adapters"])
   trained = count_params(adapters)
   report = ""
   if method == "dyndora":
     stored, live = dynrank.count_live_params(adapters), sum(dynrank.live_ranks(adapters).values())
-    report = dynrank.rank_report(adapters, os.path.join(args.out, "dyndora_cola_ranks.png"))
+    report = analysis.rank_report(adapters, os.path.join(args.out, "dyndora_cola_ranks.png"))
     report = "\n".join(l for l in report.splitlines() if not l.startswith("plot:"))  # no abs path
   else:
     stored, live = trained, run.adapter_cfg.stored_rank * len(adapters_targets(adapters))
   row = {"method": method, "rank": args.rank, "stored_rank": run.adapter_cfg.stored_rank,
          "mcc": results["eval"]["mcc"], "accuracy": results["eval"]["accuracy"],
          "adapter_params_trained": trained, "adapter_params_stored": stored,
-         "head_params": count_params(run.state.trainable["params"]), "live_components": live,
+         "head_params": count_params(results["state"].trainable["params"]), "live_components": live,
          "steps": results["steps"], "train_minutes": results["train_minutes"],
          "total_minutes": (time.time() - t0) / 60}
   return row, report
@@ -114,7 +115,7 @@ def main(argv=None):
   if not os.path.isdir(args.data):
     raise ValueError(f"CoLA folder {args.data!r} not found; pass --data (sentence<TAB>label TSVs).")
   os.makedirs(args.out, exist_ok=True)
-  trainer.quiet_third_party_logs()
+  experiment.quiet_third_party_logs()
   rows, reports = [], []
   for method in methods:
     row, report = run_method(method, args)

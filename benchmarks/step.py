@@ -26,12 +26,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # transformers imports PyTorch whenever it is importable (the parity extra installs it), which
 # costs ~280 MB of RSS and is never used here: the Flax path needs no torch.
 os.environ.setdefault("USE_TORCH", "0")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from doran_jax import config_lib, models, sharding, trainer  # noqa: E402
+from doran_jax import config_lib, models, sharding  # noqa: E402
+
+from doran_jax import run as run_lib  # noqa: E402
 
 TARGETS = {
     "bert": {"query,value": r".*/(query|value)/kernel",
@@ -99,10 +100,10 @@ def build(args):
     cfg = hf_config(args.model, args.model_dropout)
     if cfg is None:
       raise SystemExit(f"--model: unknown {args.model!r}")
-    bb = models.from_config(cfg, task, dtype=dtype, detect_layout=False)
+    bb = models.from_config(cfg, task, dtype=dtype)
   if args.param_dtype != "float32":
-    bb.params = jax.tree_util.tree_map(lambda x: x.astype(args.param_dtype), bb.params)
-  run = trainer.setup(c, backbone=bb, with_data=False)
+    bb = bb.replace(params=jax.tree_util.tree_map(lambda x: x.astype(args.param_dtype), bb.params))
+  run = run_lib.setup(c, backbone=bb, with_data=False)
   return run, fam
 
 
@@ -177,7 +178,7 @@ def main(argv=None):
 
   run, fam = build(args)
   flops_model = model_flops(run.backbone.config, fam, args.batch, args.seq, args.method)
-  step_fn = trainer.make_train_step(run)
+  step_fn = run.train_step
   host_batches = batches(fam, args)
   device_batches = [sharding.global_batch(b, run.mesh) for b in host_batches]
   state = run.state
@@ -203,7 +204,7 @@ def main(argv=None):
       "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind,
       "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
-      "peak_rss_mb": peak_rss_mb(), "trainable_params": trainer.count_params(state.trainable),
+      "peak_rss_mb": peak_rss_mb(), "trainable_params": count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,
       "achieved_gflops": flops_model / median / 1e9,
       "final_loss": float(metrics["loss"]), "tag": args.tag,

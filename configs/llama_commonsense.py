@@ -40,5 +40,5 @@ def get_config(arg=None):
   c.checkpoint.every = 500
   c.mesh = "data:-1,fsdp:1,model:1"
   c.sharding_rules = "fsdp"
-  c.generate = dict(enabled=True, max_new_tokens=32, limit_per_task=0)
+  c.generate.update(dict(enabled=True, max_new_tokens=32, limit_per_task=0))
   return config_lib.apply_arg(c, arg)

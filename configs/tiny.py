@@ -40,7 +40,7 @@ def get_config(arg=None):
       c.adapter.targets = r".*/(q_proj|v_proj)/kernel"
       c.data = data.default_data_config("commonsense", path="../shared/data/commonsense",
                                         max_length=64, limit=64, eval_limit=16, task="boolq")
-      c.generate = dict(enabled=True, max_new_tokens=4, limit_per_task=8)
+      c.generate.update(dict(enabled=True, max_new_tokens=4, limit_per_task=8))
     else:
       raise ValueError(f"unknown kind {c.kind!r}; choose text, image or causal.")
   return c

@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import shutil
+import time
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-from doran_jax import checkpoint
-from doran_jax.adapters import AdapterConfig
-from doran_jax.targets import Target, flatten
-from doran_jax.trainable import effective_params
+from doran_jax import checkpoint, evaluate, experiment, sharding, trainer
+from doran_jax import run as run_lib
+from doran_jax.adapters import AdapterConfig, dynrank, targets_for
+from doran_jax.targets import SEP, Target, flatten
+from doran_jax.trainable import effective_params, merge_params
 
 ROW_FIELDS = ("method", "step", "layer", "block", "kind", "delta_m", "delta_d")
 
@@ -126,8 +130,7 @@ def checkpoint_trainables(run: Any, workdir: str) -> Iterator[tuple[int, Any]]:
   shardings). Keep them all while training: `config.checkpoint.max_to_keep` large.
   """
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+  abstract = sharding.abstract(run.state)
   try:
     for step in sorted(mngr.all_steps()):
       state, _ = checkpoint.restore(mngr, abstract, step)
@@ -142,7 +145,7 @@ def checkpoint_decomposition(run: Any, workdir: str, base: Mapping,
   """ΔM/ΔD rows and τ rows for every checkpoint of a run.
 
   Args:
-    run: the trainer's Run (after `trainer.train(config, workdir, run=run)`).
+    run: the trainer's Run (after `experiment.train(config, workdir, run=run)`).
     workdir: the run's workdir.
     base: W0 per target (`target_weights` taken before training).
     targets: kernels to analyse (default: every kernel in `base`, which must then be a
@@ -166,7 +169,7 @@ def checkpoint_decomposition(run: Any, workdir: str, base: Mapping,
 
 def trained_decomposition(config, workdir: str, *, analyze: Optional[str] = None,
                           fresh: bool = True) -> dict:
-  """Trains `config` with `trainer.train`, keeping every checkpoint, and analyses them.
+  """Trains `config` with `experiment.train`, keeping every checkpoint, and analyses them.
 
   Checkpoints come every `config.checkpoint.every` steps (all kept); each gives one ΔM/ΔD row per
   analysed kernel and, for DoRAN, τ per adapted kernel.
@@ -185,15 +188,12 @@ def trained_decomposition(config, workdir: str, *, analyze: Optional[str] = None
     ...                             analyze=r".*/query/kernel")
     >>> correlation(out["rows"])
   """
-  import re
-  import shutil
-  from doran_jax import evaluate, trainer
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.checkpoint.max_to_keep = 10**6
   if fresh:
     shutil.rmtree(workdir, ignore_errors=True)
-  run = trainer.setup(config)
+  run = run_lib.setup(config)
   targets = _adapted_targets(run)
   if analyze:
     targets = [t for t in targets if re.fullmatch(analyze, t.path)]
@@ -203,15 +203,13 @@ def trained_decomposition(config, workdir: str, *, analyze: Optional[str] = None
   # W0 before the first step: the trainer donates its state to the step function.
   base = target_weights(evaluate.merged_params(run.frozen, run.state.trainable, run.adapter_cfg),
                         targets)
-  results = trainer.train(config, workdir, run=run)
+  results = experiment.train(config, workdir, run=run)
   method = run.adapter_cfg.method
   rows, taus = checkpoint_decomposition(run, workdir, base, targets, method=method)
   return {"results": results, "rows": rows, "taus": taus, "run": run}
 
 
 def _adapted_targets(run) -> list[Target]:
-  from doran_jax.adapters import targets_for
-  from doran_jax.trainable import merge_params
   cfg: AdapterConfig = run.adapter_cfg
   params = merge_params(run.frozen, jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.state.trainable["params"]))
@@ -333,7 +331,7 @@ def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
   A NaN/Inf loss (`trainer.NonFiniteLossError`) is a result here, not an error: the row gets
   status 'nan' and accuracy NaN. 'chance' marks a finished run whose accuracy is below the eval
   set's largest class fraction (what a constant prediction can reach) plus `chance_margin`.
-  `backbone` and `tokenizer` pass to `trainer.setup` (a grid reuses one loaded model; the
+  `backbone` and `tokenizer` pass to `run.setup` (a grid reuses one loaded model; the
   backbone is consumed, so give each call its own copy).
 
   Example:
@@ -341,13 +339,10 @@ def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
     >>> row["status"], row["accuracy"]
     ('ok', 0.84)
   """
-  import shutil
-  import time
-  from doran_jax import trainer
   shutil.rmtree(workdir, ignore_errors=True)  # a leftover checkpoint would resume, not retrain
   t0 = time.time()
   cpu0 = time.process_time()
-  run = trainer.setup(config, backbone=backbone, tokenizer=tokenizer)
+  run = run_lib.setup(config, backbone=backbone, tokenizer=tokenizer)
   # The eval set's own majority fraction: a small training subset may favour the other class.
   counts = np.bincount(np.asarray(run.eval_data.arrays["labels"]), minlength=run.eval_data.num_classes)
   majority = float(counts.max() / counts.sum())
@@ -356,7 +351,7 @@ def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
          "train_examples": len(run.train_data), "eval_examples": len(run.eval_data),
          "steps": run.num_steps, "majority_accuracy": majority}
   try:
-    results = trainer.train(config, workdir, run=run)
+    results = experiment.train(config, workdir, run=run)
   except trainer.NonFiniteLossError as e:
     row.update(status="nan", accuracy=float("nan"), macro_f1=float("nan"),
                final_loss=float("nan"), error=str(e).split(";")[0])
@@ -476,3 +471,71 @@ def read_csv(path: str) -> list[dict]:
     return v
   with open(path, newline="") as f:
     return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- DynDoRA ranks
+
+def rank_report(adapters: Mapping[str, Any], path_png: Optional[str] = None) -> str:
+  """A text table of the live rank per adapted kernel, and optionally a bar plot saved as PNG.
+
+  Example:
+    >>> print(rank_report(state.trainable["adapters"], "runs/cola/rank_allocation.png"))
+    | module | live | stored |
+    ...
+  """
+  factors = dynrank.component_factors(adapters)
+  ranks = dynrank.live_ranks(adapters)
+  names = _short_names(list(ranks))
+  stored = {m: int(c.size) for m, (_, _, c) in factors.items()}
+  n_live, n_stored = sum(ranks.values()), sum(stored.values())
+  live_params = dynrank.count_live_params(adapters)
+  stored_params = sum(int(a.size + b.size + c.size) for a, b, c in factors.values())
+  width = max(len("module"), *(len(s) for s in names.values()))
+  lines = [f"| {'module':<{width}} | live | stored |", f"|{'-' * (width + 2)}|------|--------|"]
+  for m in ranks:
+    lines.append(f"| {names[m]:<{width}} | {ranks[m]:>4} | {stored[m]:>6} |")
+  lines.append(f"| {'mean':<{width}} | {n_live / len(ranks):>4.2f} | "
+               f"{n_stored / len(ranks):>6.2f} |")
+  lines.append(f"{n_live} of {n_stored} components live in {len(ranks)} targets; live parameters "
+               f"{live_params:,} of {stored_params:,} stored ({100 * live_params / stored_params:.1f}%).")
+  if path_png:
+    _bar_plot(ranks, stored, names, path_png)
+    lines.append(f"plot: {path_png}")
+  return "\n".join(lines)
+
+
+def _short_names(modules: list[str]) -> dict[str, str]:
+  """Drops the path prefix every module shares ('bert/encoder/layer/') to keep labels short."""
+  if len(modules) < 2:
+    return {m: m for m in modules}
+  prefix = os.path.commonprefix([m + SEP for m in modules])
+  prefix = prefix[:prefix.rfind(SEP) + 1]
+  return {m: m[len(prefix):] or m for m in modules}
+
+
+def _bar_plot(ranks, stored, names, path_png):
+  # Figure + Agg canvas directly: no pyplot global state, no backend switch in a notebook.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  modules = list(ranks)
+  # Colour by projection kind: the label without its block index ('attention/self/query').
+  kinds = [SEP.join(p for p in names[m].split(SEP) if not p.isdigit()) or names[m] for m in modules]
+  palette = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys(kinds))}
+  fig = Figure(figsize=(max(6.0, 0.28 * len(modules) + 5.0), 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  x = np.arange(len(modules))
+  ax.bar(x, [stored[m] for m in modules], color="0.88", label="stored r0")
+  for kind in palette:
+    idx = [i for i, k in enumerate(kinds) if k == kind]
+    ax.bar(x[idx], [ranks[modules[i]] for i in idx], color=palette[kind], label=kind)
+  mean = sum(ranks.values()) / len(ranks)
+  ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=f"mean live {mean:.2f}")
+  ax.set_xticks(x)
+  ax.set_xticklabels([names[m] for m in modules], rotation=90, fontsize=6)
+  ax.set_ylabel("live rank")
+  ax.set_title("DynDoRA rank allocation per adapted kernel")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach r0
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+  fig.savefig(path_png, dpi=120)

@@ -22,6 +22,7 @@ import os
 import re
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
 
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -286,7 +287,6 @@ def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
     >>> gen = make_generate_fn(bb.model, params, tokenizer, max_new_tokens=32)
     >>> gen(["Below is an instruction ..."])      # ['the correct answer is true']
   """
-  import jax
   if max_new_tokens <= 0 or pad_to_multiple_of <= 0:
     raise ValueError(f"max_new_tokens ({max_new_tokens}) and pad_to_multiple_of "
                      f"({pad_to_multiple_of}) must be positive.")

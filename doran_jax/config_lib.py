@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, max_to_keep=2))
   c.export = ml_collections.ConfigDict(dict(merged=False))
   c.baselines = ()         # ("majority", "frozen") for classification
+  # Commonsense accuracy by greedy generation at the end of causal_lm runs.
+  c.generate = ml_collections.ConfigDict(dict(enabled=False, max_new_tokens=32, limit_per_task=0))
   # DynDoRA's schedule (fractions of num_steps) and variance regulariser weight.
   c.dyndora = ml_collections.ConfigDict(dict(
       prune_start=0.15, prune_end=0.5, prune_interval=10, ema_beta=0.9, eta=0.1))

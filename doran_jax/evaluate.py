@@ -1,17 +1,26 @@
-"""Evaluation with the merged (train=False) weights: classification metrics and LM loss."""
+"""Evaluation given a predict function and shardings: classification metrics and LM loss.
+
+Eval batches are laid out like training batches (each host reads its rows, sharded along the
+mesh's batch axes); sums are taken inside the jitted function over the global batch, and the
+predictions that macro-F1 and MCC need are gathered from every host. Never imports the trainer.
+
+Example:
+  >>> predict = make_predict_fn(backbone.apply, mesh)
+  >>> evaluate(predict, "classification", merged, eval_data, 128, mesh=mesh)
+  {'accuracy': 0.91, 'macro_f1': 0.88, 'mcc': 0.87, 'n': 412, 'eval_loss': 0.27}
+"""
 
 from __future__ import annotations
 
-import functools
-import json
-import os
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from doran_jax import tasks
+from doran_jax import sharding, tasks
 from doran_jax.trainable import effective_params
-
 
 _merge = jax.jit(effective_params, static_argnames=("adapter_cfg", "train"))
 
@@ -21,47 +30,65 @@ def merged_params(frozen, trainable, adapter_cfg):
   return _merge(frozen, trainable, adapter_cfg, train=False)
 
 
-@functools.lru_cache(maxsize=8)
-def make_forward(model, task: str):
-  """Jitted (params, batch) -> logits, one compilation per model and task."""
-  @jax.jit
-  def forward(params, batch):
-    return model(**tasks.model_inputs(task, batch), params=params, train=False).logits
-  return forward
-
-
-def evaluate(model, task: str, frozen, trainable, adapter_cfg, dataset, batch_size: int) -> dict:
-  """Accuracy / macro-F1 / MCC / cross-entropy for classification; loss and token accuracy for
-  causal LM.
+def make_predict_fn(apply_fn: Callable, mesh=None) -> Callable:
+  """Jitted (params, batch) -> logits in eval mode, the batch sharded along the mesh's batch axes.
 
   Example:
-    >>> evaluate(run.backbone.model, "classification", run.frozen, state.trainable,
-    ...          run.adapter_cfg, run.eval_data, 128)
-    {'accuracy': 0.91, 'macro_f1': 0.88, 'mcc': 0.87, 'n': 412, 'eval_loss': 0.27}
+    >>> predict = make_predict_fn(bb.apply, mesh)
   """
-  params = merged_params(frozen, trainable, adapter_cfg)
-  forward = make_forward(model, task)
+  def predict(params, batch):
+    return apply_fn(params, batch, train=False)
+
+  if mesh is None:
+    return jax.jit(predict)
+  rows = sharding.named(mesh, sharding.batch_spec(mesh))
+  return jax.jit(predict, in_shardings=(None, rows), out_shardings=rows)
+
+
+def _gather(x) -> np.ndarray:
+  """A batch-sharded global array as one host array, on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def evaluate(predict_fn: Callable, task: str, params, dataset, batch_size: int, *, mesh=None) -> dict:
+  """Accuracy / macro-F1 / MCC / cross-entropy for classification; loss and token accuracy for
+  causal LM. With `mesh`, each process feeds its rows of every eval batch.
+
+  Example:
+    >>> evaluate(make_predict_fn(bb.apply, mesh), "classification", merged, data, 128, mesh=mesh)
+  """
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if mesh is None:
+    process = dict(process_index=0, process_count=1)
+
+  def batches():
+    for local in dataset.eval_batches(batch_size, **process):
+      yield local if mesh is None else sharding.global_batch(local, mesh)
+
   if task == "causal_lm":
     total = n = correct = 0.0
-    for batch in dataset.eval_batches(batch_size):
+    for batch in batches():
       batch = {**batch, "loss_mask": batch["loss_mask"] * batch["weights"][:, None]}
-      loss, aux = tasks.loss_and_metrics(task, forward(params, batch), batch)
+      loss, aux = tasks.loss_and_metrics(task, predict_fn(params, batch), batch)
       total += float(loss) * float(aux["tokens"])
       n += float(aux["tokens"])
       correct += float(aux["token_correct"])
     return {"eval_loss": total / max(n, 1.0), "token_accuracy": correct / max(n, 1.0)}
-  predictions, labels = [], []
+  predictions, labels, weights = [], [], []
   total = n = 0.0
-  for batch in dataset.eval_batches(batch_size):
-    logits = forward(params, batch)
+  for batch in batches():
+    logits = predict_fn(params, batch)
     loss, aux = tasks.loss_and_metrics(task, logits, batch)   # the training loss, padding masked
     total += float(loss) * float(aux["examples"])
     n += float(aux["examples"])
-    keep = np.asarray(batch["weights"]) > 0
-    predictions.append(np.asarray(logits).argmax(-1)[keep])
-    labels.append(np.asarray(batch["labels"])[keep])
-  report = tasks.classification_report(np.concatenate(predictions), np.concatenate(labels),
-                                       dataset.num_classes)
+    predictions.append(_gather(jnp.argmax(logits, -1)))
+    labels.append(_gather(batch["labels"]))
+    weights.append(_gather(batch["weights"]))
+  keep = np.concatenate(weights) > 0
+  report = tasks.classification_report(np.concatenate(predictions)[keep],
+                                       np.concatenate(labels)[keep], dataset.num_classes)
   return {**report, "eval_loss": total / max(n, 1.0)}
 
 
@@ -72,42 +99,3 @@ def majority_baseline(train_data, eval_data) -> dict:
   eval_labels = np.asarray(eval_data.arrays["labels"])
   return tasks.classification_report(np.full_like(eval_labels, majority), eval_labels,
                                      eval_data.num_classes)
-
-
-def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=True) -> dict:
-  """Evaluates a checkpoint (the latest, or `step`) or an adapter-only export on the eval split.
-
-  The metrics get 'step' and 'source' keys and, with `save`, are written as JSON next to what
-  was evaluated: <workdir>/eval_step<N>.json, or <adapters_dir>/eval.json.
-
-  Example:
-    >>> from configs import sst2
-    >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
-  """
-  from doran_jax import checkpoint, trainer  # trainer imports this module
-  run = trainer.setup(config)
-  if adapters_dir:
-    if step is not None:
-      raise ValueError("step selects a checkpoint in a workdir; an adapter export has no steps.")
-    trainable, cfg, extra = checkpoint.load_adapters(adapters_dir)
-    if cfg.method != run.adapter_cfg.method:
-      raise ValueError(f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
-                       f"{run.adapter_cfg.method!r}; pass the matching config.")
-    source, out_path = adapters_dir, os.path.join(adapters_dir, "eval.json")
-    step = extra.get("step")
-  else:
-    workdir = workdir or config.workdir
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-    state, _ = checkpoint.restore(mngr, abstract, step)
-    mngr.close()
-    trainable, cfg, step = state.trainable, run.adapter_cfg, int(state.step)
-    source, out_path = workdir, os.path.join(workdir, f"eval_step{step}.json")
-  metrics = evaluate(run.backbone.model, config.model.task, run.frozen, trainable, cfg,
-                     run.eval_data, config.eval_batch_size)
-  metrics = {"step": step, "source": source, **metrics}
-  if save and jax.process_index() == 0:
-    with open(out_path, "w") as f:
-      json.dump(metrics, f, indent=2)
-  return metrics

@@ -31,11 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-# Classes whose __call__ is the transformers Flax BERT self-attention (or ViT's, without a mask)
-# and whose intermediate block is Dense followed by ACT2FN[hidden_act].
-SELF_ATTENTION = ("FlaxBertSelfAttention", "FlaxRobertaSelfAttention", "FlaxViTSelfAttention")
-INTERMEDIATE = ("FlaxBertIntermediate", "FlaxRobertaIntermediate", "FlaxViTIntermediate")
-
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -171,31 +166,31 @@ def _intermediate(module, hidden_states):
   return gelu(module.dense(hidden_states))
 
 
-_REPLACEMENTS = {**{n: _self_attention for n in SELF_ATTENTION},
-                 **{n: _intermediate for n in INTERMEDIATE}}
+def fused_layers(attention_classes=(), intermediate_classes=()):
+  """Context in which the named self-attention and intermediate blocks run memory-lean.
 
-
-def _interceptor(next_fun, args, kwargs, context):
-  replacement = _REPLACEMENTS.get(type(context.module).__name__)
-  if replacement is None or context.method_name != "__call__":
-    return next_fun(*args, **kwargs)
-  arguments = inspect.signature(type(context.module).__call__).bind(
-      context.module, *args, **kwargs).arguments
-  module = arguments.pop("self")
-  out = replacement(module, **arguments)
-  return next_fun(*args, **kwargs) if out is None else out
-
-
-def fused_layers(enabled: bool = True):
-  """Context in which the BERT/RoBERTa/ViT attention and GELU blocks run memory-lean.
-
-  Other models (GPT-2, LLaMA) and unsupported calls (causal, cross-attention, cached decoding,
-  returned attention weights, activations other than exact GELU) run unchanged.
+  The class names come from the model family's record (`Family.fused_classes`): transformers
+  Flax BERT-style self-attention (ViT's without a mask) and Dense + ACT2FN[hidden_act] blocks.
+  Unsupported calls (causal, cross-attention, cached decoding, returned attention weights,
+  activations other than exact GELU) run unchanged.
 
   Example:
-    >>> with fused_layers(config.model.fused_layers):
+    >>> with fused_layers(*family.fused_classes):
     ...   out = model(**inputs, params=params, dropout_rng=key, train=True)
   """
-  if not enabled:
+  replacements = {**{n: _self_attention for n in attention_classes},
+                  **{n: _intermediate for n in intermediate_classes}}
+  if not replacements:
     return contextlib.nullcontext()
-  return nn.intercept_methods(_interceptor)
+
+  def interceptor(next_fun, args, kwargs, context):
+    replacement = replacements.get(type(context.module).__name__)
+    if replacement is None or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    arguments = inspect.signature(type(context.module).__call__).bind(
+        context.module, *args, **kwargs).arguments
+    module = arguments.pop("self")
+    out = replacement(module, **arguments)
+    return next_fun(*args, **kwargs) if out is None else out
+
+  return nn.intercept_methods(interceptor)

@@ -7,7 +7,7 @@ matching trainable leaves to `optax.set_to_zero` (optax.masked alone would pass 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import optax
@@ -58,8 +58,12 @@ def freeze_labels(trainable, freeze: Sequence[str]):
   return labels
 
 
-def make_optimizer(optim_cfg, num_steps: int, trainable, freeze: Sequence[str] = ()):
+def make_optimizer(optim_cfg, num_steps: int, trainable, freeze: Sequence[str] = (), *,
+                   after: Optional[optax.GradientTransformation] = None):
   """AdamW (or SGD) with schedule and global-norm clipping over the trainable tree.
+
+  `after` (a method's training-time transformation, e.g. DynDoRA's pruning) is chained after
+  the optimizer over the whole trainable tree; its state lives in the optimizer state.
 
   Example:
     >>> tx = make_optimizer(config.optim, 1000, trainable)
@@ -81,4 +85,7 @@ def make_optimizer(optim_cfg, num_steps: int, trainable, freeze: Sequence[str] =
   chain.append(base)
   tx = optax.chain(*chain)
   labels = freeze_labels(trainable, freeze)
-  return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels), schedule
+  tx = optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  if after is not None:
+    tx = optax.chain(tx, after)
+  return tx, schedule

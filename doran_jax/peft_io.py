@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from doran_jax.adapters import core
-from doran_jax.adapters.config import ADAPTER_METHODS, AdapterConfig
-from doran_jax.adapters.norms import column_norm
+from doran_jax.adapters import method as method_registry
+from doran_jax.adapters.config import AdapterConfig
 from doran_jax.targets import SEP, find_targets, flatten, unflatten
 
 PREFIX = "base_model.model."
@@ -94,16 +94,23 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
     (tensors, fields): fields holds r, lora_alpha, use_dora, use_rslora, fan_in_fan_out,
     target_modules, rank_pattern, alpha_pattern, lora_dropout and modules_to_save.
   """
-  if cfg.method not in ADAPTER_METHODS:
+  method = method_registry.get(cfg.method)
+  if method.peft_factors is None:
+    exportable = [m for m in method_registry.names() if method_registry.get(m).peft_factors]
     raise ValueError(f"method {cfg.method!r} has no adapter to export to PEFT; export the model "
-                     f"itself (save_pretrained). Exportable methods: {', '.join(ADAPTER_METHODS)}.")
+                     f"itself (save_pretrained). Exportable methods: {', '.join(exportable)}.")
   flat = flatten(params)
   tensors, ranks, modules, transposed = {}, {}, [], []
   for t, leaves, a_IxR, b_RxO in core.target_factors(params, adapters, cfg):
     if not t.path.endswith(SEP + "kernel"):
       raise ValueError(f"target {t.path!r} is not a Dense/Conv1D 'kernel'; PEFT export supports "
                        "linear kernels only. Narrow adapter.targets to end with '/kernel'.")
-    a_IxR, b_RxO, m_O = _export_factors(flat[t.path], t, leaves, a_IxR, b_RxO, cfg)
+    w0 = jnp.asarray(flat[t.path], jnp.float32)
+    try:
+      a_IxR, b_RxO, m_O = method.peft_factors(w0.T if t.transposed else w0, leaves, a_IxR, b_RxO,
+                                              cfg)
+    except ValueError as e:
+      raise ValueError(f"{t.path!r}: {e}") from e
     if a_IxR.shape[1] == 0:
       continue  # dyndora: no live component, the layer is W0 and PEFT need not touch it.
     name = torch_module_name(t.module_path)
@@ -127,64 +134,10 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
   return tensors, fields
 
 
-def _export_factors(w0, t, leaves, a_IxR, b_RxO, cfg):
-  """(A (in, r'), B (r', out), PEFT magnitude or None) as float32 numpy for one target."""
-  a_IxR = np.asarray(a_IxR, np.float32)
-  b_RxO = np.asarray(b_RxO, np.float32)  # dyndora's low_rank already folds the gate into B
-  if cfg.method == "dyndora":
-    live = np.asarray(leaves["gate"]) != 0
-    return a_IxR[:, live], b_RxO[live], None
-  if not core.METHOD_MODULES[cfg.method].NEEDS_NORM:
-    return a_IxR, b_RxO, None
-  w0_IxO = jnp.asarray(w0, jnp.float32)
-  v_IxO = (w0_IxO.T if t.transposed else w0_IxO) + cfg.scale * (jnp.asarray(a_IxR) @ b_RxO)
-  # PEFT divides by the plain norm; we divide by the eps-floored one (plus τ for doran).
-  n_raw = column_norm(v_IxO, 0.0)
-  n_ours = jnp.maximum(n_raw, cfg.norm_eps)
-  gain_O = core.METHOD_MODULES[cfg.method].gain(n_ours, leaves, cfg, None, False)
-  m_O = gain_O * n_raw
-  if cfg.method == "dora":
-    # Keep m bit-exact where the floor is inactive, so ours -> PEFT -> ours is the identity.
-    m_O = jnp.where(n_raw >= cfg.norm_eps, leaves["magnitude"].astype(jnp.float32), m_O)
-  m_O = np.asarray(m_O, np.float32)
-  dead = np.asarray(n_raw) == 0
-  if dead.any():
-    b_RxO = _revive_dead_columns(b_RxO, a_IxR, dead, t)
-  return a_IxR, b_RxO, m_O
-
-
-def _revive_dead_columns(b_RxO, a_IxR, dead_O, t):
-  """Gives all-zero columns of V a nonzero ΔW so PEFT's m/‖V‖ is 0/x, not 0/0.
-
-  Our output for such a unit is 0 (its gain multiplies a zero column); PEFT computes
-  m/‖V‖·V with no floor, so we export m = 0 there and make V's column nonzero through B.
-  """
-  k = int(np.argmax(np.linalg.norm(a_IxR, axis=0)))
-  if not np.any(a_IxR[:, k]):
-    raise ValueError(
-        f"{t.path!r} has {int(dead_O.sum())} output units whose column of W0 + s·A·B is all zero "
-        "and lora_a is all zero too: PEFT's DoRA would divide 0 by 0 there. Train the adapter "
-        "(or export the merged model with save_pretrained) instead.")
-  b_RxO = b_RxO.copy()
-  b_RxO[k, dead_O] = 1.0
-  return b_RxO
-
-
 def _lora_fields(cfg: AdapterConfig, ranks: Mapping[str, int], fan_in_fan_out: bool) -> dict:
-  fields = {"use_dora": cfg.method in ("dora", "doran"), "fan_in_fan_out": fan_in_fan_out,
-            "lora_dropout": cfg.dropout, "rank_pattern": {}, "alpha_pattern": {}}
-  if cfg.method != "dyndora":
-    fields.update(r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=cfg.rslora)
-    return fields
-  # DynDoRA's live rank varies per layer but its scale alpha/r0 does not: PEFT's per-layer
-  # alpha_l / r_l is made equal to it (no rslora, which PEFT does not combine with patterns).
-  scale = cfg.scale
-  r = max(ranks.values())
-  fields.update(r=r, lora_alpha=scale * r, use_rslora=False)
-  for name, r_l in sorted(ranks.items()):
-    if r_l != r:
-      fields["rank_pattern"][name] = r_l
-      fields["alpha_pattern"][name] = scale * r_l
+  fields = {"fan_in_fan_out": fan_in_fan_out, "lora_dropout": cfg.dropout, "rank_pattern": {},
+            "alpha_pattern": {}}
+  fields.update(method_registry.get(cfg.method).peft_fields(cfg, ranks))
   return fields
 
 

@@ -8,31 +8,38 @@ A (in, r) takes the kernel's input-axis spec, B (r, out) and the magnitude (out,
 from __future__ import annotations
 
 import math
+import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from doran_jax.adapters import method as method_registry
+from doran_jax.adapters.core import targets_for
+from doran_jax.models.registry import FSDP_TAIL
 from doran_jax.targets import SEP, flatten, unflatten
 
 BATCH_AXES = ("data", "fsdp")
 
-# Defaults for the transformers Flax families (kernels are (in, out); GPT-2 Conv1D (out, in)).
-FSDP_RULES = (
-    (r".*/(kernel|embedding)", ("fsdp", None)),
-    (r".*", ()),
-)
-TENSOR_PARALLEL_RULES = (
-    (r".*/(query|key|value|q_proj|k_proj|v_proj|gate_proj|up_proj|intermediate/dense)/kernel",
-     ("fsdp", "model")),
-    (r".*/(attention/output/dense|o_proj|down_proj|output/dense)/kernel", ("model", "fsdp")),
-    (r".*/(kernel|embedding)", ("fsdp", None)),
-    (r".*", ()),
-)
+# Kernels are given in their logical (in, out) layout; a kernel stored as (out, in) gets the
+# spec reversed (param_specs' `transposed`). Tensor-parallel rules come from the model family.
+FSDP_RULES = FSDP_TAIL
 REPLICATED_RULES = ((r".*", ()),)
+
+
+def rules_for(name_or_rules, family) -> tuple:
+  """'replicated' | 'fsdp' | 'tensor_parallel' (the family's column/row rules) | explicit rules."""
+  if isinstance(name_or_rules, str):
+    named = {"replicated": REPLICATED_RULES, "fsdp": FSDP_RULES,
+             "tensor_parallel": family.tensor_parallel_rules()}
+    if name_or_rules not in named:
+      raise ValueError(f"unknown sharding_rules {name_or_rules!r}; choose {', '.join(named)} or "
+                       "a list of (regex, spec) pairs.")
+    return named[name_or_rules]
+  return tuple((r, tuple(s)) for r, s in name_or_rules)
 
 
 def parse_mesh(spec) -> list[tuple[str, int]]:
@@ -90,13 +97,20 @@ def _fit_spec(spec, shape, mesh: Mesh, path: str):
   return P(*fitted)
 
 
-def param_specs(params, mesh: Mesh, rules) -> dict:
-  """PartitionSpec per leaf from the first matching rule (each match logged)."""
+def param_specs(params, mesh: Mesh, rules, transposed=()) -> dict:
+  """PartitionSpec per leaf from the first matching rule (each match logged).
+
+  Rules give kernels in (in, out) order; for the `transposed` paths (stored (out, in)) the
+  spec's two axes are swapped.
+  """
   compiled = [(re.compile(r), spec) for r, spec in rules]
+  transposed = frozenset(transposed)
   specs = {}
   for path, leaf in flatten(params).items():
     for regex, spec in compiled:
       if regex.fullmatch(path):
+        if path in transposed and len(spec) == 2:
+          spec = tuple(reversed(spec))
         specs[path] = _fit_spec(spec, np.shape(leaf), mesh, path)
         logging.log_every_n(logging.INFO, "sharding: %s %s -> %s", 1, path, np.shape(leaf), specs[path])
         break
@@ -106,24 +120,57 @@ def param_specs(params, mesh: Mesh, rules) -> dict:
 
 
 def adapter_specs(adapters, params, kernel_specs, cfg, mesh: Mesh) -> dict:
-  """Adapter leaves follow their kernel's sharding; DoRAN's generator is replicated."""
-  from doran_jax.adapters.core import targets_for
+  """Adapter leaves follow their kernel's sharding through their declared logical axes.
+
+  'in' takes the kernel's input-axis spec, 'out' its output-axis spec, 'rank' is never split;
+  a leaf the method does not declare is an error. Generator params (DoRAN) are replicated.
+  """
   flat_k = flatten(kernel_specs)
-  out = {}
   flat_a = flatten(adapters.get("targets", {}))
-  by_module = {t.module_path: t for t in targets_for(params, cfg)} if flat_a else {}
-  for path, leaf in flat_a.items():
-    module, name = path.rsplit(SEP, 1)
-    t = by_module[module]
-    k_spec = tuple(flat_k[t.path]) + (None, None)
-    in_axis, out_axis = (k_spec[1], k_spec[0]) if t.transposed else (k_spec[0], k_spec[1])
-    spec = {"lora_a": (in_axis, None), "lora_b": (None, out_axis), "magnitude": (out_axis,),
-            "tau": (out_axis,), "gate": (None,)}.get(name, ())
-    out[path] = _fit_spec(spec, np.shape(leaf), mesh, "adapters/" + path)
+  out = {}
+  if flat_a:
+    axes = method_registry.get(cfg.method).leaf_axes(cfg)
+    by_module = {t.module_path: t for t in targets_for(params, cfg)}
+    for path, leaf in flat_a.items():
+      module, name = path.rsplit(SEP, 1) if SEP in path else ("", path)
+      if name not in axes or module not in by_module:
+        raise ValueError(f"adapter leaf {path!r} is not declared by method {cfg.method!r} "
+                         f"(it declares {sorted(axes)}); add it to the method's leaf_axes.")
+      t = by_module[module]
+      k_spec = tuple(flat_k[t.path]) + (None, None)
+      in_axis, out_axis = (k_spec[1], k_spec[0]) if t.transposed else (k_spec[0], k_spec[1])
+      spec = tuple({"in": in_axis, "out": out_axis, "rank": None}[a] for a in axes[name])
+      out[path] = _fit_spec(spec, np.shape(leaf), mesh, "adapters/" + path)
   result = {"targets": unflatten(out)}
-  if "hypernet" in adapters:
-    result["hypernet"] = jax.tree_util.tree_map(lambda _: P(), adapters["hypernet"])
+  for key, tree in adapters.items():
+    if key != "targets":  # generator params: small and shared by every target, replicated
+      result[key] = jax.tree_util.tree_map(lambda _: P(), tree)
   return result
+
+
+def state_shardings_like(abstract_tree, known: dict[str, Any], mesh: Mesh):
+  """Shardings for a tree (an optimizer state) whose leaves mirror known '/'-paths.
+
+  A leaf whose dict-key path ends with a path in `known` (and has its shape) takes that
+  leaf's sharding; everything else (counts, scalars) is replicated on the mesh.
+  """
+  replicated = NamedSharding(mesh, P())
+
+  def pick(key_path, leaf):
+    keys = [str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey)]
+    for i in range(len(keys)):
+      hit = known.get(SEP.join(keys[i:]))
+      if hit is not None and tuple(hit[0]) == tuple(np.shape(leaf)):
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def abstract(tree):
+  """ShapeDtypeStructs with each leaf's sharding: the target of an orbax restore."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def named(mesh: Mesh, specs):
@@ -144,7 +191,6 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def maybe_initialize_distributed(distributed: str) -> None:
   """jax.distributed.initialize() when asked ('on'), or 'auto' under a known multi-host launcher."""
-  import os
   launcher_env = ("COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
                   "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
   if distributed not in ("auto", "off", "on"):

@@ -102,6 +102,3 @@ def find_targets(params: Mapping[str, Any], pattern: str,
         f"path; some 2-D kernels in this tree: {examples}")
   return targets
 
-
-def module_key(target: Target) -> tuple[str, ...]:
-  return tuple(target.module_path.split(SEP)) if target.module_path else ()

@@ -1,23 +1,10 @@
-"""Per-task model inputs, losses and metrics (sequence/image classification, causal LM)."""
+"""Per-task losses and metrics (sequence/image classification, causal LM)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-INPUT_KEYS = {
-    "classification": ("input_ids", "attention_mask", "token_type_ids"),
-    "image_classification": ("pixel_values",),
-    "causal_lm": ("input_ids", "attention_mask"),
-}
-
-
-def model_inputs(task: str, batch: dict) -> dict:
-  if task not in INPUT_KEYS:
-    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(INPUT_KEYS)}.")
-  return {k: batch[k] for k in INPUT_KEYS[task] if k in batch}
 
 
 def loss_and_metrics(task: str, logits, batch: dict):

@@ -12,12 +12,11 @@ from doran_jax.adapters import AdapterConfig, apply_adapters
 from doran_jax.targets import flatten, unflatten
 
 
-def split_params(params, method: str, head_regex: str):
-  """(trainable params, frozen params): the head (or everything for 'full') vs the rest.
-
-  Every trainable match is logged.
+def split_params(params, trains_backbone: bool, head_regex: str):
+  """(trainable params, frozen params): the head (or everything, for a method that trains the
+  backbone) vs the rest. Every trainable match is logged.
   """
-  if method == "full":
+  if trains_backbone:
     return params, {}
   flat = flatten(params)
   regex = re.compile(head_regex) if head_regex else None

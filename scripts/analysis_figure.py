@@ -31,10 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from configs import default, sst2  # noqa: E402
-from doran_jax import analysis, trainer  # noqa: E402
+from doran_jax import analysis, experiment  # noqa: E402
 
 METHODS = ("full", "lora", "dora", "doran")
 SST2 = os.path.join(os.path.dirname(REPO), "shared", "data", "text", "sst2")
@@ -122,7 +121,7 @@ def main(argv=None):
   if unknown:
     raise ValueError(f"--methods {sorted(unknown)} unknown; choose from {', '.join(METHODS)}.")
   os.makedirs(args.out, exist_ok=True)
-  trainer.quiet_third_party_logs()
+  experiment.quiet_third_party_logs()
   t0 = time.time()
   outs = {}
   for method in methods:

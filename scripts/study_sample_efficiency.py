@@ -33,10 +33,9 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
 
-import study_stability as common  # noqa: E402  (the shared study settings and grid runner)
-from doran_jax import analysis, trainer  # noqa: E402
+from scripts import study_stability as common  # noqa: E402  (the shared study settings and grid runner)
+from doran_jax import analysis, experiment  # noqa: E402
 
 SIZES = "64,256,1024,all"
 
@@ -68,7 +67,7 @@ def main(argv=None):
   if args.smoke:
     args.sizes, args.seeds, args.steps, args.eval_limit = "64,all", "0", 6, 64
   common.set_out(args)
-  trainer.quiet_third_party_logs()
+  experiment.quiet_third_party_logs()
   methods = [m for m in args.methods.split(",") if m]
   sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]

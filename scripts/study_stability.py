@@ -35,13 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import sst2  # noqa: E402
-from doran_jax import analysis, trainer  # noqa: E402
+from doran_jax import analysis, experiment, trainer  # noqa: E402
+from doran_jax import run as run_lib  # noqa: E402
 
 SST2 = os.path.join(os.path.dirname(REPO), "shared", "data", "text", "sst2")
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -109,8 +109,8 @@ class ModelCache:
   """
 
   def __init__(self, config):
-    self.tokenizer = trainer.load_tokenizer(config)
-    self.backbone = trainer.load_model(config, num_labels=2)
+    self.tokenizer = run_lib.load_tokenizer(config)
+    self.backbone = run_lib.load_model(config, num_labels=2)
     self.host_params = jax.device_get(self.backbone.params)
 
   def fresh(self):
@@ -171,7 +171,7 @@ def main(argv=None):
   if args.smoke:
     args.lrs, args.seeds, args.steps, args.eval_limit = "1e-3,3e-2", "0", 6, 64
   set_out(args)
-  trainer.quiet_third_party_logs()
+  experiment.quiet_third_party_logs()
   methods = [m for m in args.methods.split(",") if m]
   lrs = [float(x) for x in args.lrs.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]

@@ -10,7 +10,6 @@ import os
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -18,7 +17,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from doran_jax import trainer  # noqa: E402
+from doran_jax import experiment  # noqa: E402
+from doran_jax import run as run_lib  # noqa: E402
 from doran_jax.targets import flatten  # noqa: E402
 
 
@@ -49,9 +49,9 @@ def main():
       mesh = tuple(int(x) for x in mesh_name.split("x"))
       workdir = os.path.join(args.workdir, f"{method}_{mesh_name}")
       c = config_for(method, mesh, args.data, workdir, args.steps)
-      run = trainer.setup(c)
-      res = trainer.train(c, run=run, max_steps=args.max_steps)
-      adapters = flatten(jax.device_get(run.state.trainable["adapters"])) if res["status"] == "done" else {}
+      run = run_lib.setup(c)
+      res = experiment.train(c, run=run, max_steps=args.max_steps)
+      adapters = flatten(jax.device_get(res["state"].trainable["adapters"])) if res["status"] == "done" else {}
       # the sharding of one adapted kernel's A, to show the mesh was really used
       specs = {k: str(v.sharding.spec) for k, v in flatten(run.frozen).items() if k.endswith("query/kernel")}
       out[f"{method}_{mesh_name}"] = {

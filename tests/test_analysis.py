@@ -9,7 +9,8 @@ import pytest
 
 import doran_jax as dj
 from configs import tiny
-from doran_jax import analysis, evaluate, trainer
+from doran_jax import analysis, evaluate, experiment
+from doran_jax import run as run_lib
 from doran_jax.targets import Target
 
 
@@ -151,18 +152,18 @@ def _tiny(shared_data, workdir, method, steps):
 @pytest.mark.parametrize("method", ["doran", "full"])
 def test_checkpoint_decomposition_reads_every_checkpoint(shared_data, tmp_path, method):
   c = _tiny(shared_data, tmp_path, method, steps=3)
-  run = trainer.setup(c)
+  run = run_lib.setup(c)
   targets = analysis._adapted_targets(run)
   assert len(targets) == 4   # query and value of the tiny BERT's 2 blocks
   base = analysis.target_weights(
       evaluate.merged_params(run.frozen, run.state.trainable, run.adapter_cfg), targets)
-  trainer.train(c, str(tmp_path), run=run)
+  final_state = experiment.train(c, str(tmp_path), run=run)["state"]
   rows, taus = analysis.checkpoint_decomposition(run, str(tmp_path), base, method=method)
   assert sorted({r["step"] for r in rows}) == [1, 2, 3]
   assert len(rows) == 3 * len(targets) and all(r["method"] == method for r in rows)
   # The last checkpoint is the final state: its rows equal those from the live run.
   final = analysis.decomposition_rows(
-      base, evaluate.merged_params(run.frozen, run.state.trainable, run.adapter_cfg), targets)
+      base, evaluate.merged_params(run.frozen, final_state.trainable, run.adapter_cfg), targets)
   last = [r for r in rows if r["step"] == 3]
   np.testing.assert_allclose([r["delta_m"] for r in last], [r["delta_m"] for r in final], rtol=1e-6)
   np.testing.assert_allclose([r["delta_d"] for r in last], [r["delta_d"] for r in final], rtol=1e-6)
@@ -174,7 +175,7 @@ def test_checkpoint_decomposition_reads_every_checkpoint(shared_data, tmp_path, 
   np.testing.assert_equal(summary["corr"], analysis.correlation(rows))
   if method == "doran":
     assert len(taus) == 3 * len(targets)
-    live = analysis.tau_values(jax.device_get(run.state.trainable["adapters"]))
+    live = analysis.tau_values(jax.device_get(final_state.trainable["adapters"]))
     assert {r["layer"] for r in taus} == set(live) == {t.module_path for t in targets}
     for r in taus:
       if r["step"] == 3:

@@ -126,8 +126,7 @@ def test_evaluate_commonsense_with_fake_generators(root):
 
 def test_make_generate_fn_on_a_tiny_llama(tokenizer):
   bb = models.from_config(models.tiny_config("llama", vocab_size=tokenizer.vocab_size,
-                                             max_position_embeddings=128), "causal_lm",
-                          detect_layout=False)
+                                             max_position_embeddings=128), "causal_lm")
   # pad_to_multiple_of=1: the short prompt is padded only when batched with the long one.
   gen = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=6,
                                      pad_to_multiple_of=1)
@@ -142,8 +141,7 @@ def test_make_generate_fn_on_a_tiny_llama(tokenizer):
 
 def test_generate_fn_keeps_prompt_and_answer_inside_the_models_positions(tokenizer):
   bb = models.from_config(models.tiny_config("llama", vocab_size=tokenizer.vocab_size,
-                                             max_position_embeddings=32), "causal_lm",
-                          detect_layout=False)
+                                             max_position_embeddings=32), "causal_lm")
   long = commonsense.generate_prompt("is the sky blue? " * 20)   # far more than 32 tokens
   assert len(commonsense.encode(tokenizer, long)) > 32
   gen = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=4)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import doran_jax as dj
-from doran_jax import hypernet, models
+from doran_jax import models
+from doran_jax.adapters import hypernet
 from doran_jax.targets import flatten
 
 FAMILIES = {

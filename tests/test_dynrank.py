@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from doran_jax import checkpoint, dynrank, trainer
+from doran_jax import analysis, checkpoint, experiment, sharding
+from doran_jax import run as run_lib
+from doran_jax.adapters import dynrank
 from doran_jax.adapters import AdapterConfig, init_adapters
 from doran_jax.targets import flatten
 
@@ -194,12 +196,12 @@ def test_live_ranks_params_and_report(tmp_path):
   assert dynrank.live_ranks(adapters) == {"enc/q": 2, "enc/v": 1}
   assert dynrank.count_live_params(adapters) == 3 * (8 + 6 + 1)
   png = tmp_path / "plots" / "ranks.png"
-  text = dynrank.rank_report(adapters, str(png))
+  text = analysis.rank_report(adapters, str(png))
   rows = [line for line in text.splitlines() if line.startswith("| q ") or line.startswith("| v ")]
   assert [r.split("|")[2].strip() for r in rows] == ["2", "1"]
   assert "3 of 6 components live" in text and "45 of 90 stored" in text
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-  assert "plot:" not in dynrank.rank_report(adapters)
+  assert "plot:" not in analysis.rank_report(adapters)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -245,14 +247,14 @@ def dyndora_config(shared_data, workdir):
 @pytest.fixture(scope="module")
 def straight(shared_data, tmp_path_factory):
   c = dyndora_config(shared_data, tmp_path_factory.mktemp("straight"))
-  run = trainer.setup(c)
-  results = trainer.train(c, run=run)
-  return results, run.state
+  run = run_lib.setup(c)
+  results = experiment.train(c, run=run)
+  return results, results["state"]
 
 
 def test_tiny_run_ends_at_the_budget_with_the_mask_held(straight):
   results, state = straight
-  adapters, extra = state.trainable["adapters"], state.extra
+  adapters, extra = state.trainable["adapters"], dynrank.pruning_state(state.opt_state)
   assert results["status"] == "done" and all(np.isfinite(h["loss"]) for h in results["history"])
   ranks = dynrank.live_ranks(adapters)
   assert len(ranks) == 4 and int(extra["budget"]) == 4 * 4  # 2 layers x (query, value), rank 4
@@ -269,28 +271,30 @@ def test_tiny_run_ends_at_the_budget_with_the_mask_held(straight):
 def test_checkpoint_mid_pruning_resumes_to_the_same_mask_and_losses(shared_data, tmp_path, straight):
   full_results, full_state = straight
   c = dyndora_config(shared_data, tmp_path)
-  first = trainer.train(c, max_steps=PAUSE)
+  first = experiment.train(c, max_steps=PAUSE)
   assert first["status"] == "paused"
-  run = trainer.setup(c)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+  run = run_lib.setup(c)
+  abstract = sharding.abstract(run.state)
   mngr = checkpoint.manager(str(tmp_path / "checkpoints"))
   mid, _ = checkpoint.restore(mngr, abstract)
   mngr.close()
   assert int(mid.step) == PAUSE
-  mid_mask = flatten(mid.extra["mask"])
+  mid_extra = dynrank.pruning_state(mid.opt_state)
+  assert int(mid_extra["count"]) == PAUSE  # the state rides in opt_state, checkpointed with it
+  mid_mask = flatten(mid_extra["mask"])
   mid_gates = dynrank.gates(mid.trainable["adapters"])
   pruned = [(m, i) for m, v in mid_mask.items() for i in np.flatnonzero(np.asarray(v) == 0)]
   assert len(pruned) >= 1  # the prune at t = 14 switched something off ...
   # ... and the AdamW update at t = 15 revived it: pruning is still going on, nothing masks it.
   assert any(float(mid_gates[m][i]) != 0.0 for m, i in pruned)
-  assert np.all(np.asarray(jax.tree_util.tree_leaves(mid.extra["importance"])[0]) > 0)
+  assert np.all(np.asarray(jax.tree_util.tree_leaves(mid_extra["importance"])[0]) > 0)
 
-  second = trainer.train(c, run=run)
+  second = experiment.train(c, run=run)
   assert len(second["history"]) == N_STEPS - PAUSE  # resumed, not restarted
   losses = [h["loss"] for h in first["history"] + second["history"]]
   np.testing.assert_array_equal(np.array(losses), np.array([h["loss"] for h in full_results["history"]]))
+  resumed, straight_extra = (dynrank.pruning_state(s.opt_state) for s in (second["state"], full_state))
   for name in ("mask", "importance"):
-    jax.tree_util.tree_map(np.testing.assert_array_equal, run.state.extra[name], full_state.extra[name])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, dynrank.gates(run.state.trainable["adapters"]),
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed[name], straight_extra[name])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, dynrank.gates(second["state"].trainable["adapters"]),
                          dynrank.gates(full_state.trainable["adapters"]))

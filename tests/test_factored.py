@@ -45,11 +45,11 @@ def test_factored_equals_merged_outputs_and_gradients(tiny_backbones, fam, metho
 
   def merged(ad, train):
     eff = dj.apply_adapters(bb.params, ad, cfg, rng=key, train=train)
-    return bb.model(**inputs, params=eff, dropout_rng=drop, train=train).logits
+    return bb.apply(eff, inputs, train=train, rng=drop)
 
   def fact(ad, train):
-    return factored.adapted_apply(bb.model, bb.params, ad, cfg, rng=key, train=train,
-                                  dropout_rng=drop, **inputs).logits
+    return factored.adapted_apply(bb.apply, bb.params, ad, cfg, inputs, rng=key, train=train,
+                                  dropout_rng=drop)
 
   # train=True: DoRAN's noise on tau and the model's own dropout draw the same keys on both paths.
   for train in (False, True):
@@ -73,13 +73,14 @@ class _OneDense(nn.Module):
 
 
 def _one_layer(d_in=12, d_out=10, seed=0):
-  """A one-Dense 'model' with the transformers call signature that adapted_apply uses."""
+  """A one-Dense 'model' with the (params, batch, *, train, rng) signature adapted_apply uses."""
   mod = _OneDense(d_out)
   x = jax.random.normal(jax.random.key(seed), (6, d_in))
   params = mod.init(jax.random.key(seed + 1), x)["params"]
   params = jax.tree_util.tree_map(lambda p: p + 0.1, params)   # a non-zero bias
 
-  def model(x, params, dropout_rng=None, train=False):
+  def model(params, x, train=False, rng=None):
+    del train, rng
     return mod.apply({"params": params}, x)
 
   return model, params, x
@@ -110,14 +111,14 @@ def test_dropout_follows_peft_semantics(method):
   key0 = jax.random.fold_in(jax.random.fold_in(rng, factored.DROPOUT_STREAM), 0)
   keep = np.asarray(jax.random.bernoulli(key0, 1.0 - cfg.dropout, x.shape), np.float64)
   assert 0 < keep.mean() < 1
-  ours = factored.adapted_apply(model, params, adapters, cfg, rng=rng, train=True, x=x)
+  ours = factored.adapted_apply(model, params, adapters, cfg, x, rng=rng, train=True)
   ref = _reference(method, x, params, adapters, cfg, keep)
   assert_close(ours, ref, 1e-5, f"{method} dropout")
   # Not vacuous: without the mask the output differs; eval mode ignores dropout.
   assert np.abs(_reference(method, x, params, adapters, cfg, np.ones_like(keep)) - ref).max() > 1e-3
   no_drop = dataclasses.replace(cfg, dropout=0.0)
-  eval_out = factored.adapted_apply(model, params, adapters, cfg, rng=rng, train=False, x=x)
-  merged = model(x, dj.apply_adapters(params, adapters, no_drop, train=False))
+  eval_out = factored.adapted_apply(model, params, adapters, cfg, x, rng=rng, train=False)
+  merged = model(dj.apply_adapters(params, adapters, no_drop, train=False), x)
   assert_close(eval_out, merged, 1e-5, f"{method} eval ignores dropout")
   with pytest.raises(ValueError, match="needs an rng"):
-    factored.adapted_apply(model, params, adapters, cfg, train=True, x=x)
+    factored.adapted_apply(model, params, adapters, cfg, x, train=True)

@@ -13,6 +13,7 @@ import transformers
 from flax import linen as nn
 
 from doran_jax import fused, models
+from doran_jax.models import registry
 from test_core_math import perturb
 from test_factored import assert_close
 
@@ -107,6 +108,14 @@ def _tiny(family):
   return model, inputs
 
 
+def _fused(enabled):
+  """The fused layers of every transformers Flax class a family record names (or none)."""
+  if not enabled:
+    return fused.fused_layers()
+  records = [registry.get(n).fused_classes for n in registry.names()]
+  return fused.fused_layers(tuple(a for r in records for a in r[0]), tuple(i for r in records for i in r[1]))
+
+
 def _custom_vjp_calls(fn, *args):
   return str(jax.make_jaxpr(fn)(*args)).count("custom_vjp_call")
 
@@ -120,7 +129,7 @@ def test_fused_model_equals_model_outputs_and_gradients(family):
   w = jax.random.normal(jax.random.key(4), (3, 3))
 
   def loss(p, use_fused, train, **extra):
-    with fused.fused_layers(use_fused):
+    with _fused(use_fused):
       logits = model(**inputs, **extra, params=p, dropout_rng=jax.random.key(3), train=train).logits
     return jnp.sum(logits * w), logits
 
@@ -142,7 +151,7 @@ def test_fused_model_equals_model_outputs_and_gradients(family):
 
 def test_unsupported_calls_and_other_models_run_unchanged():
   model, inputs = _tiny("bert")
-  with fused.fused_layers():
+  with _fused(True):
     out = model(**inputs, params=model.params, output_attentions=True)
   ref = model(**inputs, params=model.params, output_attentions=True)
   assert len(out.attentions) == 2
@@ -151,7 +160,7 @@ def test_unsupported_calls_and_other_models_run_unchanged():
   ids = models.dummy_inputs(gpt2.config)["input_ids"]
 
   def gpt2_logits(p):
-    with fused.fused_layers():
+    with _fused(True):
       return gpt2.model(input_ids=ids, params=p).logits
 
   assert _custom_vjp_calls(gpt2_logits, gpt2.params) == 0
@@ -168,7 +177,7 @@ def test_fused_training_step_keeps_less_memory():
 
   def temp_bytes(use_fused):
     def loss(p):
-      with fused.fused_layers(use_fused):
+      with _fused(use_fused):
         logits = model(input_ids=ids, attention_mask=np.ones_like(ids), params=p,
                        dropout_rng=jax.random.key(0), train=True).logits
       return jnp.sum(logits)
@@ -186,7 +195,7 @@ def test_fused_layers_inside_rematerialised_blocks():
   params = perturb(model.params, jax.random.key(1), scale=0.05)
 
   def loss(p, use_fused):
-    with fused.fused_layers(use_fused):
+    with _fused(use_fused):
       return jnp.sum(model(**inputs, params=p, dropout_rng=jax.random.key(3), train=True).logits)
 
   assert _custom_vjp_calls(lambda p: loss(p, True), params) == 4

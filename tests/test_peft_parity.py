@@ -267,7 +267,7 @@ def gpt2(tmp_path_factory):
     if path.endswith("c_attn/kernel"):
       assert path in bb.transposed  # Flax stores Conv1D kernels (out, in)
       flat[path] = flat[path].at[ZERO_UNIT, :].set(0.0)
-  bb.params = unflatten(flat)
+  bb = bb.replace(params=unflatten(flat))
   folder = str(tmp_path_factory.mktemp("gpt2"))
   bb.model.save_pretrained(folder, params=bb.params)  # the base model PEFT's config points at
   torch_model = transformers.GPT2LMHeadModel(bb.config)
@@ -484,8 +484,8 @@ def test_factored_dropout_equals_peft_train_mode(method):
   cfg = AdapterConfig(method=method, rank=4, alpha=8.0, targets=r"query/kernel", dropout=0.5)
   adapters = make_adapters(params, cfg, seed=3)
   rng = jax.random.key(11)
-  ours = factored.adapted_apply(lambda x, params, **_: OneDense().apply({"params": params}, x),
-                                params, adapters, cfg, rng=rng, train=True, x=x)
+  ours = factored.adapted_apply(lambda params, x, **_: OneDense().apply({"params": params}, x),
+                                params, adapters, cfg, x, rng=rng, train=True)
   key0 = jax.random.fold_in(jax.random.fold_in(rng, factored.DROPOUT_STREAM), 0)
   keep = torch.tensor(np.asarray(jax.random.bernoulli(key0, 0.5, x.shape), np.float32))
 

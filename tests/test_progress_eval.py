@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from doran_jax import evaluate, progress, trainer
+from doran_jax import evaluate, experiment, progress
 from test_trainer import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _tensorboard_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
 def test_metrics_jsonl_tensorboard_and_progress_bar(shared_data, tmp_path, capsys):
   c = tiny_config(shared_data, tmp_path, "kind=text,method=dora", num_steps=3,
                   progress_bar=True, tensorboard=True)
-  results = trainer.train(c)
+  results = experiment.train(c)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train, final = records[:-1], records[-1]
   assert [r["step"] for r in train] == [1, 2, 3]
@@ -59,16 +59,16 @@ def test_metrics_jsonl_tensorboard_and_progress_bar(shared_data, tmp_path, capsy
 def test_eval_of_latest_and_named_checkpoints(shared_data, tmp_path):
   c = tiny_config(shared_data, tmp_path, "kind=text,method=doran", num_steps=4,
                   **{"checkpoint.every": 2, "checkpoint.max_to_keep": None})
-  results = trainer.train(c)
-  latest = evaluate.evaluate_run(c, workdir=str(tmp_path))
+  results = experiment.train(c)
+  latest = experiment.evaluate_run(c, workdir=str(tmp_path))
   assert latest["step"] == 4
   assert latest["accuracy"] == pytest.approx(results["eval"]["accuracy"])
   assert latest["eval_loss"] == pytest.approx(results["eval"]["eval_loss"], rel=1e-5)
   assert json.loads((tmp_path / "eval_step4.json").read_text())["accuracy"] == latest["accuracy"]
-  early = evaluate.evaluate_run(c, workdir=str(tmp_path), step=2)
+  early = experiment.evaluate_run(c, workdir=str(tmp_path), step=2)
   assert early["step"] == 2 and early["eval_loss"] != pytest.approx(latest["eval_loss"], rel=1e-6)
   with pytest.raises(ValueError, match=r"no checkpoint for step 3 .* holds steps \[2, 4\]"):
-    evaluate.evaluate_run(c, workdir=str(tmp_path), step=3)
+    experiment.evaluate_run(c, workdir=str(tmp_path), step=3)
   # The entry point: one JSON line on stdout, for the named step.
   proc = subprocess.run(
       [sys.executable, "eval.py", "--config", "configs/tiny.py:kind=text,method=doran",
@@ -83,7 +83,7 @@ def test_summary_table_marks_metrics_a_baseline_does_not_have():
   results = {"method": "dora", "trainable_params": 1234, "train_minutes": 1.25,
              "eval": {"accuracy": 0.9, "macro_f1": 0.8, "mcc": 0.7, "eval_loss": 0.3, "n": 10},
              "baselines": {"majority": {"accuracy": 0.5, "macro_f1": 0.3, "mcc": 0.0}}}
-  lines = trainer.summary_table(results).splitlines()
+  lines = experiment.summary_table(results).splitlines()
   assert lines[0] == "| run | accuracy | macro_f1 | mcc | eval_loss | trainable params | train min |"
   assert lines[2] == "| dora | 0.9000 | 0.8000 | 0.7000 | 0.3000 | 1,234 | 1.2 |"
   assert lines[3] == "| baseline: majority | 0.5000 | 0.3000 | 0.0000 | — | 0 | 0.0 |"

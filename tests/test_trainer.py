@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from doran_jax import checkpoint, trainer
+from doran_jax import checkpoint, evaluate, experiment, trainer
+from doran_jax import run as run_lib
+from doran_jax.trainable import merge_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,7 @@ def tiny_config(shared_data, workdir, arg="", **overrides):
 @pytest.mark.parametrize("method", ["lora", "dora", "doran", "full", "frozen"])
 def test_text_classification_trains_each_method(shared_data, tmp_path, method):
   c = tiny_config(shared_data, tmp_path, f"kind=text,method={method}", num_steps=2)
-  results = trainer.train(c)
+  results = experiment.train(c)
   assert results["status"] == "done"
   assert len(results["history"]) == 2
   assert all(np.isfinite(h["loss"]) for h in results["history"])
@@ -55,13 +57,13 @@ def test_factored_mode_trains_like_merged(shared_data, tmp_path):
   for mode in ("merged", "factored"):
     c = tiny_config(shared_data, tmp_path / mode, "kind=text,method=dora", num_steps=3,
                     **{"adapter.mode": mode})
-    losses[mode] = [h["loss"] for h in trainer.train(c)["history"]]
+    losses[mode] = [h["loss"] for h in experiment.train(c)["history"]]
   np.testing.assert_allclose(losses["factored"], losses["merged"], rtol=1e-5)
 
 
 def test_causal_lm_on_real_commonsense_files(shared_data, tmp_path):
   c = tiny_config(shared_data, tmp_path, "kind=causal,method=dora", num_steps=2)
-  results = trainer.train(c)
+  results = experiment.train(c)
   assert all(np.isfinite(h["loss"]) for h in results["history"])
   assert np.isfinite(results["eval"]["eval_loss"]) and 0 <= results["eval"]["token_accuracy"] <= 1
   generated = results["eval"]["commonsense"]  # greedy generation + answer extraction ran
@@ -72,7 +74,7 @@ def test_image_classification_under_tfds_mock(tmp_path, shared_data):
   import tensorflow_datasets as tfds
   c = tiny_config(shared_data, tmp_path, "kind=image,method=doran", num_steps=2)
   with tfds.testing.mock_data(num_examples=96, policy=tfds.testing.MockPolicy.USE_CODE):
-    results = trainer.train(c)
+    results = experiment.train(c)
   assert all(np.isfinite(h["loss"]) for h in results["history"])
   assert results["eval"]["n"] == 32
 
@@ -84,31 +86,31 @@ def test_gradient_accumulation_matches_one_big_batch(shared_data, tmp_path):
                     **{"optim.accum_steps": accum, "model.config_overrides": {
                         "vocab_size": 30522, "hidden_dropout_prob": 0.0,
                         "attention_probs_dropout_prob": 0.0}})
-    losses[accum] = [h["loss"] for h in trainer.train(c)["history"]]
+    losses[accum] = [h["loss"] for h in experiment.train(c)["history"]]
   np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4)
 
 
 def test_exact_resume_equals_uninterrupted_run(shared_data, tmp_path):
   straight = tiny_config(shared_data, tmp_path / "straight", "kind=text,method=doran", num_steps=6)
-  full = [h["loss"] for h in trainer.train(straight)["history"]]
+  full = [h["loss"] for h in experiment.train(straight)["history"]]
   interrupted = tiny_config(shared_data, tmp_path / "resumed", "kind=text,method=doran", num_steps=6)
-  first = trainer.train(interrupted, max_steps=3)
+  first = experiment.train(interrupted, max_steps=3)
   assert first["status"] == "paused"
   part1 = [h["loss"] for h in first["history"]]
-  part2 = [h["loss"] for h in trainer.train(interrupted)["history"]]
+  part2 = [h["loss"] for h in experiment.train(interrupted)["history"]]
   assert len(part2) == 3  # resumed at step 3, not from scratch
   np.testing.assert_array_equal(np.array(part1 + part2), np.array(full))
 
 
 def test_restore_with_other_rank_is_a_clear_error(shared_data, tmp_path):
-  trainer.train(tiny_config(shared_data, tmp_path, "kind=text,method=lora,rank=2", num_steps=2))
+  experiment.train(tiny_config(shared_data, tmp_path, "kind=text,method=lora,rank=2", num_steps=2))
   with pytest.raises(ValueError, match="does not match this run"):
-    trainer.train(tiny_config(shared_data, tmp_path, "kind=text,method=lora,rank=4", num_steps=4))
+    experiment.train(tiny_config(shared_data, tmp_path, "kind=text,method=lora,rank=4", num_steps=4))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, tmp_path):
   c = tiny_config(shared_data, tmp_path, "kind=text,method=dora", num_steps=8)
-  run = trainer.setup(c)
+  run = run_lib.setup(c)
   clean_batch = run.train_data.batch
 
   def poisoned(step, batch_size, **kw):
@@ -122,7 +124,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, tmp_path):
   run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"] = (
       run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"].at[1].set(np.nan))
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: step 4"):
-    trainer.train(c, run=run)
+    experiment.train(c, run=run)
   mngr = checkpoint.manager(str(tmp_path / "checkpoints"))
   assert mngr.latest_step() == 4
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.state)
@@ -156,30 +158,28 @@ def test_merged_export_loads_in_plain_transformers(shared_data, tmp_path):
   import transformers
   c = tiny_config(shared_data, tmp_path, "kind=text,method=doran", num_steps=2,
                   **{"export.merged": True})
-  run = trainer.setup(c)
-  trainer.train(c, run=run)
+  run = run_lib.setup(c)
+  state = experiment.train(c, run=run)["state"]
   plain = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(
       tmp_path / "export" / "merged")
   batch = run.eval_data.batch(0, 8, seed=0)
   inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-  from doran_jax import evaluate
-  merged = evaluate.merged_params(run.frozen, run.state.trainable, run.adapter_cfg)
+  merged = evaluate.merged_params(run.frozen, state.trainable, run.adapter_cfg)
   ours = run.backbone.model(**inputs, params=merged).logits
   theirs = plain(**inputs).logits
   np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-5, atol=1e-6)
   # The adapters moved the weights: the export is not the untouched backbone.
-  from doran_jax.trainable import merge_params
-  base = run.backbone.model(**inputs, params=merge_params(run.frozen, run.state.trainable["params"])).logits
+  base = run.backbone.model(**inputs, params=merge_params(run.frozen, state.trainable["params"])).logits
   assert np.abs(np.asarray(base) - np.asarray(ours)).max() > 1e-7
 
 
 def test_bad_inputs_are_clear_errors(shared_data, tmp_path):
   with pytest.raises(ValueError, match="unknown method 'dorra'"):
-    trainer.setup(tiny_config(shared_data, tmp_path, "kind=text", **{"adapter.method": "dorra"}))
+    run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text", **{"adapter.method": "dorra"}))
   with pytest.raises(ValueError, match="matches no parameter"):
-    trainer.setup(tiny_config(shared_data, tmp_path, "kind=text",
+    run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text",
                               **{"adapter.targets": r".*/qkv/kernel"}))
   with pytest.raises(ValueError, match="larger than min"):
-    trainer.setup(tiny_config(shared_data, tmp_path, "kind=text,rank=64"))
+    run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text,rank=64"))
   with pytest.raises(ValueError, match="unknown config argument 'rnak'"):
     tiny.get_config("rnak=4")

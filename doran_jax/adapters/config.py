@@ -7,8 +7,8 @@ import json
 import math
 from typing import Any
 
-METHODS = ("lora", "dora", "doran", "dyndora", "full", "frozen")
-ADAPTER_METHODS = ("lora", "dora", "doran", "dyndora")
+from doran_jax.adapters import method as method_registry
+
 MODES = ("merged", "factored")
 SHARES = ("model", "block")
 ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
@@ -23,8 +23,9 @@ class AdapterConfig:
     ...                     targets=r".*/(query|value)/kernel")
 
   Attributes:
-    method: 'lora' | 'dora' | 'doran' | 'dyndora' | 'full' | 'frozen'. 'full' and 'frozen' add
-      no adapter (the trainer trains everything / only the head).
+    method: a registered method (doran_jax.adapters.method): 'lora' | 'dora' | 'doran' |
+      'dyndora' | 'full' | 'frozen'. 'full' and 'frozen' add no adapter (the trainer trains
+      everything / only the head).
     rank: r (for dyndora the target rank; it starts from ceil(1.5 r)).
     alpha: scale numerator, s = alpha / r (alpha / sqrt(r) with rslora).
     targets: regex that must fully match the '/'-joined path of every adapted kernel.
@@ -69,7 +70,7 @@ class AdapterConfig:
       raise ValueError(f"transposed must be a sequence of kernel paths, got the string "
                        f"{self.transposed!r}; pass ({self.transposed!r},).")
     object.__setattr__(self, "transposed", tuple(self.transposed))
-    _check_choice("method", self.method, METHODS)
+    method_registry.get(self.method)  # unknown method: a clear error listing the registered ones
     _check_choice("mode", self.mode, MODES)
     _check_choice("share", self.share, SHARES)
     _check_choice("hyper_activation", self.hyper_activation, ACTIVATIONS)
@@ -86,14 +87,12 @@ class AdapterConfig:
 
   @property
   def has_adapters(self) -> bool:
-    return self.method in ADAPTER_METHODS
+    return method_registry.get(self.method).has_adapters
 
   @property
   def stored_rank(self) -> int:
     """Rank of the stored factors (r0 for dyndora)."""
-    if self.method == "dyndora":
-      return math.ceil(self.init_rank_factor * self.rank)
-    return self.rank
+    return method_registry.get(self.method).stored_rank(self)
 
   @property
   def scale(self) -> float:

@@ -1,10 +1,11 @@
-"""init / apply / count over the adapter pytree, dispatching to one module per method.
+"""init / apply / count over the adapter pytree, dispatching to the method's registry record.
 
-Every method is described by three pure functions over one target's leaves:
+Every method (doran_jax.adapters.method.Method) is described by three pure functions over one
+target's leaves:
   low_rank(leaves, generated, cfg) -> (A (in, r), B (r, out))
-  gain(norm_O, leaves, cfg, key, train) -> per-output-unit gain g (out,) or None
+  gain(norm_O, leaves, cfg, key, train) -> per-output-unit gain g (out,), or no gain at all
   init_leaves(key, w0_IxO, cfg) -> leaves
-and the merged weight is W' = g ⊙ (W0 + s·A·B) (g = 1 when None). The factored path
+and the merged weight is W' = g ⊙ (W0 + s·A·B) (g = 1 without a gain). The factored path
 (doran_jax.adapters.factored) uses the same three functions without ever forming W'.
 """
 
@@ -15,27 +16,17 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from doran_jax import hypernet
-from doran_jax.adapters import dora, doran, dyndora, lora
+from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.adapters.norms import column_norm
 from doran_jax.targets import SEP, Target, find_targets, flatten, unflatten
 
-METHOD_MODULES = {"lora": lora, "dora": dora, "doran": doran, "dyndora": dyndora}
-LEAF_SHAPES = {
-    "lora_a": lambda t, cfg: (t.d_in, cfg.stored_rank),
-    "lora_b": lambda t, cfg: (cfg.stored_rank, t.d_out),
-    "magnitude": lambda t, cfg: (t.d_out,),
-    "tau": lambda t, cfg: (t.d_out,) if cfg.tau_per_output else (),
-    "gate": lambda t, cfg: (cfg.stored_rank,),
-}
-# The leaves each method's init_leaves creates at a target's module.
-METHOD_LEAVES = {
-    "lora": ("lora_a", "lora_b"),
-    "dora": ("lora_a", "lora_b", "magnitude"),
-    "doran": ("magnitude", "tau"),
-    "dyndora": ("lora_a", "lora_b", "gate"),
-}
+
+def leaf_shapes(t: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
+  """{leaf name: shape} of the adapter leaves at target `t`, from the method's logical axes."""
+  axes = method_registry.get(cfg.method).leaf_axes(cfg)
+  return {name: method_registry.leaf_shape(a, t.d_in, t.d_out, cfg.stored_rank)
+          for name, a in axes.items()}
 
 
 def targets_for(params: Mapping[str, Any], cfg: AdapterConfig) -> list[Target]:
@@ -66,17 +57,22 @@ def init_adapters(key: jax.Array, params: Mapping[str, Any], cfg: AdapterConfig)
   if not cfg.has_adapters:
     return {"targets": {}}
   targets = targets_for(params, cfg)
-  module = METHOD_MODULES[cfg.method]
+  method = method_registry.get(cfg.method)
   flat = flatten(params)
   key_targets, key_hyper = jax.random.split(key)
   keys = jax.random.split(key_targets, len(targets))
   leaves = {}
   for k, t in zip(keys, targets):
-    for name, value in module.init_leaves(k, _logical(flat[t.path], t), cfg).items():
+    made = method.init_leaves(k, _logical(flat[t.path], t), cfg)
+    want = leaf_shapes(t, cfg)
+    if set(made) != set(want):
+      raise ValueError(f"method {cfg.method!r} created leaves {sorted(made)} at {t.module_path!r} "
+                       f"but declares {sorted(want)} in its leaf_axes; declare every leaf.")
+    for name, value in made.items():
       leaves[t.module_path + SEP + name] = value
   adapters = {"targets": unflatten(leaves)}
-  if cfg.method == "doran":
-    adapters["hypernet"] = hypernet.init(key_hyper, targets, cfg)
+  if method.generator is not None:
+    adapters["hypernet"] = method.generator.init(key_hyper, targets, cfg)
   return adapters
 
 
@@ -92,15 +88,16 @@ def _module_leaves(adapter_targets: Mapping[str, Any], t: Target, cfg: AdapterCo
           f"adapters do not fit these params: no adapter for target {t.path!r} (missing "
           f"{part!r}). Were they made with another targets regex or for another model?")
     node = node[part]
-  want_names = METHOD_LEAVES[cfg.method]
+  shapes = leaf_shapes(t, cfg)
+  want_names = sorted(shapes)
   if not isinstance(node, Mapping) or set(node) != set(want_names):
     have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
     raise ValueError(
         f"adapter leaves at {t.module_path!r} are {have} but method {cfg.method!r} uses "
         f"{list(want_names)}; were the adapters made with another adapter.method?")
   for name, leaf in node.items():
-    want = LEAF_SHAPES[name](t, cfg) if name in LEAF_SHAPES else None
-    if want is not None and tuple(leaf.shape) != tuple(want):
+    want = shapes[name]
+    if tuple(leaf.shape) != tuple(want):
       raise ValueError(
           f"adapter leaf {t.module_path}/{name} has shape {tuple(leaf.shape)} but {t.path!r} "
           f"with rank {cfg.stored_rank} needs {tuple(want)}; check adapter.rank and the model.")
@@ -110,17 +107,18 @@ def _module_leaves(adapter_targets: Mapping[str, Any], t: Target, cfg: AdapterCo
 def target_factors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: AdapterConfig):
   """Per-target (Target, leaves, A, B) after hypernetwork generation; shared by merged and factored."""
   targets = targets_for(params, cfg)
+  method = method_registry.get(cfg.method)
   generated = {}
-  if cfg.method == "doran":
+  if method.generator is not None:
     if "hypernet" not in adapters:
-      raise ValueError("doran adapters need adapters['hypernet']; these were made for another method.")
-    generated = hypernet.generate(adapters["hypernet"], targets, cfg)
+      raise ValueError(f"{cfg.method} adapters need adapters['hypernet']; these were made for "
+                       "another method.")
+    generated = method.generator.generate(adapters["hypernet"], targets, cfg)
   _check_no_extra_targets(adapters["targets"], targets, cfg)
-  module = METHOD_MODULES[cfg.method]
   out = []
   for t in targets:
     leaves = _module_leaves(adapters["targets"], t, cfg)
-    a_IxR, b_RxO = module.low_rank(leaves, generated.get(t.path), cfg)
+    a_IxR, b_RxO = method.low_rank(leaves, generated.get(t.path), cfg)
     out.append((t, leaves, a_IxR, b_RxO))
   return out
 
@@ -158,14 +156,14 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   if train and cfg.dropout > 0:
     raise ValueError(f"adapter dropout {cfg.dropout} cannot be applied to merged weights; use "
                      "mode='factored' (doran_jax.adapters.factored.adapted_apply) or dropout=0.")
-  module = METHOD_MODULES[cfg.method]
+  method = method_registry.get(cfg.method)
   flat = flatten(params)
   for i, (t, leaves, a_IxR, b_RxO) in enumerate(target_factors(params, adapters, cfg)):
     w0 = flat[t.path]
     v_IxO = _logical(w0, t).astype(jnp.float32) + cfg.scale * (
         a_IxR.astype(jnp.float32) @ b_RxO.astype(jnp.float32))
-    if module.NEEDS_NORM:
-      g_O = module.gain(column_norm(v_IxO, cfg.norm_eps), leaves, cfg, target_key(rng, i), train)
+    if method.needs_norm:
+      g_O = method.gain(column_norm(v_IxO, cfg.norm_eps), leaves, cfg, target_key(rng, i), train)
       v_IxO = v_IxO * g_O[None, :]
     flat[t.path] = _logical(v_IxO, t).astype(w0.dtype)
   return unflatten(flat)

@@ -11,10 +11,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from doran_jax.adapters import dora, hypernet, lora
+from doran_jax.adapters.method import Method, register
 from doran_jax.adapters.norms import column_norm
-
-NEEDS_NORM = True
 
 
 def softplus_inverse(y: float) -> float:
@@ -56,3 +57,22 @@ def gain(norm_O, leaves, cfg, key, train):
     xi = tau
   norm = jax.lax.stop_gradient(norm_O) if cfg.detach_norm else norm_O
   return leaves["magnitude"] / (norm + xi)
+
+
+def leaf_axes(cfg) -> dict:
+  return {"magnitude": ("out",), "tau": ("out",) if cfg.tau_per_output else ()}
+
+
+def peft_factors(w0_IxO, leaves, a_IxR, b_RxO, cfg):
+  # τ is folded into PEFT's magnitude: m_peft = m·‖V‖/(‖V‖ + τ), so PEFT's DoRA reproduces ours.
+  a_IxR, b_RxO, m_O, _ = dora.peft_magnitude(w0_IxO, leaves, a_IxR, b_RxO, cfg, gain)
+  return a_IxR, b_RxO, np.asarray(m_O, np.float32)
+
+
+def peft_fields(cfg, ranks) -> dict:
+  return {**lora.peft_fields(cfg, ranks), "use_dora": True}
+
+
+METHOD = register(Method(name="doran", leaf_axes=leaf_axes, init_leaves=init_leaves,
+                         low_rank=low_rank, gain=gain, generator=hypernet,
+                         peft_factors=peft_factors, peft_fields=peft_fields))

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from doran_jax.adapters import core
+from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
-from doran_jax.targets import SEP
+from doran_jax.targets import SEP, flatten
 
 DROPOUT_STREAM = 2**31 - 1
 
@@ -45,19 +46,18 @@ def column_norm_factored(w0_IxO, a_IxR, b_RxO, scale: float, eps: float):
 
 def layer_factors(params, adapters, cfg: AdapterConfig, *, rng=None, train=False) -> dict:
   """{module path tuple: (A, B, g or None, transposed, index)} for every adapted kernel."""
-  module = core.METHOD_MODULES[cfg.method]
+  method = method_registry.get(cfg.method)
   flat = None
   out = {}
   for i, (t, leaves, a_IxR, b_RxO) in enumerate(core.target_factors(params, adapters, cfg)):
     g_O = None
-    if module.NEEDS_NORM:
+    if method.needs_norm:
       if flat is None:
-        from doran_jax.targets import flatten
         flat = flatten(params)
       w0 = flat[t.path]
       w0_IxO = w0.T if t.transposed else w0
       norm_O = column_norm_factored(w0_IxO, a_IxR, b_RxO, cfg.scale, cfg.norm_eps)
-      g_O = module.gain(norm_O, leaves, cfg, core.target_key(rng, i), train)
+      g_O = method.gain(norm_O, leaves, cfg, core.target_key(rng, i), train)
     out[tuple(t.module_path.split(SEP))] = (a_IxR, b_RxO, g_O, t.transposed, i)
   return out
 
@@ -91,19 +91,21 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
   return y
 
 
-def adapted_apply(model, params, adapters, cfg: AdapterConfig, *, rng: Optional[jax.Array] = None,
-                  train: bool = False, dropout_rng: Optional[jax.Array] = None, **inputs):
-  """Calls `model(**inputs, params=params)` with every adapted layer computed in factored form.
+def adapted_apply(apply_fn, params, adapters, cfg: AdapterConfig, batch, *,
+                  rng: Optional[jax.Array] = None, train: bool = False,
+                  dropout_rng: Optional[jax.Array] = None):
+  """Calls `apply_fn(params, batch, train=train, rng=dropout_rng)` (e.g. `Backbone.apply`) with
+  every adapted layer computed in factored form.
 
-  Equals `model(**inputs, params=apply_adapters(params, adapters, cfg, rng=rng, train=train))`
-  when cfg.dropout == 0 (up to float rounding). `rng` drives DoRAN's noise and adapter dropout;
+  Equals `apply_fn(apply_adapters(params, adapters, cfg, rng=rng, train=train), batch, ...)` when
+  cfg.dropout == 0 (up to float rounding). `rng` drives DoRAN's noise and adapter dropout;
   `dropout_rng` the model's own dropout.
 
   Example:
-    >>> out = adapted_apply(model, params, adapters, cfg, rng=key, train=True, input_ids=ids)
+    >>> logits = adapted_apply(bb.apply, params, adapters, cfg, batch, rng=key, train=True)
   """
   if not cfg.has_adapters:
-    return model(**inputs, params=params, dropout_rng=dropout_rng, train=train)
+    return apply_fn(params, batch, train=train, rng=dropout_rng)
   # Noise keys match apply_adapters(rng=rng); dropout draws from a separate fold of the same key.
   key_drop = None if rng is None else jax.random.fold_in(rng, DROPOUT_STREAM)
   factors = layer_factors(params, adapters, cfg, rng=rng, train=train)
@@ -122,7 +124,7 @@ def adapted_apply(model, params, adapters, cfg: AdapterConfig, *, rng: Optional[
     return _adapted_dense(mod, args[0], f, cfg, key, train)
 
   with nn.intercept_methods(interceptor):
-    out = model(**inputs, params=params, dropout_rng=dropout_rng, train=train)
+    out = apply_fn(params, batch, train=train, rng=dropout_rng)
   missing = set(factors) - seen
   if missing:
     raise ValueError(f"factored mode: adapted kernels {sorted(SEP.join(p) for p in missing)[:4]} "

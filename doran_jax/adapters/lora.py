@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-NEEDS_NORM = False
+from doran_jax.adapters.method import Method, register
+
+LEAF_AXES = {"lora_a": ("in", "rank"), "lora_b": ("rank", "out")}
 
 
 def init_factors(key, d_in: int, d_out: int, rank: int, dtype=jnp.float32) -> dict:
@@ -26,6 +29,15 @@ def low_rank(leaves, generated, cfg):
   return leaves["lora_a"], leaves["lora_b"]
 
 
-def gain(norm_O, leaves, cfg, key, train):
-  del norm_O, leaves, cfg, key, train
-  return None
+def peft_factors(w0_IxO, leaves, a_IxR, b_RxO, cfg):
+  del w0_IxO, leaves, cfg
+  return np.asarray(a_IxR, np.float32), np.asarray(b_RxO, np.float32), None
+
+
+def peft_fields(cfg, ranks) -> dict:
+  del ranks
+  return {"use_dora": False, "r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora}
+
+
+METHOD = register(Method(name="lora", leaf_axes=lambda cfg: LEAF_AXES, init_leaves=init_leaves,
+                         low_rank=low_rank, peft_factors=peft_factors, peft_fields=peft_fields))

@@ -3,12 +3,11 @@ r"""DynDoRA's dynamic rank allocation (Mao et al., ACL 2024, arXiv 2405.17357).
 Each adapted kernel holds r0 rank-1 components, ΔW = s·A·diag(c)·B (doran_jax.adapters.dyndora).
 During training the globally least important components are switched off (c_i = 0) until, on
 average, `rank` live components per target remain. Everything here is a pure function over the
-adapter pytree and a small state dict (`TrainState.extra`) so it runs inside the jitted train step:
+adapter pytree and a small state dict, run inside the jitted train step as an optax
+transformation chained after the optimizer (`pruning`), so the state lives in opt_state:
 
-  >>> extra = init_state(adapters, adapter_cfg)                        # at setup
+  >>> tx = optax.chain(optimizer, pruning(adapter_cfg, dyn_cfg, num_steps))
   >>> loss = task_loss + regularizer(adapters, step, num_steps, dyn_cfg)
-  >>> adapters, extra = post_update(adapters, extra, step + 1, num_steps, dyn_cfg)
-  >>> print(rank_report(adapters, "rank_allocation.png"))              # after training
 
 Choices (checked against the authors' code, github.com/MIkumikumi0116/DoRA, Finetune_Utils.py):
 - Importance of component i: s_i = ‖c_i·a_i·b_iᵀ‖_F / (‖A·diag(c)·B‖_F + 1e-8), without the
@@ -29,7 +28,7 @@ Choices (checked against the authors' code, github.com/MIkumikumi0116/DoRA, Fine
   variances Var(A[:, i]) (over the input features) and Var(B[i, :]) (over the output features),
   taken over all 2·n of them, i.e. η/2 · mean_i (Var(A_i) + Var(B_i)); active for the steps up to
   and including the one that triggers the last prune, 0 afterwards.
-- `extra` = {"importance": tree, "mask": tree, "budget": int32 scalar}: the trees mirror
+- The state (`PruningState`, or the dict of `init_state`) = {"importance": tree, "mask": tree, "budget": int32 scalar}: the trees mirror
   adapters["targets"] down to each target's module with a (r0,) leaf there (mask: 1 live, 0 pruned
   at the last prune), and budget = rank·n_targets live components kept at the end. Fixed
   structure and dtypes, so orbax checkpoints it with the rest of the TrainState.
@@ -39,12 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from doran_jax.targets import SEP, flatten, unflatten
 
@@ -161,7 +160,7 @@ def gates(adapters: Mapping[str, Any]) -> dict[str, jax.Array]:
   return dict(sorted(found.items()))
 
 
-def _factors(adapters) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+def component_factors(adapters) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
   flat = flatten(adapters["targets"])
   out = {}
   for module, c_R in gates(adapters).items():
@@ -188,7 +187,7 @@ def init_state(adapters: Mapping[str, Any], cfg) -> dict:
   """
   if getattr(cfg, "method", None) != "dyndora":
     raise ValueError(f"dynamic rank allocation is DynDoRA's; got method {getattr(cfg, 'method', cfg)!r}.")
-  factors = _factors(adapters)
+  factors = component_factors(adapters)
   for module, (_, _, c_R) in factors.items():
     if c_R.shape != (cfg.stored_rank,):
       raise ValueError(f"gate of {module!r} has shape {c_R.shape} but the config's stored rank is "
@@ -229,7 +228,7 @@ def component_importance(a_IxR: jax.Array, b_RxO: jax.Array, c_R: jax.Array) -> 
 
 def importance(adapters: Mapping[str, Any]) -> dict[str, jax.Array]:
   """{module_path: s (r0,)}: this step's (un-smoothed) importance of every component."""
-  return {m: component_importance(a, b, c) for m, (a, b, c) in _factors(adapters).items()}
+  return {m: component_importance(a, b, c) for m, (a, b, c) in component_factors(adapters).items()}
 
 
 # ----------------------------------------------------------------------------------- pruning
@@ -276,7 +275,7 @@ def post_update(adapters: Mapping[str, Any], extra: Mapping[str, Any], step, num
     (adapters with gates switched off where pruned, the new extra).
   """
   sched = schedule(num_steps, dyn_cfg)
-  factors = _factors(adapters)
+  factors = component_factors(adapters)
   old_ema = flatten(extra["importance"])
   old_mask = flatten(extra["mask"])
   if set(old_ema) != set(factors) or set(old_mask) != set(factors):
@@ -317,7 +316,7 @@ def regularizer(adapters: Mapping[str, Any], step, num_steps: int, dyn_cfg) -> j
   """
   sched = schedule(num_steps, dyn_cfg)
   total, count = jnp.zeros((), jnp.float32), 0
-  for a_IxR, b_RxO, c_R in _factors(adapters).values():
+  for a_IxR, b_RxO, c_R in component_factors(adapters).values():
     total += jnp.sum(jnp.var(a_IxR.astype(jnp.float32), axis=0, ddof=1))
     total += jnp.sum(jnp.var(b_RxO.astype(jnp.float32), axis=1, ddof=1))
     count += 2 * int(c_R.size)
@@ -345,72 +344,62 @@ def count_live_params(adapters: Mapping[str, Any]) -> int:
     True
   """
   total = 0
-  for a_IxR, b_RxO, c_R in _factors(adapters).values():
+  for a_IxR, b_RxO, c_R in component_factors(adapters).values():
     total += int(np.count_nonzero(np.asarray(c_R))) * (a_IxR.shape[0] + b_RxO.shape[1] + 1)
   return total
 
 
-def rank_report(adapters: Mapping[str, Any], path_png: Optional[str] = None) -> str:
-  """A text table of the live rank per adapted kernel, and optionally a bar plot saved as PNG.
+# ----------------------------------------------------------------------------------- optax
+
+class PruningState(NamedTuple):
+  """opt_state of `pruning`: optimizer steps done, importance EMA, last mask, live budget."""
+
+  count: jax.Array
+  importance: Any
+  mask: Any
+  budget: jax.Array
+
+
+def pruning(cfg, dyn_cfg, num_steps: int) -> optax.GradientTransformation:
+  """Importance EMA, scheduled pruning and the held mask as a transformation after the optimizer.
+
+  It sees the trainable tree {'params', 'adapters'}; its updates land the adapters exactly on
+  `post_update`'s result (a pruned gate's update is −gate, so the new gate is exactly 0).
 
   Example:
-    >>> print(rank_report(state.trainable["adapters"], "runs/cola/rank_allocation.png"))
-    | module | live | stored |
-    ...
+    >>> tx = optax.chain(optax.adamw(1e-3), pruning(adapter_cfg, config.dyndora, 1000))
   """
-  factors = _factors(adapters)
-  ranks = live_ranks(adapters)
-  names = _short_names(list(ranks))
-  stored = {m: int(c.size) for m, (_, _, c) in factors.items()}
-  n_live, n_stored = sum(ranks.values()), sum(stored.values())
-  live_params = count_live_params(adapters)
-  stored_params = sum(int(a.size + b.size + c.size) for a, b, c in factors.values())
-  width = max(len("module"), *(len(s) for s in names.values()))
-  lines = [f"| {'module':<{width}} | live | stored |", f"|{'-' * (width + 2)}|------|--------|"]
-  for m in ranks:
-    lines.append(f"| {names[m]:<{width}} | {ranks[m]:>4} | {stored[m]:>6} |")
-  lines.append(f"| {'mean':<{width}} | {n_live / len(ranks):>4.2f} | "
-               f"{n_stored / len(ranks):>6.2f} |")
-  lines.append(f"{n_live} of {n_stored} components live in {len(ranks)} targets; live parameters "
-               f"{live_params:,} of {stored_params:,} stored ({100 * live_params / stored_params:.1f}%).")
-  if path_png:
-    _bar_plot(ranks, stored, names, path_png)
-    lines.append(f"plot: {path_png}")
-  return "\n".join(lines)
+
+  def init_fn(params):
+    state = init_state(params["adapters"], cfg)
+    return PruningState(jnp.zeros((), jnp.int32), state["importance"], state["mask"],
+                        state["budget"])
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("dyndora pruning needs the params: tx.update(grads, opt_state, params).")
+    t = state.count + 1
+    stepped = optax.apply_updates(params["adapters"], updates["adapters"])
+    pruned, extra = post_update(stepped, {"importance": state.importance, "mask": state.mask,
+                                          "budget": state.budget}, t, num_steps, dyn_cfg)
+    adapter_updates = jax.tree_util.tree_map(
+        lambda new, old, p, u: jnp.where(new == old, u, -p).astype(u.dtype),
+        pruned, stepped, params["adapters"], updates["adapters"])
+    new_state = PruningState(t, extra["importance"], extra["mask"], state.budget)
+    return {**updates, "adapters": adapter_updates}, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _short_names(modules: list[str]) -> dict[str, str]:
-  """Drops the path prefix every module shares ('bert/encoder/layer/') to keep labels short."""
-  if len(modules) < 2:
-    return {m: m for m in modules}
-  prefix = os.path.commonprefix([m + SEP for m in modules])
-  prefix = prefix[:prefix.rfind(SEP) + 1]
-  return {m: m[len(prefix):] or m for m in modules}
+def pruning_state(opt_state) -> dict:
+  """{'importance', 'mask', 'budget', 'count'} of the `pruning` transformation inside opt_state.
 
-
-def _bar_plot(ranks, stored, names, path_png):
-  # Figure + Agg canvas directly: no pyplot global state, no backend switch in a notebook.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  modules = list(ranks)
-  # Colour by projection kind: the label without its block index ('attention/self/query').
-  kinds = [SEP.join(p for p in names[m].split(SEP) if not p.isdigit()) or names[m] for m in modules]
-  palette = {k: f"C{i % 10}" for i, k in enumerate(dict.fromkeys(kinds))}
-  fig = Figure(figsize=(max(6.0, 0.28 * len(modules) + 5.0), 4.5))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  x = np.arange(len(modules))
-  ax.bar(x, [stored[m] for m in modules], color="0.88", label="stored r0")
-  for kind in palette:
-    idx = [i for i, k in enumerate(kinds) if k == kind]
-    ax.bar(x[idx], [ranks[modules[i]] for i in idx], color=palette[kind], label=kind)
-  mean = sum(ranks.values()) / len(ranks)
-  ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=f"mean live {mean:.2f}")
-  ax.set_xticks(x)
-  ax.set_xticklabels([names[m] for m in modules], rotation=90, fontsize=6)
-  ax.set_ylabel("live rank")
-  ax.set_title("DynDoRA rank allocation per adapted kernel")
-  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach r0
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
-  fig.savefig(path_png, dpi=120)
+  Example:
+    >>> pruning_state(state.opt_state)["mask"]
+  """
+  found = [s for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, PruningState)) if isinstance(s, PruningState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one dyndora PruningState in the optimizer state, found {len(found)}; "
+                     "was the optimizer built with the method's training transform?")
+  return found[0]._asdict()

@@ -1,0 +1,109 @@
+"""The method registry: one record per adapter method, declaring everything about it.
+
+A method module (lora.py, dora.py, ...) ends with `register(Method(...))`. The core derives leaf
+shapes from the declared logical axes, `doran_jax.sharding` derives their specs, `peft_io` reads
+the PEFT mapping, and the train step chains the optional training-time transformation after the
+optimizer. A new method is one file plus its tests.
+
+Logical axes of a leaf: 'in' and 'out' (the target kernel's input / output features, sharded as
+the kernel is), 'rank' (the stored rank, never sharded); () is a scalar.
+
+Example:
+  >>> m = method.get("dora")
+  >>> m.leaf_axes(cfg)
+  {'lora_a': ('in', 'rank'), 'lora_b': ('rank', 'out'), 'magnitude': ('out',)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+AXES = ("in", "out", "rank")
+
+
+class Training(NamedTuple):
+  """What a method adds to training.
+
+  Attributes:
+    transform: an optax GradientTransformation over the trainable tree {'params', 'adapters'},
+      chained after the optimizer; its state lives in opt_state (checkpointed, NaN-guarded).
+    regularizer: (adapters, step) -> scalar added to the loss.
+    summary: (host adapters) -> dict of end-of-run results (e.g. live ranks).
+  """
+
+  transform: Any = None
+  regularizer: Optional[Callable[[Any, Any], Any]] = None
+  summary: Optional[Callable[[Any], dict]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One adapter method.
+
+  Attributes:
+    name: the `AdapterConfig.method` value.
+    leaf_axes: cfg -> {leaf name: logical axes} of the leaves at each target's module.
+    init_leaves: (key, w0_IxO, cfg) -> leaves.
+    low_rank: (leaves, generated, cfg) -> (A (in, r), B (r, out)).
+    gain: (norm_O, leaves, cfg, key, train) -> per-output gain; None when W' = W0 + s·A·B.
+    generator: a module with init(key, targets, cfg) and generate(params, targets, cfg) ->
+      {target path: (A, B)} whose params live in adapters['hypernet'] (DoRAN), or None.
+    stored_rank: cfg -> the rank of the stored factors.
+    peft_factors: (w0_IxO, leaves, A, B, cfg) -> (A, B, PEFT magnitude or None) as numpy; None
+      when the method cannot be exported to PEFT.
+    peft_fields: (cfg, {module: rank}) -> LoRA config fields (r, lora_alpha, use_dora, ...).
+    training: (cfg, method config section or None, num_steps) -> Training; None for none.
+    has_adapters: False for the baselines that add no adapter ('full', 'frozen').
+    trains_backbone: True when every backbone parameter is trainable ('full').
+  """
+
+  name: str
+  leaf_axes: Callable[[Any], Mapping[str, tuple]] = lambda cfg: {}
+  init_leaves: Optional[Callable] = None
+  low_rank: Optional[Callable] = None
+  gain: Optional[Callable] = None
+  generator: Any = None
+  stored_rank: Callable[[Any], int] = lambda cfg: cfg.rank
+  peft_factors: Optional[Callable] = None
+  peft_fields: Optional[Callable] = None
+  training: Optional[Callable[[Any, Any, int], Training]] = None
+  has_adapters: bool = True
+  trains_backbone: bool = False
+
+  @property
+  def needs_norm(self) -> bool:
+    return self.gain is not None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+  """Adds `method` to the registry (replace=True to redefine one, e.g. in a notebook)."""
+  if method.name in _METHODS and not replace:
+    raise ValueError(f"adapter method {method.name!r} is registered twice.")
+  _METHODS[method.name] = method
+  return method
+
+
+def unregister(name: str) -> None:
+  _METHODS.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_METHODS)
+
+
+def get(name: str) -> Method:
+  if name not in _METHODS:
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}.")
+  return _METHODS[name]
+
+
+def leaf_shape(axes: tuple, d_in: int, d_out: int, rank: int) -> tuple[int, ...]:
+  sizes = {"in": d_in, "out": d_out, "rank": rank}
+  for a in axes:
+    if a not in sizes:
+      raise ValueError(f"unknown logical axis {a!r}; use one of {', '.join(AXES)}.")
+  return tuple(sizes[a] for a in axes)

@@ -1,0 +1,192 @@
+"""The experiment driver: train, evaluate, export, baselines and the summary (what train.py calls).
+
+Example:
+  >>> from configs import default
+  >>> results = run_experiment(default.get_config(), "runs/default")
+  >>> results = train(config, "runs/x")        # one method: train, evaluate, export
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import warnings
+from typing import Optional
+
+import jax
+from absl import logging
+
+from doran_jax import checkpoint, commonsense, evaluate, progress, sharding, trainer
+from doran_jax import run as run_lib
+from doran_jax.adapters import count_params
+from doran_jax.adapters import method as method_registry
+from doran_jax.trainable import effective_params
+
+log = trainer.log
+
+
+def quiet_third_party_logs() -> None:
+  """Keeps the console to our progress lines: transformers' load chatter and the deprecation notice
+  of its Flax classes (we pin the last line that has them) go to errors only."""
+  import transformers
+  transformers.logging.set_verbosity_error()
+  warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
+  logging.set_verbosity(logging.WARNING)
+
+
+def evaluate_state(run, trainable, adapter_cfg=None) -> dict:
+  """Eval-split metrics of a trainable tree with the merged (train=False) weights, sharded on
+  the run's mesh."""
+  adapter_cfg = adapter_cfg or run.adapter_cfg
+  merged = evaluate.merged_params(run.frozen, trainable, adapter_cfg)
+  predict = evaluate.make_predict_fn(run.backbone.apply, run.mesh)
+  return evaluate.evaluate(predict, run.backbone.task, merged, run.eval_data,
+                           run.config.eval_batch_size, mesh=run.mesh)
+
+
+def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optional[int] = None) -> dict:
+  """Trains (with checkpoints/resume), evaluates, exports. Returns the results dict.
+
+  Its 'state' is the final TrainState and 'history' the per-step records (neither goes to
+  results.json). `max_steps` pauses after that many steps (status 'paused').
+
+  Example:
+    >>> results = train(sst2.get_config("method=dora"), "runs/sst2_dora")
+    >>> results["eval"]["accuracy"]
+  """
+  workdir = workdir or config.workdir
+  run = run or run_lib.setup(config)
+  out = trainer.fit(run, workdir, max_steps=max_steps)
+  state = out["state"]
+  if out["status"] != "done":
+    return out
+  results = {**out, "method": run.adapter_cfg.method, "steps": run.num_steps,
+             "trainable_params": count_params(state.trainable),
+             "adapter_params": count_params(state.trainable["adapters"])}
+  if run.training.summary is not None:
+    results.update(run.training.summary(jax.device_get(state.trainable["adapters"])))
+  results["eval"] = evaluate_state(run, state.trainable)
+  if run.backbone.task == "causal_lm" and config.generate.enabled:
+    results["eval"]["commonsense"] = generation_eval(run, state, config.generate)
+  log(f"eval ({run.adapter_cfg.method}): " + json.dumps(results["eval"]))
+  with progress.MetricWriter(workdir, total_steps=run.num_steps, progress_bar=False,
+                             tensorboard=bool(config.tensorboard),
+                             enabled=jax.process_index() == 0) as writer:
+    writer.write(run.num_steps, progress.flatten_metrics(results["eval"], "eval/"))
+  export(run, state, workdir)
+  _write_results(workdir, results)
+  return results
+
+
+def _write_results(workdir: str, results: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({k: v for k, v in results.items() if k not in ("history", "state")}, f, indent=2)
+
+
+def generation_eval(run, state, generate) -> dict:
+  """Commonsense accuracy: greedy generation with the merged weights, answer word extracted."""
+  limit = int(generate.limit_per_task or 0)
+  seen, examples = collections.Counter(), []
+  for example in run.eval_data.examples or []:
+    seen[example["task"]] += 1
+    if not limit or seen[example["task"]] <= limit:
+      examples.append(example)
+  merged = evaluate.merged_params(run.frozen, state.trainable, run.adapter_cfg)
+  generate_fn = commonsense.make_generate_fn(run.backbone.model, merged, run.tokenizer,
+                                             max_new_tokens=int(generate.max_new_tokens))
+  return commonsense.evaluate_commonsense(generate_fn, examples, None,
+                                          batch_size=run.config.eval_batch_size)
+
+
+def export(run, state, workdir: str) -> None:
+  """Adapter-only export always; the merged save_pretrained export when config.export.merged."""
+  if jax.process_index() != 0:
+    return
+  extra = {"model": run.config.model.to_dict(), "head": run.config.head, "step": int(state.step)}
+  checkpoint.export_adapters(os.path.join(workdir, "export", "adapters"), state.trainable,
+                             run.adapter_cfg, extra)
+  if run.config.export.merged:
+    merged = jax.jit(lambda f, t: effective_params(f, t, run.adapter_cfg, train=False))(
+        run.frozen, state.trainable)
+    checkpoint.export_merged(os.path.join(workdir, "export", "merged"), run.backbone.model, merged,
+                             run.tokenizer)
+
+
+def run_experiment(config, workdir: Optional[str] = None) -> dict:
+  """train() plus the configured baselines ('majority', 'frozen'), with a summary table printed.
+
+  The frozen baseline trains only the task head for the same number of steps in
+  `<workdir>/baseline_frozen`.
+  """
+  workdir = workdir or config.workdir
+  run = run_lib.setup(config)
+  results = train(config, workdir, run=run)
+  if results["status"] != "done":
+    return results
+  baselines = {}
+  if "majority" in config.baselines:
+    baselines["majority"] = evaluate.majority_baseline(run.train_data, run.eval_data)
+  method = method_registry.get(config.adapter.method)
+  already_head_only = not method.has_adapters and not method.trains_backbone
+  if "frozen" in config.baselines and not already_head_only:
+    frozen_config = config.copy_and_resolve_references()
+    with frozen_config.unlocked():
+      frozen_config.adapter.method = method_registry.get("frozen").name
+      frozen_config.num_steps = run.num_steps
+    frozen_results = train(frozen_config, os.path.join(workdir, "baseline_frozen"))
+    baselines["frozen"] = {**frozen_results["eval"], "train_minutes": frozen_results["train_minutes"],
+                           "trainable_params": frozen_results["trainable_params"]}
+  results["baselines"] = baselines
+  log(summary_table(results))
+  _write_results(workdir, results)
+  return results
+
+
+def summary_table(results: dict) -> str:
+  """Markdown table of the run and its baselines."""
+  rows = [(results["method"], results["eval"], results["trainable_params"], results["train_minutes"])]
+  for name, r in results.get("baselines", {}).items():
+    rows.append((f"baseline: {name}", r, r.get("trainable_params", 0), r.get("train_minutes", 0.0)))
+  keys = [k for k in ("accuracy", "macro_f1", "mcc", "eval_loss", "token_accuracy") if k in results["eval"]]
+  lines = ["| run | " + " | ".join(keys) + " | trainable params | train min |",
+           "|---" * (len(keys) + 3) + "|"]
+  for name, r, n, minutes in rows:
+    lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "—" for k in keys)
+                 + f" | {n:,} | {minutes:.1f} |")
+  return "\n".join(lines)
+
+
+def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=True) -> dict:
+  """Evaluates a checkpoint (the latest, or `step`) or an adapter-only export on the eval split.
+
+  The metrics get 'step' and 'source' keys and, with `save`, are written as JSON next to what
+  was evaluated: <workdir>/eval_step<N>.json, or <adapters_dir>/eval.json.
+
+  Example:
+    >>> from configs import sst2
+    >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
+  """
+  run = run_lib.setup(config)
+  if adapters_dir:
+    if step is not None:
+      raise ValueError("step selects a checkpoint in a workdir; an adapter export has no steps.")
+    trainable, cfg, extra = checkpoint.load_adapters(adapters_dir)
+    if cfg.method != run.adapter_cfg.method:
+      raise ValueError(f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
+                       f"{run.adapter_cfg.method!r}; pass the matching config.")
+    source, out_path = adapters_dir, os.path.join(adapters_dir, "eval.json")
+    step = extra.get("step")
+  else:
+    workdir = workdir or config.workdir
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+    state, _ = checkpoint.restore(mngr, sharding.abstract(run.state), step)
+    mngr.close()
+    trainable, cfg, step = state.trainable, run.adapter_cfg, int(state.step)
+    source, out_path = workdir, os.path.join(workdir, f"eval_step{step}.json")
+  metrics = {"step": step, "source": source, **evaluate_state(run, trainable, cfg)}
+  if save and jax.process_index() == 0:
+    with open(out_path, "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics

@@ -1,0 +1,103 @@
+"""One record per model family: everything the rest of the package needs to know about a family.
+
+Models, sharding, the trainer, data and PEFT export read a family's record instead of keeping
+their own tables of names. A new family is one file that calls `register(Family(...))`.
+
+Example:
+  >>> fam = registry.get("bert")
+  >>> fam.heads["classification"], fam.target_presets["attention"]
+  ('classifier/.*', '.*/(query|value)/kernel')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+TASKS = ("classification", "image_classification", "causal_lm", "features")
+
+# Shared tensor-parallel fallback: every other kernel / embedding sharded over fsdp, the rest
+# replicated. A family's own rules come first.
+FSDP_TAIL = ((r".*/(kernel|embedding)", ("fsdp", None)), (r".*", ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What the package knows about one model family.
+
+  Attributes:
+    name: our name ('bert').
+    model_types: transformers `config.model_type` values this family reads.
+    tasks: supported tasks.
+    heads: task -> regex of the task head's params (trained with the adapters, fresh at load).
+    target_presets: name -> adapter targets regex ('attention' = query and value, 'all_linear').
+    column_parallel: regex of kernels whose output axis is split over 'model'.
+    row_parallel: regex of kernels whose input axis is split over 'model'.
+    input_keys: task -> the batch keys the model consumes.
+    tiny_config: (**overrides) -> a tiny random transformers config for tests.
+    image_mean, image_std: the image processor's normalisation (vision families).
+    fused_classes: transformers Flax class names of (self-attention, intermediate) blocks that
+      doran_jax.fused may replace with its memory-lean layers.
+  """
+
+  name: str
+  model_types: tuple[str, ...]
+  tasks: tuple[str, ...]
+  heads: Mapping[str, str]
+  target_presets: Mapping[str, str]
+  column_parallel: str
+  row_parallel: str
+  input_keys: Mapping[str, tuple[str, ...]]
+  tiny_config: Callable[..., Any]
+  image_mean: Optional[float] = None
+  image_std: Optional[float] = None
+  fused_classes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
+  def head(self, task: str) -> str:
+    self.check_task(task)
+    return self.heads.get(task, "")
+
+  def check_task(self, task: str) -> None:
+    if task not in self.tasks:
+      raise ValueError(f"model family {self.name!r} does not support task {task!r}; it supports "
+                       f"{', '.join(self.tasks)}.")
+
+  def tensor_parallel_rules(self) -> tuple:
+    """(regex, PartitionSpec tuple) rules: column/row parallel kernels, then the FSDP tail."""
+    return ((rf".*/({self.column_parallel})/kernel", ("fsdp", "model")),
+            (rf".*/({self.row_parallel})/kernel", ("model", "fsdp"))) + FSDP_TAIL
+
+  def targets(self, preset_or_regex: str) -> str:
+    """A preset name ('attention', 'all_linear') -> its regex; anything else is a regex already."""
+    return self.target_presets.get(preset_or_regex, preset_or_regex)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  if family.name in _FAMILIES:
+    raise ValueError(f"model family {family.name!r} is registered twice.")
+  _FAMILIES[family.name] = family
+  return family
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(_FAMILIES))
+
+
+def get(name: str) -> Family:
+  """The family registered as `name`."""
+  if name not in _FAMILIES:
+    raise ValueError(f"unknown model family {name!r}; supported: {', '.join(names())}.")
+  return _FAMILIES[name]
+
+
+def for_model_type(model_type: str) -> Family:
+  """The family that reads transformers' `config.model_type`."""
+  for family in _FAMILIES.values():
+    if model_type in family.model_types:
+      return family
+  supported = sorted(t for f in _FAMILIES.values() for t in f.model_types)
+  raise ValueError(f"unsupported model_type {model_type!r}; supported model types: "
+                   f"{', '.join(supported)}. A new family is one file in doran_jax/models/.")

@@ -1,0 +1,196 @@
+"""Run construction: model, data, adapters, optimizer, mesh and sharded state from a config.
+
+Shapes first, then shardings (frozen params, trainable tree and optimizer state, all derived
+from the partition rules), then the state initialised directly into them. `setup` copies what
+it is given and returns an immutable `Run`; training produces new states, never a new Run.
+
+Example:
+  >>> run = setup(config)                       # what train.py and the notebook call
+  >>> run.state.step, run.num_steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from doran_jax import data, models, optim, sharding, step
+from doran_jax.adapters import AdapterConfig, count_params, init_adapters
+from doran_jax.adapters import method as method_registry
+from doran_jax.targets import flatten
+from doran_jax.trainable import split_params
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+  """Everything a training run needs; built by `setup`. `state` is the initial TrainState."""
+
+  config: Any
+  backbone: models.Backbone        # its params live in `frozen` and `state.trainable`
+  adapter_cfg: AdapterConfig
+  training: method_registry.Training
+  frozen: Any
+  state: step.TrainState
+  tx: optax.GradientTransformation
+  schedule: Callable
+  mesh: Any
+  train_data: Any
+  eval_data: Any
+  tokenizer: Any
+  num_steps: int
+  state_shardings: Any
+  frozen_shardings: Any
+  train_step: Callable             # jitted (state, frozen, batch) -> (state, metrics)
+
+  def replace(self, **changes) -> "Run":
+    return dataclasses.replace(self, **changes)
+
+
+def adapter_config_from(config, transposed=()) -> AdapterConfig:
+  return AdapterConfig(**{**config.adapter.to_dict(), "transposed": tuple(transposed)})
+
+
+def load_tokenizer(config):
+  """The text tokenizer for the model (None for image models)."""
+  mc = config.model
+  if mc.task == "image_classification":
+    return None
+  path = mc.tokenizer or ("" if mc.tiny else mc.name)
+  if not path:
+    raise ValueError("a tiny text model needs config.model.tokenizer (e.g. 'minilm').")
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(models.resolve(path))
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  return tokenizer
+
+
+def load_model(config, num_labels: Optional[int] = None) -> models.Backbone:
+  """The backbone named by config.model (num_labels from the data when config says 0)."""
+  mc = config.model
+  dtype = jnp.dtype(mc.dtype)
+  overrides = dict(mc.config_overrides or {})
+  labels = None if mc.task == "causal_lm" else (mc.num_labels or num_labels)
+  if mc.tiny:
+    hf_config = models.tiny_config(mc.tiny, **overrides)
+    if labels:
+      hf_config.num_labels = labels
+    bb = models.from_config(hf_config, mc.task, seed=config.seed, dtype=dtype, remat=mc.remat)
+  else:
+    bb = models.load_backbone(mc.name, mc.task, num_labels=labels, dtype=dtype,
+                              config_overrides=overrides, seed=config.seed, remat=mc.remat)
+  if mc.param_dtype != "float32":
+    bb = bb.replace(params=jax.tree_util.tree_map(lambda x: x.astype(mc.param_dtype), bb.params))
+  return bb.replace(fused=bool(mc.fused_layers))
+
+
+def num_train_steps(config, n_train: int) -> int:
+  if config.num_steps:
+    return int(config.num_steps)
+  return max(1, math.ceil(config.num_epochs * n_train / config.batch_size))
+
+
+def head_regex(config, backbone: models.Backbone, method: method_registry.Method) -> str:
+  """The trainable task head: config.head, else the family's head for the task."""
+  if method.trains_backbone:
+    return ""
+  return backbone.family.head(config.model.task) if config.head is None else config.head
+
+
+def check_fresh_params(backbone: models.Backbone, trainable_params, method) -> None:
+  """A parameter initialised at load (not in the checkpoint) must be trained, or it stays random."""
+  if method.trains_backbone:
+    return
+  trained = set(flatten(trainable_params))
+  left = [p for p in backbone.fresh if p not in trained]
+  if left:
+    raise ValueError(
+        f"{len(left)} parameter(s) were freshly initialised at load but are not trainable, so they "
+        f"would stay random: {left[:6]}. Add them to the head with config.head (a regex, e.g. "
+        f"'({'|'.join(sorted({p.split('/')[0] for p in left}))})/.*') or use a checkpoint that has them.")
+
+
+def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
+          with_data: bool = True) -> Run:
+  """Builds model, data, adapters, optimizer, mesh and sharded state from a config.
+
+  `backbone` and `tokenizer` are reused as given (not modified). `with_data=False` skips the
+  data sets (benchmarks feed their own batches; config.num_steps and config.model.num_labels
+  must then be set).
+  """
+  sharding.maybe_initialize_distributed(config.distributed)
+  method = method_registry.get(config.adapter.method)
+  train_data = eval_data = None
+  if with_data:
+    if tokenizer is None:
+      tokenizer = load_tokenizer(config)
+    image_size = config.data.get("image_size", None)
+    train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, image_size=image_size)
+    eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
+  if backbone is None:
+    backbone = load_model(config, train_data.num_classes if train_data else None)
+  adapter_cfg = adapter_config_from(config, backbone.transposed)
+  num_steps = num_train_steps(config, len(train_data)) if train_data else int(config.num_steps)
+  training = (method.training(adapter_cfg, config.get(method.name, None), num_steps)
+              if method.training else method_registry.Training())
+
+  trainable_params, frozen = split_params(backbone.params, method.trains_backbone,
+                                          head_regex(config, backbone, method))
+  check_fresh_params(backbone, trainable_params, method)
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_for(config.sharding_rules, backbone.family)
+  param_specs = sharding.param_specs(backbone.params, mesh, rules, backbone.transposed)
+  frozen_specs = sharding.param_specs(frozen, mesh, rules, backbone.transposed)
+  head_specs = sharding.param_specs(trainable_params, mesh, rules, backbone.transposed)
+  frozen = jax.device_put(frozen, sharding.named(mesh, frozen_specs))
+  params = jax.device_put(backbone.params, sharding.named(mesh, param_specs))
+
+  key_init, key_run = jax.random.split(jax.random.PRNGKey(config.seed))
+  init = functools.partial(init_adapters, cfg=adapter_cfg)
+  abstract_adapters = jax.eval_shape(init, key_init, params)
+  adapter_specs = sharding.adapter_specs(abstract_adapters, params, param_specs, adapter_cfg, mesh)
+  adapters = jax.jit(init, out_shardings=sharding.named(mesh, adapter_specs))(key_init, params)
+  del params
+  trainable = {"params": jax.device_put(trainable_params, sharding.named(mesh, head_specs)),
+               "adapters": adapters}
+  logging.info("trainable: %d adapter + %d head/backbone parameters (%s)", count_params(adapters),
+               count_params(trainable_params), adapter_cfg.method)
+
+  tx, schedule = optim.make_optimizer(config.optim, num_steps, trainable, config.freeze,
+                                      after=training.transform)
+  trainable_shardings = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+  opt_shardings = optimizer_shardings(tx, trainable, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  replicated = sharding.named(mesh, jax.sharding.PartitionSpec())
+  # Every leaf starts on the mesh, so the first step's inputs already have the shardings it
+  # returns and the step compiles once.
+  state = step.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                          trainable=trainable, opt_state=opt_state,
+                          rng=jax.device_put(key_run, replicated))
+  state_shardings = step.TrainState(step=replicated, trainable=trainable_shardings,
+                                    opt_state=opt_shardings, rng=replicated)
+  frozen_shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+  backbone = backbone.replace(params=None)  # a copy: the caller's backbone keeps its params
+  train_step = step.make_train_step(
+      backbone, adapter_cfg, tx, training, mesh=mesh, state_shardings=state_shardings,
+      frozen_shardings=frozen_shardings,
+      accum_steps=int(config.optim.accum_steps))
+  return Run(config=config, backbone=backbone, adapter_cfg=adapter_cfg, training=training,
+             frozen=frozen, state=state, tx=tx, schedule=schedule, mesh=mesh,
+             train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
+             num_steps=num_steps, state_shardings=state_shardings,
+             frozen_shardings=frozen_shardings, train_step=train_step)
+
+
+def optimizer_shardings(tx, trainable, mesh):
+  """Optimizer-state shardings derived from the trainable tree's, before any state exists."""
+  known = {path: (leaf.shape, leaf.sharding) for path, leaf in flatten(trainable).items()}
+  return sharding.state_shardings_like(jax.eval_shape(tx.init, trainable), known, mesh)
