@@ -1,0 +1,358 @@
+"""Hugging Face checkpoint folders (config.json + safetensors) to Flax params and back, without torch.
+
+The naming rule. Our param path is the PyTorch state-dict name with '.' -> '/', except for the
+leaf's own key:
+
+  torch                      ours                     layout
+  Linear      .weight (O, I) .../kernel (I, O)        transposed
+  Conv1D      .weight (I, O) .../kernel (I, O)        as is (GPT-2; the family's `no_transpose`)
+  Conv{1,2}d  .weight (O, I, *K) .../kernel (*K, I, O)  axes moved (flax's conv layout)
+  Embedding   .weight        .../embedding            as is
+  LayerNorm / RMSNorm .weight .../scale               as is
+  any         .bias          .../bias                 as is
+  a parameter such as ViT's `cls_token` keeps its name and layout.
+
+Which torch `weight` an our-path leaf came from is decided by our leaf name, so the abstract param
+tree of the Flax module (from `jax.eval_shape` of its init) drives loading: every leaf is looked
+up in the checkpoint, and what the checkpoint lacks is reported, not invented.
+
+Example:
+  >>> state = read_state("ckpt/", dtype=ml_dtypes.bfloat16)          # host numpy, cast on read
+  >>> abstract = jax.eval_shape(module.init, key, batch)["params"]
+  >>> params, missing, unused = to_flax(state, abstract, prefix="bert")
+  >>> save_pretrained(params, read_config("ckpt/"), "out/")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+SEP = "/"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Our leaf key -> torch's, for leaves that torch names `weight`.
+_WEIGHT_LEAVES = ("kernel", "embedding", "scale")
+
+
+# ------------------------------------------------------------------------------------ reading
+
+def _listing(path: str) -> str:
+  try:
+    names = sorted(os.listdir(path))
+  except OSError:
+    return "(the folder does not exist)"
+  return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "(empty)"
+
+
+def read_config(path: str) -> dict:
+  """The folder's config.json as a dict.
+
+  Example:
+    >>> read_config("ckpt/")["model_type"]
+    'bert'
+  """
+  path = os.fspath(path)
+  file = os.path.join(path, CONFIG)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"no {CONFIG} in {path!r}; it holds: {_listing(path)}.")
+  with open(file) as f:
+    return json.load(f)
+
+
+def weight_files(path: str) -> list[str]:
+  """The safetensors files of a checkpoint folder: the single file, or the index's shards in order."""
+  path = os.fspath(path)
+  index = os.path.join(path, INDEX)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    # dict.fromkeys keeps the index's first-seen order and drops repeats.
+    files = [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
+    absent = [f for f in files if not os.path.isfile(f)]
+    if absent:
+      raise FileNotFoundError(f"{INDEX} in {path!r} names shards that are not there: "
+                              f"{[os.path.basename(f) for f in absent]}; it holds: {_listing(path)}.")
+    return files
+  single = os.path.join(path, WEIGHTS)
+  if os.path.isfile(single):
+    return [single]
+  hint = ""
+  if os.path.isdir(path) and any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(path)):
+    hint = (" PyTorch pickles (.bin) are not read without torch: convert them once with "
+            "transformers (`model.save_pretrained(path, safe_serialization=True)`).")
+  raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {path!r}; it holds: {_listing(path)}.{hint}")
+
+
+def iter_state(path: str, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (torch name, host array) one tensor at a time, shard after shard.
+
+  Each tensor is cast to `dtype` (a numpy or ml_dtypes dtype) as it is read, so a bf16 load never
+  holds more than one float32 tensor. For callers that place tensors on devices as they come.
+
+  Example:
+    >>> for name, x in iter_state("ckpt/", dtype=ml_dtypes.bfloat16):
+    ...   print(name, x.shape, x.dtype)
+  """
+  from safetensors import safe_open
+  dtype = as_numpy_dtype(dtype)
+  for file in weight_files(path):
+    with safe_open(file, framework="np") as f:
+      for name in f.keys():
+        x = f.get_tensor(name)
+        # Integer buffers (position ids) keep their type; only floating tensors are cast.
+        if dtype is not None and _is_float(x.dtype) and x.dtype != dtype:
+          x = x.astype(dtype)
+        yield name, x
+
+
+def as_numpy_dtype(dtype):
+  """None, a name ('bfloat16', 'float32'), a numpy/ml_dtypes type or jnp.bfloat16 -> np.dtype."""
+  if dtype is None:
+    return None
+  if isinstance(dtype, str):
+    import ml_dtypes
+    return np.dtype(getattr(ml_dtypes, dtype)) if hasattr(ml_dtypes, dtype) else np.dtype(dtype)
+  return np.dtype(dtype)
+
+
+def _is_float(dtype) -> bool:
+  # ml_dtypes' bfloat16 and float8 types are not np.floating subtypes.
+  return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name.startswith(("bfloat", "float"))
+
+
+def read_state(path: str, *, dtype=None) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint folder (single file or sharded) as {torch name: host array}.
+
+  Example:
+    >>> state = read_state("ckpt/", dtype=ml_dtypes.bfloat16)
+    >>> state["embeddings.word_embeddings.weight"].dtype
+    dtype(bfloat16)
+  """
+  return dict(iter_state(path, dtype=dtype))
+
+
+# ------------------------------------------------------------------------------------ naming
+
+def torch_name(our_path: str) -> str:
+  """Our '/'-joined param path -> its PyTorch state-dict name.
+
+  Example:
+    >>> torch_name("bert/encoder/layer/0/attention/self/query/kernel")
+    'bert.encoder.layer.0.attention.self.query.weight'
+  """
+  *head, leaf = our_path.split(SEP)
+  return ".".join(head + ["weight" if leaf in _WEIGHT_LEAVES else leaf])
+
+
+def _from_torch_layout(x, our_path: str, transpose: bool):
+  leaf = our_path.rsplit(SEP, 1)[-1]
+  if leaf != "kernel" or not transpose:
+    return x
+  if x.ndim == 2:
+    return x.T
+  if x.ndim >= 3:
+    # torch conv (O, I, *K) -> flax conv (*K, I, O).
+    return np.transpose(x, tuple(range(2, x.ndim)) + (1, 0))
+  return x
+
+
+def _to_torch_layout(x, our_path: str, transpose: bool):
+  leaf = our_path.rsplit(SEP, 1)[-1]
+  if leaf != "kernel" or not transpose:
+    return x
+  if x.ndim == 2:
+    return x.T
+  if x.ndim >= 3:
+    n = x.ndim
+    return np.transpose(x, (n - 1, n - 2) + tuple(range(n - 2)))
+  return x
+
+
+def _fullmatch(pattern: str, path: str) -> bool:
+  return bool(pattern) and re.fullmatch(pattern, path) is not None
+
+
+def _flat(tree) -> dict[str, Any]:
+  if hasattr(tree, "unfreeze"):
+    tree = tree.unfreeze()
+  return {SEP.join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict({tuple(k.split(SEP)): v for k, v in flat.items()})
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+  """A name as our model spells it, then with the base-model prefix removed or added.
+
+  A bare-model checkpoint (BertModel: `embeddings...`) loads into a task model (`bert.embeddings...`)
+  and a task checkpoint into a bare model, as transformers' base_model_prefix does.
+  """
+  if not prefix:
+    return [name]
+  p = prefix + "."
+  return [name, name[len(p):]] if name.startswith(p) else [name, p + name]
+
+
+def to_flax(state: Mapping[str, np.ndarray], abstract_params, *, no_transpose: str = r"",
+            renames: Sequence[tuple[str, str]] = (), tied: Sequence[tuple[str, str]] = (),
+            prefix: str = "") -> tuple[dict, list[str], list[str]]:
+  """Builds the nested param dict of `abstract_params` from a torch-named state dict.
+
+  Args:
+    state: {torch name: array} (e.g. `read_state(path)`); arrays keep their dtype.
+    abstract_params: the module's param tree (arrays or jax.ShapeDtypeStruct), e.g.
+      `jax.eval_shape(module.init, key, batch)["params"]`; only shapes and structure are used.
+    no_transpose: regex (full match over our paths) of 2-D kernels torch already stores (in, out).
+    renames: (regex, replacement) pairs applied in order (`re.sub`) to checkpoint names first, for
+      checkpoints whose names differ from the rule (old BERT's `LayerNorm.gamma`).
+    tied: (our_path, source_our_path) pairs: a leaf the checkpoint lacks is filled from the source
+      (transposed when only that fits, as a tied lm_head from the embedding); a pair whose path
+      the model does not have is skipped.
+    prefix: the base model's prefix ('bert'); names are also tried without or with it.
+
+  Returns:
+    (params, missing, unused): params holds only the leaves found (host arrays, our layout);
+    missing lists our paths the checkpoint lacks (a fresh head: initialise and log them); unused
+    lists checkpoint names no leaf took.
+
+  Example:
+    >>> params, missing, unused = to_flax(state, abstract, prefix="bert")
+    >>> missing
+    ['classifier/bias', 'classifier/kernel']
+  """
+  renamed = {}
+  for name, x in state.items():
+    new = name
+    for pattern, repl in renames:
+      new = re.sub(pattern, repl, new)
+    if new in renamed:
+      raise ValueError(f"renames map two checkpoint tensors to {new!r} (one of them {name!r}).")
+    renamed[new] = (name, x)
+
+  flat_abstract = _flat(abstract_params)
+  if flat_abstract and all(p.startswith("params" + SEP) for p in flat_abstract):
+    raise ValueError("to_flax takes the param tree (variables['params']), not the variables dict.")
+  out, missing, taken = {}, [], set()
+  for path, spec in flat_abstract.items():
+    found = next((c for c in _candidates(torch_name(path), prefix) if c in renamed), None)
+    if found is None:
+      missing.append(path)
+      continue
+    original, x = renamed[found]
+    y = _from_torch_layout(x, path, not _fullmatch(no_transpose, path))
+    want = tuple(spec.shape)
+    if tuple(y.shape) != want:
+      ours = "" if y.shape == x.shape else f" (torch layout; {tuple(y.shape)} in ours)"
+      raise ValueError(f"shape mismatch for {original!r} -> {path!r}: the checkpoint has "
+                       f"{tuple(x.shape)}{ours}, the model expects {want}.")
+    out[path] = y
+    taken.add(found)
+
+  for path, source in tied:
+    # Loaded from the checkpoint, or not a param of this model (a head that reads the embedding).
+    if path not in missing:
+      continue
+    if source not in out:
+      raise ValueError(f"tied param {path!r}: its source {source!r} was not loaded.")
+    want = tuple(flat_abstract[path].shape)
+    x = out[source]
+    if tuple(x.shape) == want:
+      out[path] = x
+    elif x.ndim == 2 and tuple(x.shape[::-1]) == want:
+      out[path] = x.T
+    else:
+      raise ValueError(f"shape mismatch for tied {path!r} (expects {want}) from {source!r} "
+                       f"{tuple(x.shape)}.")
+    missing.remove(path)
+
+  unused = sorted(orig for new, (orig, _) in renamed.items() if new not in taken)
+  return _nest(out), missing, unused
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def to_torch_names(params, *, no_transpose: str = r"",
+                   drop: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Our params -> {torch name: contiguous host array} in torch's layouts (dtypes kept).
+
+  Example:
+    >>> sd = to_torch_names(params)
+    >>> sd["bert.encoder.layer.0.attention.self.query.weight"].shape   # (out, in)
+    (32, 32)
+  """
+  out = {}
+  drop = set(drop)
+  for path, x in _flat(params).items():
+    if path in drop:
+      continue
+    host = np.asarray(x)
+    out[torch_name(path)] = np.ascontiguousarray(
+        _to_torch_layout(host, path, not _fullmatch(no_transpose, path)))
+  return out
+
+
+def save_pretrained(params, hf_config_dict: Mapping[str, Any], path: str, *,
+                    no_transpose: str = r"", drop: Sequence[str] = (),
+                    max_shard_bytes: Optional[int] = None) -> list[str]:
+  """Writes `config.json` + `model.safetensors` (or shards + index) loadable by transformers.
+
+  Args:
+    params: our param tree (jax or numpy arrays; their dtypes are written).
+    hf_config_dict: the transformers config as a dict (e.g. `read_config(src)`), written as is.
+    path: output folder (created).
+    no_transpose: as in `to_flax`.
+    drop: our paths not to write (a tied lm_head; transformers re-ties it on load).
+    max_shard_bytes: split into shards of about this size, one shard in host memory at a time.
+
+  Returns:
+    The weight files written.
+
+  Example:
+    >>> save_pretrained(params, read_config("ckpt/"), "out/", drop=("lm_head/kernel",))
+  """
+  from safetensors.numpy import save_file
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, CONFIG), "w") as f:
+    json.dump(dict(hf_config_dict), f, indent=2, sort_keys=True)
+  drop = set(drop)
+  flat = {p: x for p, x in _flat(params).items() if p not in drop}
+  # Group our paths into shards by byte size before converting, so only one shard is on the host.
+  shards, size = [[]], 0
+  for p, x in flat.items():
+    nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(p)
+    size += nbytes
+  # transformers rejects safetensors files without this metadata.
+  meta = {"format": "pt"}
+  # A previous save's files would otherwise shadow or mix with these (the index wins on load).
+  for stale in os.listdir(path):
+    if stale in (WEIGHTS, INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
+      os.remove(os.path.join(path, stale))
+  if len(shards) == 1:
+    save_file(to_torch_names(_nest({p: flat[p] for p in shards[0]}), no_transpose=no_transpose),
+              os.path.join(path, WEIGHTS), metadata=meta)
+    return [os.path.join(path, WEIGHTS)]
+  files, weight_map, total = [], {}, 0
+  for i, group in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    tensors = to_torch_names(_nest({p: flat[p] for p in group}), no_transpose=no_transpose)
+    save_file(tensors, os.path.join(path, name), metadata=meta)
+    weight_map.update({k: name for k in tensors})
+    total += sum(v.nbytes for v in tensors.values())
+    files.append(os.path.join(path, name))
+    del tensors
+  with open(os.path.join(path, INDEX), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return files

@@ -1,0 +1,253 @@
+"""Pieces shared by our Flax model families: attention, norms, projections, activations.
+
+Conventions every family keeps (the adapters and the checkpoint loader rely on them):
+  * every projection an adapter may target is a `flax.linen.Dense` (kernel (in, out)) created
+    with an explicit name, so `module.scope.path` is its param path without the leaf
+    (doran_jax.adapters.factored intercepts `nn.Dense.__call__` by that path);
+  * norms keep their weight as `scale` (and `bias`), embeddings as `embedding`, so
+    doran_jax.models.hf_io maps them to torch's `weight`;
+  * attention takes (B, T, H, D) tensors; scores and softmax run in float32.
+
+Example:
+  >>> q = dense(64, name="query", dtype=jnp.bfloat16)(x)           # (B, T, 64)
+  >>> out_BxTxHxD = dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+  ...                                     mask=attention_mask, causal=True)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = Any
+Dtype = Any
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# Masked scores get the most negative float32 rather than -inf: a row with every key masked
+# (a padded query) then softmaxes to uniform weights instead of NaN, as PyTorch's eager path does.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+# ----------------------------------------------------------------------------------- attention
+
+def _heads_to_groups(x, num_kv: int):
+  """(b, h, t, s) with h in {1, H} -> (b, 1|K, 1|G, t, s) for the grouped score layout."""
+  if x.ndim != 4:
+    raise ValueError(f"attention mask/bias must be (B, S) or broadcastable to (B, H, T, S); got "
+                     f"shape {x.shape}.")
+  b, h, t, s = x.shape
+  if h == 1:
+    return x[:, :, None]
+  return x.reshape(b, num_kv, h // num_kv, t, s)
+
+
+def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, *,
+                          mask: Optional[Array] = None, causal: bool = False,
+                          bias: Optional[Array] = None, dropout_rate: float = 0.0,
+                          dropout_rng: Optional[jax.Array] = None, scale: Optional[float] = None,
+                          logit_softcap: Optional[float] = None,
+                          window: Optional[int] = None, dtype: Optional[Dtype] = None) -> Array:
+  """Softmax attention with grouped-query heads, padding/causal/window masks and dropout.
+
+  K and V may have fewer heads K than the H query heads (H % K == 0); query heads are grouped as
+  (K, G = H / K) and the repeated K/V are never materialised. Scores, masking and softmax are in
+  float32; the probabilities are cast to v's dtype for the value product.
+
+  Args:
+    q_BxTxHxD: queries.
+    k_BxSxKxD, v_BxSxKxD: keys and values.
+    mask: True / 1 = attend. (B, S) key padding (transformers' `attention_mask`), or boolean
+      broadcastable to (B, H, T, S) with its head axis 1 or H.
+    causal: query t sees keys s <= t + (S - T) (the last T queries of S positions, so a
+      KV cache lines up).
+    bias: added to the scaled scores, broadcastable to (B, H, T, S) (head axis 1 or H).
+    dropout_rate, dropout_rng: dropout on the probabilities (PyTorch's: per element, scaled by
+      1 / (1 - rate)); applied only when both rate > 0 and an rng are given.
+    scale: score scale; 1 / sqrt(D) when None.
+    logit_softcap: scores -> cap * tanh(scores / cap) before masking (Gemma 2).
+    window: sliding window: a query also only sees keys s > t + (S - T) - window.
+    dtype: output dtype; v's when None.
+
+  Returns:
+    (B, T, H, D) attention outputs.
+
+  Example:
+    >>> out = dot_product_attention(q, k, v, mask=batch["attention_mask"], causal=True)
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  s, kv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  if h % kv:
+    raise ValueError(f"{h} query heads do not split into groups over {kv} key/value heads.")
+  g = h // kv
+  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, g, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                      preferred_element_type=jnp.float32)
+  scores = scores.astype(jnp.float32) * jnp.float32(scale)
+  if logit_softcap:
+    scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+  if bias is not None:
+    scores = scores + _heads_to_groups(jnp.asarray(bias, jnp.float32), kv)
+
+  keep = None
+  if mask is not None:
+    mask = jnp.asarray(mask).astype(bool)
+    keep = mask[:, None, None, None, :] if mask.ndim == 2 else _heads_to_groups(mask, kv)
+  if causal or window is not None:
+    q_pos = jnp.arange(t)[:, None] + (s - t)
+    k_pos = jnp.arange(s)[None, :]
+    allowed_TxS = jnp.ones((t, s), bool)
+    if causal:
+      allowed_TxS = allowed_TxS & (k_pos <= q_pos)
+    if window is not None:
+      allowed_TxS = allowed_TxS & (k_pos > q_pos - window)
+    keep = allowed_TxS if keep is None else keep & allowed_TxS
+  if keep is not None:
+    scores = jnp.where(keep, scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1)
+
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    kept = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(kept, probs / (1.0 - dropout_rate), 0.0)
+  out_dtype = v_BxSxKxD.dtype if dtype is None else dtype
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+  return out.reshape(b, t, h, d).astype(out_dtype)
+
+
+def padding_mask(batch: dict, key: str = "input_ids") -> Array:
+  """`batch['attention_mask']` as bool (B, T), all True when absent (T from `batch[key]`)."""
+  if batch.get("attention_mask") is not None:
+    return jnp.asarray(batch["attention_mask"]).astype(bool)
+  ids = batch[key]
+  return jnp.ones(ids.shape[:2], bool)
+
+
+# ----------------------------------------------------------------------------------- layers
+
+def normal_init(std: float = 0.02):
+  """transformers' default weight init (normal with `initializer_range`), for fresh heads."""
+  return nn.initializers.normal(stddev=std)
+
+
+def dense(features: int, *, name: str, use_bias: bool = True, dtype: Optional[Dtype] = None,
+          param_dtype: Dtype = jnp.float32, std: float = 0.02) -> nn.Dense:
+  """A `flax.linen.Dense` in our convention: explicit name, kernel (in, out), bias zeros.
+
+  Example:
+    >>> y = dense(3, name="classifier", dtype=jnp.float32)(x)
+  """
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=normal_init(std), bias_init=nn.initializers.zeros, name=name)
+
+
+def embed(num: int, features: int, *, name: str, dtype: Optional[Dtype] = None,
+          param_dtype: Dtype = jnp.float32, std: float = 0.02) -> nn.Embed:
+  """A `flax.linen.Embed` (param `embedding`, (num, features)).
+
+  Example:
+    >>> x = embed(128, 32, name="word_embeddings")(input_ids)
+  """
+  return nn.Embed(num, features, dtype=dtype, param_dtype=param_dtype,
+                  embedding_init=normal_init(std), name=name)
+
+
+def layer_norm(epsilon: float, *, name: str, dtype: Optional[Dtype] = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True) -> nn.LayerNorm:
+  """PyTorch's LayerNorm as `flax.linen.LayerNorm` (params `scale`, `bias`).
+
+  Statistics in float32 with the two-pass variance E[(x - mean)^2] that torch uses (flax's default
+  one-pass E[x^2] - mean^2 differs by rounding).
+
+  Example:
+    >>> y = layer_norm(1e-12, name="LayerNorm")(x)
+  """
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+                      use_fast_variance=False, name=name)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) · (offset + scale), statistics in float32; param `scale` (d,).
+
+  Attributes:
+    epsilon: added to the mean square.
+    scale_offset: 0 for Llama/Mistral/Qwen (scale init ones); 1 for Gemma, whose stored weight
+      w multiplies as (1 + w) (init zeros).
+    scale_in_float32: Gemma multiplies by the scale in float32 and casts after; Llama casts the
+      normalised x to the input dtype first, then multiplies.
+    dtype: output dtype; the input's when None.
+
+  Example:
+    >>> y = RMSNorm(1e-6, name="input_layernorm")(x)
+  """
+
+  epsilon: float = 1e-6
+  scale_offset: float = 0.0
+  scale_in_float32: bool = False
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.scale_offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+    if self.scale_in_float32:
+      return (normed * (self.scale_offset + scale.astype(jnp.float32))).astype(dtype)
+    return (normed.astype(x.dtype) * (self.scale_offset + scale).astype(x.dtype)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------- activations
+
+def gelu(x):
+  """Exact GELU x·Φ(x) with Φ from erf (PyTorch's `gelu`, transformers' 'gelu')."""
+  return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))))
+
+
+def gelu_tanh(x):
+  """The tanh approximation (transformers' 'gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')."""
+  c = jnp.asarray(_SQRT_2_OVER_PI, x.dtype)
+  return 0.5 * x * (1.0 + jnp.tanh(c * (x + jnp.asarray(0.044715, x.dtype) * x * x * x)))
+
+
+def quick_gelu(x):
+  """x·sigmoid(1.702 x) (transformers' 'quick_gelu')."""
+  return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable:
+  """transformers' `hidden_act` name -> the function.
+
+  Example:
+    >>> activation("gelu_new")(x)
+  """
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}.")
+  return ACTIVATIONS[name]
+
+
+def dropout(rate: float, x, module: nn.Module, train: bool):
+  """Dropout on `x` from the module's 'dropout' rng stream in train mode; identity otherwise."""
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
