@@ -19,7 +19,6 @@ import csv
 import json
 import os
 import shutil
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import types
 
 
@@ -25,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from doran_jax import config_lib, optim, sharding  # noqa: E402
+from doran_jax import config_lib, models, optim, sharding  # noqa: E402
 from doran_jax.adapters import AdapterConfig, init_adapters  # noqa: E402
 from doran_jax.targets import flatten  # noqa: E402
 
@@ -35,13 +34,12 @@ TARGETS = r".*/(q_proj|k_proj|v_proj|up_proj|down_proj)/kernel"
 
 
 def llama7b_shapes():
-  import transformers
-  cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
-  model = transformers.FlaxLlamaForCausalLM(cfg, _do_init=False, dtype=jnp.bfloat16)
-  shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 8)))
-  shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), shapes)
-  return cfg, dict(shapes)
+  cfg = models.tiny_config("llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                           max_position_embeddings=2048)
+  bb_shapes = jax.eval_shape(
+      lambda: models.from_config(cfg, "causal_lm", dtype="bfloat16", param_dtype="bfloat16").params)
+  return cfg, dict(bb_shapes)
 
 
 def per_device_bytes(tree, specs, mesh_shape) -> float:

@@ -7,7 +7,6 @@ r"""Trainable parameters per method on the real all-MiniLM-L6-v2, printed as a m
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -168,7 +167,7 @@ def main(argv=None):
   p.add_argument("--param-dtype", default="float32", help="backbone storage dtype")
   p.add_argument("--remat", action="store_true", help="rematerialise the forward in the backward")
   p.add_argument("--no-fused", action="store_true",
-                 help="the model's own attention and GELU instead of doran_jax.fused")
+                 help="plain XLA attention and GELU instead of the memory-lean custom VJPs (model.fused_layers=False)")
   p.add_argument("--sharding", default="replicated", help="replicated | fsdp | tensor_parallel")
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)

@@ -3,8 +3,7 @@
 A checkpoint holds the TrainState (trainable tree, optimizer state, step, RNG and any method state)
 plus a JSON record (the data position and the adapter config). Exports:
   - adapter-only: `adapters.msgpack` (trainable tree) + `adapter_config.json`;
-  - merged: the backbone with `apply_adapters(..., train=False)` folded in, written with
-    `save_pretrained`, loadable by the plain transformers Flax class.
+  - merged: doran_jax.models.save_pretrained (the backbone with the adapters folded in).
 """
 
 from __future__ import annotations
@@ -94,12 +93,3 @@ def load_adapters(directory: str) -> tuple[Any, AdapterConfig, dict]:
     trainable = serialization.msgpack_restore(f.read())
   cfg = AdapterConfig.from_dict(record.pop("adapter"))
   return trainable, cfg, record
-
-
-def export_merged(directory: str, model, merged_params, tokenizer=None) -> None:
-  """Saves the backbone with the adapters folded in (`save_pretrained`): zero inference overhead."""
-  os.makedirs(directory, exist_ok=True)
-  model.save_pretrained(directory, params=jax.device_get(merged_params))
-  if tokenizer is not None:
-    tokenizer.save_pretrained(directory)
-  logging.info("export: merged model to %s", directory)

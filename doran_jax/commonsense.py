@@ -9,12 +9,13 @@ commonsense_evaluate.py does. Model-free except `make_generate_fn`.
 Example:
   >>> records = load_records("../shared/data/commonsense/boolq/test.json", task="boolq")
   >>> arrays = tokenize_examples(records, tokenizer, max_length=256)
-  >>> evaluate_commonsense(make_generate_fn(model, params, tokenizer), records[:64])
+  >>> evaluate_commonsense(make_generate_fn(bb, params, tokenizer), records[:64])
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -272,26 +273,34 @@ def evaluate_commonsense(generate_fn: Callable[[list[str]], list[str]], examples
   return result
 
 
-def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
+def make_generate_fn(backbone, params, tokenizer, max_new_tokens: int = 32, *,
                      max_prompt_length: Optional[int] = None, pad_to_multiple_of: int = 64
                      ) -> Callable[[list[str]], list[str]]:
-  """Batched greedy decoding with a transformers Flax causal LM, prompts left padded.
+  """Batched greedy decoding with a causal-LM `models.Backbone` (any family), prompts right padded.
 
   Prompts are encoded like training (`encode`), cut to their last `max_prompt_length` tokens
   (at most the model's positions minus `max_new_tokens`; the end holds the '### Response:'
-  cue) and left padded to a multiple of
-  `pad_to_multiple_of`, so the jitted generate compiles once per padded length. Returns only
-  the new text.
+  cue) and right padded to a multiple of `pad_to_multiple_of`; decoding is
+  `models.generate.greedy_generate`, jitted once here, so it compiles once per padded length and
+  a row's output does not depend on its batch. Returns only the new text, up to the first EOS
+  (the tokenizer's, else the config's), special tokens dropped.
 
   Example:
-    >>> gen = make_generate_fn(bb.model, params, tokenizer, max_new_tokens=32)
+    >>> gen = make_generate_fn(bb, params, tokenizer, max_new_tokens=32)
     >>> gen(["Below is an instruction ..."])      # ['the correct answer is true']
   """
+  # Lazy: the rest of this module (data loading) must not pull in the model families.
+  from doran_jax.models import generate  # pylint: disable=import-outside-toplevel
+  if getattr(backbone, "task", None) != "causal_lm" or not hasattr(backbone, "apply"):
+    raise ValueError("make_generate_fn needs a causal-LM models.Backbone (models.load_backbone("
+                     f"..., 'causal_lm')); got {type(backbone).__name__} with task "
+                     f"{getattr(backbone, 'task', None)!r}.")
   if max_new_tokens <= 0 or pad_to_multiple_of <= 0:
     raise ValueError(f"max_new_tokens ({max_new_tokens}) and pad_to_multiple_of "
                      f"({pad_to_multiple_of}) must be positive.")
-  # Prompt + answer must fit the model's positions (the Flax causal mask has that size).
-  positions = getattr(model.config, "max_position_embeddings", None)
+  config = backbone.config
+  # Prompt + answer must fit the model's position table (GPT-2 names its size n_positions).
+  positions = config.get("max_position_embeddings") or config.get("n_positions")
   if positions:
     room = positions - max_new_tokens
     if room <= 0:
@@ -300,14 +309,12 @@ def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
     max_prompt_length = min(max_prompt_length or room, room)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   eos = tokenizer.eos_token_id
-  if eos is None:
-    eos = getattr(model.config, "eos_token_id", None)
-
-  @jax.jit
-  def _generate(p, input_ids, attention_mask):
-    return model.generate(input_ids, attention_mask=attention_mask, params=p,
-                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                          pad_token_id=pad, eos_token_id=eos).sequences
+  stops = generate.eos_ids(eos if eos is not None else config.get("eos_token_id"))
+  # Built once per generate_fn (params are an argument, not a constant), so jit's cache holds one
+  # program per (batch, padded length).
+  generate_jit = jax.jit(functools.partial(
+      generate.greedy_generate, backbone.apply, max_new_tokens=max_new_tokens,
+      eos_token_id=stops, pad_token_id=pad))
 
   def generate_fn(prompts: list[str]) -> list[str]:
     if not prompts:
@@ -320,9 +327,15 @@ def make_generate_fn(model, params, tokenizer, max_new_tokens: int = 32, *,
     input_ids = np.full((len(encoded), length), pad, np.int32)
     attention_mask = np.zeros((len(encoded), length), np.int32)
     for i, e in enumerate(encoded):
-      input_ids[i, length - len(e):] = e
-      attention_mask[i, length - len(e):] = 1
-    sequences = np.asarray(_generate(params, input_ids, attention_mask))
-    return [tokenizer.decode(s[length:], skip_special_tokens=True).strip() for s in sequences]
+      input_ids[i, :len(e)] = e
+      attention_mask[i, :len(e)] = 1
+    sequences = np.asarray(generate_jit(params, input_ids, attention_mask))
+    texts = []
+    for row, e in zip(sequences, encoded):
+      new = row[len(e):len(e) + max_new_tokens].tolist()
+      # Cut at EOS: what follows is padding, which a tokenizer may not count as special.
+      stop = next((i for i, tok in enumerate(new) if tok in stops), len(new))
+      texts.append(tokenizer.decode(new[:stop], skip_special_tokens=True).strip())
+    return texts
 
   return generate_fn

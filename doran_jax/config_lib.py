@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="minilm", task="classification", num_labels=0, dtype="float32", param_dtype="float32",
       tiny="", tokenizer="", remat=False, config_overrides={},
-      # Memory-lean attention and GELU for BERT/RoBERTa/ViT (doran_jax.fused); same maths.
+      # Memory-lean attention and GELU on CPU (models/modeling/fused_ops.py); same maths.
       fused_layers=True))
   c.adapter = adapter_defaults()
   c.head = config_dict.placeholder(str)   # None -> the task's default head regex

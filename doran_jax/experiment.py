@@ -11,13 +11,12 @@ from __future__ import annotations
 import collections
 import json
 import os
-import warnings
 from typing import Optional
 
 import jax
 from absl import logging
 
-from doran_jax import checkpoint, commonsense, evaluate, progress, sharding, trainer
+from doran_jax import checkpoint, commonsense, evaluate, models, progress, sharding, trainer
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
@@ -27,11 +26,10 @@ log = trainer.log
 
 
 def quiet_third_party_logs() -> None:
-  """Keeps the console to our progress lines: transformers' load chatter and the deprecation notice
-  of its Flax classes (we pin the last line that has them) go to errors only."""
-  import transformers
+  """Keeps the console to our progress lines: transformers' tokenizer chatter and absl's info
+  lines go to warnings and errors only."""
+  import transformers  # for its logger only; imported by the tokenizer anyway
   transformers.logging.set_verbosity_error()
-  warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
   logging.set_verbosity(logging.WARNING)
 
 
@@ -65,7 +63,9 @@ def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optiona
              "trainable_params": count_params(state.trainable),
              "adapter_params": count_params(state.trainable["adapters"])}
   if run.training.summary is not None:
-    results.update(run.training.summary(jax.device_get(state.trainable["adapters"])))
+    summary = run.training.summary(jax.device_get(state.trainable["adapters"]))
+    log(f"{run.adapter_cfg.method}: " + json.dumps(summary))
+    results.update(summary)
   results["eval"] = evaluate_state(run, state.trainable)
   if run.backbone.task == "causal_lm" and config.generate.enabled:
     results["eval"]["commonsense"] = generation_eval(run, state, config.generate)
@@ -94,14 +94,15 @@ def generation_eval(run, state, generate) -> dict:
     if not limit or seen[example["task"]] <= limit:
       examples.append(example)
   merged = evaluate.merged_params(run.frozen, state.trainable, run.adapter_cfg)
-  generate_fn = commonsense.make_generate_fn(run.backbone.model, merged, run.tokenizer,
+  generate_fn = commonsense.make_generate_fn(run.backbone, merged, run.tokenizer,
                                              max_new_tokens=int(generate.max_new_tokens))
   return commonsense.evaluate_commonsense(generate_fn, examples, None,
                                           batch_size=run.config.eval_batch_size)
 
 
 def export(run, state, workdir: str) -> None:
-  """Adapter-only export always; the merged save_pretrained export when config.export.merged."""
+  """Adapter-only export always; with config.export.merged also the backbone with the adapters
+  folded in, in transformers' PyTorch names and layouts (models.save_pretrained)."""
   if jax.process_index() != 0:
     return
   extra = {"model": run.config.model.to_dict(), "head": run.config.head, "step": int(state.step)}
@@ -110,8 +111,8 @@ def export(run, state, workdir: str) -> None:
   if run.config.export.merged:
     merged = jax.jit(lambda f, t: effective_params(f, t, run.adapter_cfg, train=False))(
         run.frozen, state.trainable)
-    checkpoint.export_merged(os.path.join(workdir, "export", "merged"), run.backbone.model, merged,
-                             run.tokenizer)
+    models.save_pretrained(run.backbone, merged, os.path.join(workdir, "export", "merged"),
+                           tokenizer=run.tokenizer)
 
 
 def run_experiment(config, workdir: Optional[str] = None) -> dict:

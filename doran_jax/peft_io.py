@@ -8,12 +8,14 @@ after the torch modules, in PyTorch's (out, in) layout:
   base_model.model.<module>.lora_magnitude_vector  (out,)     DoRA's m
   base_model.model.<head>.<param>                  modules_to_save (a trained task head)
 
-Flax module paths of the transformers Flax classes (BERT/RoBERTa, ViT, GPT-2, LLaMA) are the torch
-module names with '/' for '.', so `bert/encoder/layer/0/attention/self/query/kernel` belongs to the
-torch module `bert.encoder.layer.0.attention.self.query`. Flax keeps every kernel as the transpose
-of the torch weight (Dense: (in, out) vs Linear (out, in); GPT-2's Conv1D: (out, in) vs (in, out)).
-PEFT's lora_A / lora_B have the same layout for Linear and Conv1D; `fan_in_fan_out` only tells PEFT
-that the base weight of a Conv1D is stored (in, out).
+Our families' module paths are the torch module names with '/' for '.', so
+`bert/encoder/layer/0/attention/self/query/kernel` belongs to the torch module
+`bert.encoder.layer.0.attention.self.query`. Our kernels are stored (in, out); torch's Linear
+weight is (out, in) and GPT-2's Conv1D weight (in, out) (the family's `no_transpose`). PEFT's
+lora_A / lora_B have the same layout for Linear and Conv1D; `fan_in_fan_out` only tells PEFT that
+the base weight of a Conv1D is stored (in, out), so it follows from `no_transpose`, not from ours.
+Kernels listed in `AdapterConfig.transposed` (trees that still store some kernels (out, in)) are
+handled too.
 
 Export per method (every export reproduces our `apply_adapters(..., train=False)` weights):
   lora, dora  as themselves.
@@ -22,6 +24,10 @@ Export per method (every export reproduces our `apply_adapters(..., train=False)
   dyndora     as LoRA with only the live components (gate != 0), the gate folded into B; layers of
               different live rank get PEFT's `rank_pattern` / `alpha_pattern`, and a layer with no
               live component (it equals W0) is left out.
+
+Example:
+  >>> save_peft_adapter("out/peft", params, adapters, cfg, base_model_name_or_path="out/base",
+  ...                   task_type="causal_lm", no_transpose=bb.family.no_transpose)
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
+from doran_jax.models import hf_io
 from doran_jax.targets import SEP, find_targets, flatten, unflatten
 
 PREFIX = "base_model.model."
@@ -58,7 +65,7 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def torch_module_name(module_path: str) -> str:
-  """Flax module path -> torch module name.
+  """Our module path -> torch module name.
 
   Example:
     >>> torch_module_name("bert/encoder/layer/0/attention/self/query")
@@ -68,7 +75,7 @@ def torch_module_name(module_path: str) -> str:
 
 
 def flax_module_path(module_name: str) -> str:
-  """Torch module name -> Flax module path (the inverse of `torch_module_name`)."""
+  """Torch module name -> our module path (the inverse of `torch_module_name`)."""
   return module_name.replace(".", SEP)
 
 
@@ -76,7 +83,8 @@ def flax_module_path(module_name: str) -> str:
 
 
 def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: AdapterConfig, *,
-                 modules_to_save: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict]:
+                 modules_to_save: Sequence[str] = (),
+                 no_transpose: str = r"") -> tuple[dict[str, np.ndarray], dict]:
   """The PEFT state dict (float32 numpy, torch layout) and the LoRA config fields of an adapter.
 
   Example:
@@ -88,7 +96,9 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
     params: the backbone params (W0, and the trained head when `modules_to_save` names it).
     adapters: the adapter tree of `cfg`.
     cfg: its AdapterConfig (method lora, dora, doran or dyndora).
-    modules_to_save: Flax module paths saved whole (e.g. ('classifier',)), PEFT's modules_to_save.
+    modules_to_save: module paths saved whole (e.g. ('classifier',)), PEFT's modules_to_save.
+    no_transpose: regex of the kernels torch stores (in, out), `bb.family.no_transpose` (GPT-2's
+      Conv1D); fan_in_fan_out is set when every exported target matches it.
 
   Returns:
     (tensors, fields): fields holds r, lora_alpha, use_dora, use_rslora, fan_in_fan_out,
@@ -100,7 +110,7 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
     raise ValueError(f"method {cfg.method!r} has no adapter to export to PEFT; export the model "
                      f"itself (save_pretrained). Exportable methods: {', '.join(exportable)}.")
   flat = flatten(params)
-  tensors, ranks, modules, transposed = {}, {}, [], []
+  tensors, ranks, modules, conv1d = {}, {}, [], []
   for t, leaves, a_IxR, b_RxO in core.target_factors(params, adapters, cfg):
     if not t.path.endswith(SEP + "kernel"):
       raise ValueError(f"target {t.path!r} is not a Dense/Conv1D 'kernel'; PEFT export supports "
@@ -120,15 +130,16 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
       tensors[PREFIX + name + _M] = m_O
     ranks[name] = a_IxR.shape[1]
     modules.append(name)
-    transposed.append(t.transposed)
+    conv1d.append(_is_conv1d(t.path, no_transpose))
   if not modules:
     raise ValueError("every targeted layer has zero live components (all dyndora gates are 0): "
                      "the adapter is the identity, there is nothing to export to PEFT.")
   saved = []
   for module_path in modules_to_save:
-    tensors.update(_module_tensors(flat, module_path))
+    tensors.update(_module_tensors(flat, module_path, no_transpose, cfg.transposed))
     saved.append(torch_module_name(module_path))
-  fields = _lora_fields(cfg, ranks, all(transposed))
+  # One flag for the whole adapter; PEFT corrects it per layer (with a warning) on a mix.
+  fields = _lora_fields(cfg, ranks, all(conv1d))
   fields["target_modules"] = sorted(modules)
   fields["modules_to_save"] = saved or None
   return tensors, fields
@@ -141,27 +152,22 @@ def _lora_fields(cfg: AdapterConfig, ranks: Mapping[str, int], fan_in_fan_out: b
   return fields
 
 
-def _module_tensors(flat: Mapping[str, Any], module_path: str) -> dict[str, np.ndarray]:
+def _is_conv1d(path: str, no_transpose: str) -> bool:
+  """Whether torch stores this kernel (in, out) like ours (GPT-2's Conv1D)."""
+  return bool(no_transpose) and re.fullmatch(no_transpose, path) is not None
+
+
+def _module_tensors(flat: Mapping[str, Any], module_path: str, no_transpose: str,
+                    transposed: Sequence[str]) -> dict[str, np.ndarray]:
   prefix = module_path.rstrip(SEP) + SEP
-  leaves = {p: v for p, v in flat.items() if p.startswith(prefix)}
+  leaves = {p: np.asarray(v, np.float32) for p, v in flat.items() if p.startswith(prefix)}
   if not leaves:
     raise ValueError(f"modules_to_save entry {module_path!r} is not a module of the params; give "
-                     f"Flax module paths such as 'classifier'. Top-level keys: {_top_keys(flat)}")
-  out = {}
-  for path, value in leaves.items():
-    module, leaf = path.rsplit(SEP, 1)
-    value = np.asarray(value, np.float32)
-    if leaf == "kernel":
-      if value.ndim != 2:
-        raise ValueError(f"modules_to_save {module_path!r} holds the {value.ndim}-D kernel "
-                         f"{path!r}; only Dense/Conv1D/LayerNorm/Embed modules can be saved "
-                         "for PEFT.")
-      # Flax kernels are the torch weight transposed, for Dense and Conv1D alike.
-      value, leaf = value.T, "weight"
-    elif leaf in ("scale", "embedding"):
-      leaf = "weight"
-    out[PREFIX + torch_module_name(module) + "." + leaf] = np.ascontiguousarray(value)
-  return out
+                     f"module paths such as 'classifier'. Top-level keys: {_top_keys(flat)}")
+  # The naming rule assumes (in, out) kernels: flip any kept (out, in) first.
+  leaves = {p: v.T if p in transposed and v.ndim == 2 else v for p, v in leaves.items()}
+  state = hf_io.to_torch_names(unflatten(leaves), no_transpose=no_transpose)
+  return {PREFIX + name: np.ascontiguousarray(v) for name, v in state.items()}
 
 
 def _top_keys(flat) -> list[str]:
@@ -171,15 +177,16 @@ def _top_keys(flat) -> list[str]:
 def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, Any],
                       cfg: AdapterConfig, *, base_model_name_or_path: str,
                       task_type: Optional[str] = None,
-                      modules_to_save: Sequence[str] = ()) -> str:
+                      modules_to_save: Sequence[str] = (), no_transpose: str = r"") -> str:
   """Writes a PEFT LoRA/DoRA adapter folder that `PeftModel.from_pretrained` loads.
 
   Example:
+    >>> models.save_pretrained(bb, bb.params, "export/base")   # the base PEFT wraps
     >>> save_peft_adapter("export/peft", params, adapters, cfg,
-    ...                   base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
-    ...                   task_type="classification", modules_to_save=("classifier",))
-    >>> # torch: PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(...),
-    >>> #                                  "export/peft")
+    ...                   base_model_name_or_path="export/base", task_type="classification",
+    ...                   modules_to_save=("classifier",), no_transpose=bb.family.no_transpose)
+    >>> # torch: PeftModel.from_pretrained(
+    >>> #     AutoModelForSequenceClassification.from_pretrained("export/base"), "export/peft")
 
   Args:
     path: the folder to write (created if needed).
@@ -190,7 +197,9 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
       'causal_lm', 'image_classification'); None for a plain PeftModel. PEFT's SEQ_CLS and
       TOKEN_CLS wrap 'classifier' and 'score' as modules_to_save and need their weights, so the
       head found under those names in `params` is always saved for them.
-    modules_to_save: Flax module paths (e.g. ('classifier',)) whose params are saved whole.
+    modules_to_save: module paths (e.g. ('classifier',)) whose params are saved whole.
+    no_transpose: `bb.family.no_transpose`, the kernels torch stores (in, out): GPT-2 needs it
+      for fan_in_fan_out and for the layout of Conv1D kernels in modules_to_save.
 
   Returns:
     `path`.
@@ -207,7 +216,8 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
   for module_path in _head_modules(params, _AUTO_SAVED.get(peft_task, [])):
     if module_path not in modules_to_save:
       modules_to_save.append(module_path)
-  tensors, fields = peft_tensors(params, adapters, cfg, modules_to_save=modules_to_save)
+  tensors, fields = peft_tensors(params, adapters, cfg, modules_to_save=modules_to_save,
+                                 no_transpose=no_transpose)
   # PEFT never puts LoRA inside a modules_to_save module: such a target would be dropped silently.
   saved = (fields["modules_to_save"] or []) + _AUTO_SAVED.get(peft_task, [])
   shadowed = [n for n in fields["target_modules"]
@@ -235,7 +245,7 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
 
 
 def _head_modules(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
-  """The outermost Flax module paths whose last component is one of `names`."""
+  """The outermost module paths whose last component is one of `names`."""
   found = []
   for path in sorted(flatten(params)):
     parts = path.split(SEP)[:-1]
@@ -277,12 +287,12 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def load_peft_adapter(path: str, params: Mapping[str, Any], *,
-                      transposed: Optional[Sequence[str]] = None) -> tuple[dict, AdapterConfig]:
+                      transposed: Optional[Sequence[str]] = ()) -> tuple[dict, AdapterConfig]:
   """Imports a PEFT LoRA or DoRA adapter folder as (adapters, AdapterConfig) for `params`.
 
   Example:
-    >>> adapters, cfg = load_peft_adapter("peft_out", bb.params, transposed=bb.transposed)
-    >>> logits = bb.model(**batch, params=apply_adapters(bb.params, adapters, cfg)).logits
+    >>> adapters, cfg = load_peft_adapter("peft_out", bb.params)
+    >>> logits = bb.apply(apply_adapters(bb.params, adapters, cfg), batch)
 
   Layers of different rank (PEFT's rank_pattern) are padded with zero components to the largest
   rank, and any per-layer scale (alpha_pattern, rslora) that differs from the config's is folded
@@ -291,10 +301,10 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
 
   Args:
     path: the adapter folder (adapter_config.json + adapter_model.safetensors).
-    params: the Flax backbone params the adapter was made for.
-    transposed: paths of kernels stored (out, in) (`Backbone.transposed`). By default the targeted
-      kernels count as transposed exactly when the adapter was made with fan_in_fan_out (GPT-2's
-      Conv1D, which Flax stores (out, in)).
+    params: the backbone params the adapter was made for.
+    transposed: paths of kernels that `params` stores (out, in), for trees other than our
+      families' (those store every kernel (in, out), GPT-2's Conv1D too: fan_in_fan_out only
+      describes torch's base weight and changes nothing here).
 
   Raises:
     ValueError: not a LoRA adapter, an option we cannot represent, a module the params do not
@@ -313,9 +323,7 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
           f"PEFT module {name!r} has no 2-D kernel {kernel!r} in these params; was the adapter "
           f"made for another model? Top-level keys of the params: {_top_keys(flat)}")
     kernels[name] = kernel
-  if transposed is None:
-    transposed = sorted(kernels.values()) if config.get("fan_in_fan_out") else []
-  transposed = tuple(sorted(transposed))
+  transposed = tuple(sorted(transposed or ()))
   regex = _targets_regex(flat, kernels.values())
   targets = {t.path: t for t in find_targets(params, regex, transposed)}
   r_max = max(f[_A].shape[0] for f in factors.values())
@@ -332,7 +340,7 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
       raise ValueError(
           f"PEFT module {name!r} has lora_A {a_RxI.shape} and lora_B {b_OxR.shape} but the kernel "
           f"{t.path!r} needs ({r_l}, {t.d_in}) and ({t.d_out}, {r_l}) (in={t.d_in}, "
-          f"out={t.d_out}). Wrong model, or pass transposed=backbone.transposed.")
+          f"out={t.d_out}). Wrong model? Kernels stored (out, in) must be listed in transposed=.")
     a_IxR = np.zeros((t.d_in, r_max), np.float32)
     b_RxO = np.zeros((r_max, t.d_out), np.float32)
     a_IxR[:, :r_l] = a_RxI.T
@@ -421,32 +429,39 @@ def _targets_regex(flat: Mapping[str, Any], kernels) -> str:
   return "(" + "|".join(re.escape(k) for k in sorted(kernels)) + ")"
 
 
-def load_peft_modules_to_save(path: str, params: Mapping[str, Any]) -> dict:
+def load_peft_modules_to_save(path: str, params: Mapping[str, Any], *, no_transpose: str = r"",
+                              transposed: Sequence[str] = ()) -> dict:
   """`params` with the modules a PEFT folder saved whole (modules_to_save, e.g. the task head).
 
   Example:
-    >>> params = load_peft_modules_to_save("peft_out", bb.params)
+    >>> params = load_peft_modules_to_save("peft_out", bb.params,
+    ...                                    no_transpose=bb.family.no_transpose)
+
+  Args:
+    path: the adapter folder.
+    params: the backbone params to update.
+    no_transpose: `bb.family.no_transpose`, the kernels torch stores (in, out) (GPT-2's Conv1D).
+    transposed: kernels that `params` stores (out, in), as in `load_peft_adapter`.
   """
   config, tensors = read_peft_adapter(path)
   saved = config.get("modules_to_save") or []
   flat = flatten(params)
+  ours = {hf_io.torch_name(p): p for p in flat}
+  state = {}
   for key, value in tensors.items():
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     if not any(re.match(rf"(^|.*\.){re.escape(m)}\.", name) for m in saved):
       continue
-    module, leaf = name.rsplit(".", 1)
-    module_path = flax_module_path(module)
-    options = {"bias": [("bias", value)]}.get(
-        leaf, [("kernel", value.T), ("scale", value), ("embedding", value)])
-    for flax_leaf, array in options:
-      target = module_path + SEP + flax_leaf
-      if target in flat:
-        if tuple(np.shape(flat[target])) != array.shape:
-          raise ValueError(f"PEFT tensor {key!r} has shape {value.shape}; {target!r} in the params "
-                           f"has {tuple(np.shape(flat[target]))} (stored transposed for kernels).")
-        flat[target] = jnp.asarray(array, jnp.asarray(flat[target]).dtype)
-        break
-    else:
-      raise ValueError(f"PEFT tensor {key!r} (modules_to_save) has no counterpart under "
-                       f"{module_path!r} in the params; was it saved for another model?")
+    if name not in ours:
+      raise ValueError(f"PEFT tensor {key!r} (modules_to_save) has no counterpart "
+                       f"{flax_module_path(name)!r} in the params; was it saved for another model?")
+    # The naming rule yields (in, out) kernels: pre-flip those `params` keeps (out, in).
+    state[name] = value.T if ours[name] in transposed and value.ndim == 2 else value
+  want = unflatten({ours[n]: flat[ours[n]] for n in state})
+  try:
+    loaded, _, _ = hf_io.to_flax(state, want, no_transpose=no_transpose)
+  except ValueError as e:
+    raise ValueError(f"PEFT modules_to_save in {path!r} do not fit the params: {e}") from e
+  for p, value in flatten(loaded).items():
+    flat[p] = jnp.asarray(value, jnp.asarray(flat[p]).dtype)
   return unflatten(flat)

@@ -72,23 +72,20 @@ def load_tokenizer(config):
   return tokenizer
 
 
-def load_model(config, num_labels: Optional[int] = None) -> models.Backbone:
-  """The backbone named by config.model (num_labels from the data when config says 0)."""
+def load_model(config, num_labels: Optional[int] = None, mesh=None) -> models.Backbone:
+  """The backbone named by config.model (num_labels from the data when config says 0).
+
+  With `mesh`, a pretrained checkpoint is placed straight into the config's sharding rules.
+  """
   mc = config.model
-  dtype = jnp.dtype(mc.dtype)
   overrides = dict(mc.config_overrides or {})
   labels = None if mc.task == "causal_lm" else (mc.num_labels or num_labels)
+  kw = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, seed=config.seed, remat=mc.remat,
+            num_labels=labels, memory_lean=bool(mc.fused_layers))
   if mc.tiny:
-    hf_config = models.tiny_config(mc.tiny, **overrides)
-    if labels:
-      hf_config.num_labels = labels
-    bb = models.from_config(hf_config, mc.task, seed=config.seed, dtype=dtype, remat=mc.remat)
-  else:
-    bb = models.load_backbone(mc.name, mc.task, num_labels=labels, dtype=dtype,
-                              config_overrides=overrides, seed=config.seed, remat=mc.remat)
-  if mc.param_dtype != "float32":
-    bb = bb.replace(params=jax.tree_util.tree_map(lambda x: x.astype(mc.param_dtype), bb.params))
-  return bb.replace(fused=bool(mc.fused_layers))
+    return models.from_config(models.tiny_config(mc.tiny, **overrides), mc.task, **kw)
+  return models.load_backbone(mc.name, mc.task, config_overrides=overrides, mesh=mesh,
+                              sharding_rules=config.sharding_rules, **kw)
 
 
 def num_train_steps(config, n_train: int) -> int:
@@ -134,8 +131,9 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
     image_size = config.data.get("image_size", None)
     train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, image_size=image_size)
     eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
+  mesh = sharding.make_mesh(config.mesh)
   if backbone is None:
-    backbone = load_model(config, train_data.num_classes if train_data else None)
+    backbone = load_model(config, train_data.num_classes if train_data else None, mesh)
   adapter_cfg = adapter_config_from(config, backbone.transposed)
   num_steps = num_train_steps(config, len(train_data)) if train_data else int(config.num_steps)
   training = (method.training(adapter_cfg, config.get(method.name, None), num_steps)
@@ -145,7 +143,6 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
                                           head_regex(config, backbone, method))
   check_fresh_params(backbone, trainable_params, method)
 
-  mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_for(config.sharding_rules, backbone.family)
   param_specs = sharding.param_specs(backbone.params, mesh, rules, backbone.transposed)
   frozen_specs = sharding.param_specs(frozen, mesh, rules, backbone.transposed)

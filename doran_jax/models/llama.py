@@ -1,25 +1,47 @@
-"""The LLaMA family: Llama 1-3 and the decoders that share its architecture."""
+"""The LLaMA family: Llama 1-3, Mistral, Qwen2, Qwen3 and Gemma 3 (text) share one decoder
+(modeling/decoder.py) with per-family switches; one record per model type."""
 
 from __future__ import annotations
 
+from doran_jax.models.modeling import decoder as modeling
 from doran_jax.models.registry import Family, register
 
-
-def tiny_llama(**overrides):
-  import transformers
-  return transformers.LlamaConfig(**{**dict(vocab_size=128, hidden_size=32, intermediate_size=48,
-                                            num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, max_position_embeddings=64),
-                                     **overrides})
+_SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-LLAMA = register(Family(
-    name="llama", model_types=("llama",), tasks=("causal_lm", "classification", "features"),
-    heads={"classification": r"score/.*"},
-    target_presets={"attention": r".*/(q_proj|v_proj)/kernel",
-                    "all_linear": r".*/layers/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|"
-                                  r"down_proj)/kernel"},
-    column_parallel=r"q_proj|k_proj|v_proj|gate_proj|up_proj", row_parallel=r"o_proj|down_proj",
-    input_keys={t: ("input_ids", "attention_mask") for t in ("causal_lm", "classification",
-                                                             "features")},
-    tiny_config=tiny_llama))
+def _tiny(class_name: str, **defaults):
+  def make(**overrides):
+    import transformers  # configs only: no model class is used
+    return getattr(transformers, class_name)(**{**_SMALL, **defaults, **overrides})
+  return make
+
+
+def _build(cfg, task, *, dtype, num_labels=None, remat=False, memory_lean=True):
+  if remat:
+    raise ValueError("model.remat is not implemented for the LLaMA-family decoder yet; set "
+                     "model.remat=False.")
+  return modeling.build(cfg, task, dtype=dtype, num_labels=num_labels, memory_lean=memory_lean)
+
+
+def _record(name: str, model_type: str, tiny) -> Family:
+  return register(Family(
+      name=name, model_types=(model_type,), tasks=modeling.TASKS,
+      heads={"classification": r"score/.*"},
+      target_presets={"attention": r".*/(q_proj|v_proj)/kernel",
+                      "all_linear": r".*/layers/.*/(q_proj|k_proj|v_proj|o_proj|gate_proj|"
+                                    r"up_proj|down_proj)/kernel"},
+      column_parallel=r"q_proj|k_proj|v_proj|gate_proj|up_proj", row_parallel=r"o_proj|down_proj",
+      # position_ids: greedy generation's padded slots keep the true positions (dynamic rope).
+      input_keys={"causal_lm": ("input_ids", "attention_mask", "position_ids"),
+                  "classification": ("input_ids", "attention_mask"),
+                  "features": ("input_ids", "attention_mask")},
+      tiny_config=tiny, build=_build, prefix=lambda cfg: "model",
+      tied_params=modeling.tied_params))
+
+
+LLAMA = _record("llama", "llama", _tiny("LlamaConfig"))
+MISTRAL = _record("mistral", "mistral", _tiny("MistralConfig", sliding_window=16))
+QWEN2 = _record("qwen2", "qwen2", _tiny("Qwen2Config", tie_word_embeddings=True))
+QWEN3 = _record("qwen3", "qwen3", _tiny("Qwen3Config", head_dim=16))
+GEMMA3 = _record("gemma3", "gemma3_text", _tiny("Gemma3TextConfig", head_dim=16))

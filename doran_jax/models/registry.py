@@ -14,11 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
-TASKS = ("classification", "image_classification", "causal_lm", "features")
+import numpy as np
 
-# Shared tensor-parallel fallback: every other kernel / embedding sharded over fsdp, the rest
-# replicated. A family's own rules come first.
-FSDP_TAIL = ((r".*/(kernel|embedding)", ("fsdp", None)), (r".*", ()))
+from doran_jax.sharding import FSDP_RULES
+
+TASKS = ("classification", "image_classification", "causal_lm", "features")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +35,12 @@ class Family:
     row_parallel: regex of kernels whose input axis is split over 'model'.
     input_keys: task -> the batch keys the model consumes.
     tiny_config: (**overrides) -> a tiny random transformers config for tests.
+    build: (config dict, task, *, dtype, num_labels, remat, memory_lean) -> our flax.linen module.
+    prefix: config dict -> transformers' base_model_prefix ('bert', 'model', ...).
+    tied_params: (config dict, task) -> (our path, source path) pairs transformers ties.
+    no_transpose: regex of kernels torch already stores (in, out) (GPT-2's Conv1D).
+    renames: (regex, replacement) pairs for checkpoint names that differ from the rule.
     image_mean, image_std: the image processor's normalisation (vision families).
-    fused_classes: transformers Flax class names of (self-attention, intermediate) blocks that
-      doran_jax.fused may replace with its memory-lean layers.
   """
 
   name: str
@@ -49,9 +52,13 @@ class Family:
   row_parallel: str
   input_keys: Mapping[str, tuple[str, ...]]
   tiny_config: Callable[..., Any]
+  build: Callable[..., Any]
+  prefix: Callable[[Mapping[str, Any]], str]
+  tied_params: Callable[[Mapping[str, Any], str], Any] = lambda cfg, task: ()
+  no_transpose: str = r""
+  renames: tuple[tuple[str, str], ...] = ()
   image_mean: Optional[float] = None
   image_std: Optional[float] = None
-  fused_classes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
   def head(self, task: str) -> str:
     self.check_task(task)
@@ -65,7 +72,22 @@ class Family:
   def tensor_parallel_rules(self) -> tuple:
     """(regex, PartitionSpec tuple) rules: column/row parallel kernels, then the FSDP tail."""
     return ((rf".*/({self.column_parallel})/kernel", ("fsdp", "model")),
-            (rf".*/({self.row_parallel})/kernel", ("model", "fsdp"))) + FSDP_TAIL
+            (rf".*/({self.row_parallel})/kernel", ("model", "fsdp"))) + tuple(FSDP_RULES)
+
+  def dummy_batch(self, cfg: Mapping[str, Any], task: str, batch: int = 1, seq: int = 8) -> dict:
+    """Inputs of the right shapes and dtypes for `module.init` / `jax.eval_shape`."""
+    out = {}
+    for key in self.input_keys[task]:
+      if key == "pixel_values":
+        size = cfg["image_size"]
+        out[key] = np.zeros((batch, cfg.get("num_channels", 3), size, size), np.float32)
+      elif key == "input_ids":
+        out[key] = np.full((batch, seq), 1, np.int32)
+      elif key == "attention_mask":
+        out[key] = np.ones((batch, seq), np.int32)
+      else:
+        out[key] = np.zeros((batch, seq), np.int32)
+    return out
 
   def targets(self, preset_or_regex: str) -> str:
     """A preset name ('attention', 'all_linear') -> its regex; anything else is a regex already."""

@@ -53,6 +53,7 @@ class EncoderConfig:
   roberta: bool = False
   num_labels: int = 2
   remat: bool = False
+  memory_lean: bool = True   # fused attention and GELU (layers.attention_implementation)
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any], num_labels: Optional[int] = None,
@@ -138,7 +139,8 @@ class SelfAttention(nn.Module):
     rate = c.attention_dropout if train else 0.0
     out = layers.dot_product_attention(
         q, k, v, mask=mask_BxT, dropout_rate=rate,
-        dropout_rng=self.make_rng("dropout") if rate > 0 else None)
+        dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+        implementation=layers.attention_implementation(c.memory_lean))
     return out.reshape(b, t, c.hidden_size)
 
 
@@ -174,7 +176,7 @@ class Intermediate(nn.Module):
   def __call__(self, x):
     c = self.cfg
     x = layers.dense(c.intermediate_size, name="dense", dtype=self.dtype, std=c.initializer_range)(x)
-    return layers.activation(c.hidden_act)(x)
+    return layers.activation(c.hidden_act, c.memory_lean)(x)
 
 
 class Layer(nn.Module):
@@ -283,14 +285,21 @@ class ForSequenceClassification(nn.Module):
 # ------------------------------------------------------------------------------------ family API
 
 def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
-          num_labels: Optional[int] = None, remat: bool = False) -> nn.Module:
+          num_labels: Optional[int] = None, remat: bool = False,
+          memory_lean: bool = True) -> nn.Module:
   """The Flax module for a BERT/RoBERTa config dict and task ('classification' | 'features').
+
+  Args:
+    memory_lean: the backend's fused attention (memory-lean custom VJP on CPU, cuDNN flash on
+      GPU) and the custom-VJP exact GELU; False = plain XLA autodiff (config
+      `model.fused_layers`). Same maths and params either way.
 
   Example:
     >>> model = build(read_config(path), "features")
     >>> hidden = model.apply({"params": params}, {"input_ids": ids})      # (B, T, d)
   """
-  cfg = EncoderConfig.from_hf(hf_config_dict, num_labels, remat)
+  cfg = dataclasses.replace(EncoderConfig.from_hf(hf_config_dict, num_labels, remat),
+                            memory_lean=bool(memory_lean))
   if task == "classification":
     return ForSequenceClassification(cfg, dtype)
   if task == "features":

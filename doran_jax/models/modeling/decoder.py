@@ -88,6 +88,7 @@ class DecoderConfig:
   windows: tuple[Optional[int], ...]
   ropes: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]   # layer type -> rope params
   tie_word_embeddings: bool
+  memory_lean: bool = True           # fused attention and GELU (layers.attention_implementation)
 
   @classmethod
   def from_hf(cls, cfg: Mapping[str, Any]) -> "DecoderConfig":
@@ -201,7 +202,8 @@ class Attention(nn.Module):
     out_BxTxHxD = layers.dot_product_attention(
         q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask=mask_BxT, causal=True, scale=c.attn_scale,
         logit_softcap=c.attn_softcap, window=self.window, dropout_rate=rate,
-        dropout_rng=self.make_rng("dropout") if rate > 0 else None, dtype=self.dtype)
+        dropout_rng=self.make_rng("dropout") if rate > 0 else None, dtype=self.dtype,
+        implementation=layers.attention_implementation(c.memory_lean))
     return proj(c.hidden_size, "o_proj", c.o_bias)(out_BxTxHxD.reshape(b, t, h * d))
 
 
@@ -220,7 +222,7 @@ class MLP(nn.Module):
       return layers.dense(features, name=name, use_bias=c.mlp_bias, dtype=self.dtype,
                           param_dtype=self.param_dtype)
 
-    act = layers.activation(c.activation)
+    act = layers.activation(c.activation, c.memory_lean)
     gate_BxTxF = act(proj(c.intermediate_size, "gate_proj")(x_BxTxD))
     up_BxTxF = proj(c.intermediate_size, "up_proj")(x_BxTxD)
     return proj(c.hidden_size, "down_proj")(gate_BxTxF * up_BxTxF)
@@ -378,7 +380,8 @@ class DecoderForSequenceClassification(nn.Module):
 # ------------------------------------------------------------------------------- file-level API
 
 def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
-          num_labels: Optional[int] = None, param_dtype=jnp.float32) -> nn.Module:
+          num_labels: Optional[int] = None, param_dtype=jnp.float32,
+          memory_lean: bool = True) -> nn.Module:
   """The module for a transformers config dict and a task.
 
   Args:
@@ -388,12 +391,16 @@ def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
     dtype: compute dtype.
     num_labels: classification only; defaults to the config's id2label size, else 2.
     param_dtype: dtype of freshly initialised params (loaded params keep theirs).
+    memory_lean: the backend's fused attention (cuDNN flash on GPU; on CPU causal attention is
+      plain XLA either way) and the custom-VJP exact GELU; False = plain XLA autodiff (config
+      `model.fused_layers`). Same maths and params either way.
 
   Example:
     >>> module = build(hf_io.read_config("ckpt/"), "causal_lm", dtype=jnp.bfloat16)
     >>> logits = module.apply({"params": params}, {"input_ids": ids, "attention_mask": mask})
   """
-  config = DecoderConfig.from_hf(hf_config_dict)
+  config = dataclasses.replace(DecoderConfig.from_hf(hf_config_dict),
+                               memory_lean=bool(memory_lean))
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   if task == "causal_lm":
     return DecoderForCausalLM(config, **kw)
@@ -442,8 +449,9 @@ def greedy_generate(module: nn.Module, params, input_ids, attention_mask=None,
 
   Prompts are right-padded (attention_mask a prefix of ones per row); row b's new tokens go right
   after its own prompt, at positions len_b, len_b + 1, ..., exactly as if it were decoded alone.
-  After `eos_token_id` a row emits `pad_token_id`, as transformers' `generate` does. One jit of a
-  `lax.fori_loop`; cost grows as (T + N)^2 per step, fine for evaluation-sized outputs.
+  After `eos_token_id` a row emits `pad_token_id`, as transformers' `generate` does. One jit of
+  `generate.greedy_generate`'s loop; cost grows as (T + N)^2 per step, fine for evaluation-sized
+  outputs.
 
   Args:
     module: a causal-LM module from `build(..., "causal_lm")`.
@@ -459,36 +467,8 @@ def greedy_generate(module: nn.Module, params, input_ids, attention_mask=None,
     >>> out = greedy_generate(module, params, ids, mask, max_new_tokens=8)
     >>> new_b = out[b, len_b:len_b + 8]
   """
-  ids_BxT = jnp.asarray(input_ids, jnp.int32)
-  b, t = ids_BxT.shape
-  mask_BxT = (jnp.ones((b, t), jnp.int32) if attention_mask is None
-              else jnp.asarray(attention_mask, jnp.int32))
-  s = t + max_new_tokens
-
-  def run(params, ids_BxT, mask_BxT):
-    lengths_B = mask_BxT.sum(-1).astype(jnp.int32)
-    tokens_BxS = jnp.full((b, s), pad_token_id, jnp.int32)
-    tokens_BxS = tokens_BxS.at[:, :t].set(jnp.where(mask_BxT > 0, ids_BxT, pad_token_id))
-    done_B = jnp.zeros((b,), bool)
-    slots_S = jnp.arange(s, dtype=jnp.int32)
-
-    def step(_, carry):
-      tokens_BxS, lengths_B, done_B = carry
-      # Slots past the longest row are masked keys; clamping their positions keeps
-      # max(position_ids) + 1 equal to the true length for 'dynamic' rope.
-      positions_BxS = jnp.broadcast_to(jnp.minimum(slots_S, lengths_B.max() - 1), (b, s))
-      batch = {"input_ids": tokens_BxS, "attention_mask": slots_S[None] < lengths_B[:, None],
-               "position_ids": positions_BxS}
-      logits_BxSxV = module.apply({"params": params}, batch)
-      last_BxV = jnp.take_along_axis(logits_BxSxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-      next_B = jnp.argmax(last_BxV.astype(jnp.float32), axis=-1).astype(jnp.int32)
-      next_B = jnp.where(done_B, pad_token_id, next_B)
-      tokens_BxS = tokens_BxS.at[jnp.arange(b), lengths_B].set(next_B)
-      if eos_token_id is not None:
-        done_B = done_B | (next_B == eos_token_id)
-      return tokens_BxS, lengths_B + 1, done_B
-
-    tokens_BxS, _, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens_BxS, lengths_B, done_B))
-    return tokens_BxS
-
-  return jax.jit(run)(params, ids_BxT, mask_BxT)
+  # The loop is models/generate.py's, shared with GPT-2; imported here to avoid a cycle.
+  from doran_jax.models import generate  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda p, i, m: generate.greedy_generate(
+      lambda q, batch: module.apply({"params": q}, batch), p, i, m, max_new_tokens,
+      eos_token_id=eos_token_id, pad_token_id=pad_token_id))(params, input_ids, attention_mask)

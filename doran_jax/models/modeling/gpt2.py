@@ -57,6 +57,7 @@ class GPT2Config:
   tie_word_embeddings: bool = True
   num_labels: int = 2
   remat: bool = False
+  memory_lean: bool = True   # fused attention and GELU (layers.attention_implementation)
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any], num_labels: Optional[int] = None,
@@ -100,7 +101,8 @@ class Attention(nn.Module):
     rate = c.attn_dropout if train else 0.0
     out = layers.dot_product_attention(
         q, k, v, mask=mask_BxT, causal=True, scale=scale, dropout_rate=rate,
-        dropout_rng=self.make_rng("dropout") if rate > 0 else None)
+        dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+        implementation=layers.attention_implementation(c.memory_lean))
     out = layers.dense(d, name="c_proj", **kw)(out.reshape(b, t, d))
     return layers.dropout(c.resid_dropout, out, self, train)
 
@@ -113,7 +115,7 @@ class MLP(nn.Module):
   def __call__(self, x, train: bool):
     c = self.cfg
     kw = dict(dtype=self.dtype, std=c.initializer_range)
-    h = layers.activation(c.activation)(layers.dense(c.intermediate_size, name="c_fc", **kw)(x))
+    h = layers.activation(c.activation, c.memory_lean)(layers.dense(c.intermediate_size, name="c_fc", **kw)(x))
     h = layers.dense(c.hidden_size, name="c_proj", **kw)(h)
     return layers.dropout(c.resid_dropout, h, self, train)
 
@@ -223,13 +225,20 @@ class ForSequenceClassification(nn.Module):
 # ------------------------------------------------------------------------------------ family API
 
 def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
-          num_labels: Optional[int] = None, remat: bool = False) -> nn.Module:
+          num_labels: Optional[int] = None, remat: bool = False,
+          memory_lean: bool = True) -> nn.Module:
   """The Flax module for a GPT-2 config dict and task ('causal_lm' | 'classification' | 'features').
+
+  Args:
+    memory_lean: the backend's fused attention (memory-lean custom VJP on CPU, cuDNN flash on
+      GPU) and the custom-VJP exact GELU; False = plain XLA autodiff (config
+      `model.fused_layers`). Same maths and params either way.
 
   Example:
     >>> model = build(read_config(path), "causal_lm")
   """
-  cfg = GPT2Config.from_hf(hf_config_dict, num_labels, remat)
+  cfg = dataclasses.replace(GPT2Config.from_hf(hf_config_dict, num_labels, remat),
+                            memory_lean=bool(memory_lean))
   if task == "causal_lm":
     return LMHeadModel(cfg, dtype)
   if task == "classification":

@@ -6,7 +6,10 @@ Conventions every family keeps (the adapters and the checkpoint loader rely on t
     (doran_jax.adapters.factored intercepts `nn.Dense.__call__` by that path);
   * norms keep their weight as `scale` (and `bias`), embeddings as `embedding`, so
     doran_jax.models.hf_io maps them to torch's `weight`;
-  * attention takes (B, T, H, D) tensors; scores and softmax run in float32.
+  * attention takes (B, T, H, D) tensors; scores and softmax run in float32;
+  * `memory_lean` (the families' build switch, config `model.fused_layers`) picks the backend's
+    attention path (`default_implementation`: memory-lean custom VJP for encoders on CPU, cuDNN
+    flash on GPU) and the custom-VJP exact GELU (fused_ops); off, both are plain XLA autodiff.
 
 Example:
   >>> q = dense(64, name="query", dtype=jnp.bfloat16)(x)           # (B, T, 64)
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from doran_jax.models.modeling import fused_ops
+
 Array = Any
 Dtype = Any
 
@@ -31,6 +36,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # Masked scores get the most negative float32 rather than -inf: a row with every key masked
 # (a padded query) then softmaxes to uniform weights instead of NaN, as PyTorch's eager path does.
 _MASKED = float(jnp.finfo(jnp.float32).min)
+IMPLEMENTATIONS = ("xla", "lean", "jax", "cudnn")
 
 
 # ----------------------------------------------------------------------------------- attention
@@ -46,12 +52,71 @@ def _heads_to_groups(x, num_kv: int):
   return x.reshape(b, num_kv, h // num_kv, t, s)
 
 
+def default_implementation(*, causal: bool = False, window: Optional[int] = None,
+                           dropout: bool = False, logit_softcap: Optional[float] = None,
+                           dtype: Optional[Dtype] = None, head_dim: int = 64,
+                           backend: Optional[str] = None) -> str:
+  """The attention path `dot_product_attention(implementation=None)` takes on this backend.
+
+  GPU: 'cudnn' (flash attention) for bf16/fp16 without dropout or softcap and a head dim cuDNN
+  takes, else 'xla'. TPU: 'jax' (jax.nn.dot_product_attention) without dropout or softcap.
+  CPU: 'lean' for encoder attention (neither causal nor windowed), where the probabilities are
+  the bulk of a training step's memory; 'xla' otherwise.
+
+  Example:
+    >>> default_implementation(causal=True, backend="cpu")
+    'xla'
+  """
+  backend = backend or jax.default_backend()
+  plain = not dropout and not logit_softcap
+  if backend in ("gpu", "cuda", "rocm"):
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16),
+                                                      jnp.dtype(jnp.float16))
+    return "cudnn" if plain and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+  if backend == "tpu":
+    return "jax" if plain else "xla"
+  return "lean" if not causal and window is None else "xla"
+
+
+def _jax_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, bias, keep_mask, causal, window, scale,
+                   implementation):
+  """jax.nn.dot_product_attention with our mask conventions ('jax' -> its XLA path)."""
+  t, s = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
+  is_causal, local = False, None
+  if t == s:   # jax aligns causality and windows top-left; ours bottom-right: equal when T == S
+    is_causal = causal
+    local = None if window is None else (window - 1, 0)
+  elif causal or window is not None:
+    allowed = _allowed(t, s, causal, window)[None, None]
+    keep_mask = allowed if keep_mask is None else keep_mask & allowed
+  if keep_mask is not None and implementation == "cudnn":
+    # cuDNN turns the mask into a bias, which must span (T, S).
+    keep_mask = jnp.broadcast_to(keep_mask, keep_mask.shape[:2] + (t, s))
+  return jax.nn.dot_product_attention(
+      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, bias=bias, mask=keep_mask, scale=scale,
+      is_causal=is_causal, local_window_size=local,
+      implementation="cudnn" if implementation == "cudnn" else None)
+
+
+def _allowed(t: int, s: int, causal: bool, window: Optional[int]):
+  """(T, S) bool: query t sees key s (causal: s <= t + S - T; window: s > t + S - T - window)."""
+  q_pos = jnp.arange(t)[:, None] + (s - t)
+  k_pos = jnp.arange(s)[None, :]
+  allowed_TxS = jnp.ones((t, s), bool)
+  if causal:
+    allowed_TxS = allowed_TxS & (k_pos <= q_pos)
+  if window is not None:
+    allowed_TxS = allowed_TxS & (k_pos > q_pos - window)
+  return allowed_TxS
+
+
 def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, *,
                           mask: Optional[Array] = None, causal: bool = False,
                           bias: Optional[Array] = None, dropout_rate: float = 0.0,
                           dropout_rng: Optional[jax.Array] = None, scale: Optional[float] = None,
                           logit_softcap: Optional[float] = None,
-                          window: Optional[int] = None, dtype: Optional[Dtype] = None) -> Array:
+                          window: Optional[int] = None, dtype: Optional[Dtype] = None,
+                          implementation: Optional[str] = None) -> Array:
   """Softmax attention with grouped-query heads, padding/causal/window masks and dropout.
 
   K and V may have fewer heads K than the H query heads (H % K == 0); query heads are grouped as
@@ -67,11 +132,16 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
       KV cache lines up).
     bias: added to the scaled scores, broadcastable to (B, H, T, S) (head axis 1 or H).
     dropout_rate, dropout_rng: dropout on the probabilities (PyTorch's: per element, scaled by
-      1 / (1 - rate)); applied only when both rate > 0 and an rng are given.
+      1 / (1 - rate)); applied only when both rate > 0 and an rng are given. The 'xla' and
+      'lean' paths draw the same mask from the same rng.
     scale: score scale; 1 / sqrt(D) when None.
     logit_softcap: scores -> cap * tanh(scores / cap) before masking (Gemma 2).
     window: sliding window: a query also only sees keys s > t + (S - T) - window.
     dtype: output dtype; v's when None.
+    implementation: None = `default_implementation` for this backend; 'xla' (plain autodiff),
+      'lean' (custom VJP recomputing the probabilities in the backward pass: same maths, far
+      less memory), 'jax' (jax.nn.dot_product_attention, its XLA path) or 'cudnn' (its cuDNN
+      flash attention; GPU, bf16/fp16). 'jax' and 'cudnn' take no dropout or softcap.
 
   Returns:
     (B, T, H, D) attention outputs.
@@ -84,37 +154,67 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   if h % kv:
     raise ValueError(f"{h} query heads do not split into groups over {kv} key/value heads.")
   g = h // kv
-  scale = 1.0 / math.sqrt(d) if scale is None else scale
+  scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+  dropout = dropout_rate > 0.0 and dropout_rng is not None
+  out_dtype = v_BxSxKxD.dtype if dtype is None else dtype
+  auto = implementation is None
+  if auto:
+    implementation = default_implementation(causal=causal, window=window, dropout=dropout,
+                                            logit_softcap=logit_softcap,
+                                            dtype=q_BxTxHxD.dtype, head_dim=d)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
+                     f"{', '.join(IMPLEMENTATIONS)} (or None for the backend's default).")
+
+  mask_4d = None
+  if mask is not None:
+    mask = jnp.asarray(mask).astype(bool)
+    mask_4d = mask[:, None, None, :] if mask.ndim == 2 else mask
+    if mask_4d.ndim != 4:
+      raise ValueError(f"attention mask must be (B, S) or broadcastable to (B, H, T, S); got "
+                       f"shape {mask.shape}.")
+
+  if implementation in ("jax", "cudnn"):
+    if dropout or logit_softcap:
+      raise ValueError(f"attention implementation {implementation!r} has no dropout or logit "
+                       "softcap; use 'xla' or 'lean'.")
+    try:
+      out = _jax_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+                           None if bias is None else jnp.asarray(bias), mask_4d, causal, window,
+                           scale, implementation)
+      return out.astype(out_dtype)
+    except (NotImplementedError, ValueError, RuntimeError):
+      if not auto:
+        raise
+      implementation = "xla"   # a shape or setup cuDNN refuses: the plain path instead
+
   q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv, g, d)
+  bias_5d = None if bias is None else _heads_to_groups(jnp.asarray(bias, jnp.float32), kv)
+  keep = None if mask_4d is None else _heads_to_groups(mask_4d, kv)
+  if causal or window is not None:
+    allowed_TxS = _allowed(t, s, causal, window)
+    keep = allowed_TxS if keep is None else keep & allowed_TxS
+  kept = None
+  if dropout:
+    kept = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, kv, g, t, s))
+
+  if implementation == "lean":
+    out = fused_ops.attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, kept, scale,
+                              logit_softcap, float(dropout_rate))
+    return out.reshape(b, t, h, d).astype(out_dtype)
+
   scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
                       preferred_element_type=jnp.float32)
   scores = scores.astype(jnp.float32) * jnp.float32(scale)
   if logit_softcap:
     scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-  if bias is not None:
-    scores = scores + _heads_to_groups(jnp.asarray(bias, jnp.float32), kv)
-
-  keep = None
-  if mask is not None:
-    mask = jnp.asarray(mask).astype(bool)
-    keep = mask[:, None, None, None, :] if mask.ndim == 2 else _heads_to_groups(mask, kv)
-  if causal or window is not None:
-    q_pos = jnp.arange(t)[:, None] + (s - t)
-    k_pos = jnp.arange(s)[None, :]
-    allowed_TxS = jnp.ones((t, s), bool)
-    if causal:
-      allowed_TxS = allowed_TxS & (k_pos <= q_pos)
-    if window is not None:
-      allowed_TxS = allowed_TxS & (k_pos > q_pos - window)
-    keep = allowed_TxS if keep is None else keep & allowed_TxS
+  if bias_5d is not None:
+    scores = scores + bias_5d
   if keep is not None:
     scores = jnp.where(keep, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
-
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    kept = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  if kept is not None:
     probs = jnp.where(kept, probs / (1.0 - dropout_rate), 0.0)
-  out_dtype = v_BxSxKxD.dtype if dtype is None else dtype
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
   return out.reshape(b, t, h, d).astype(out_dtype)
 
@@ -234,15 +334,23 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
-def activation(name: str) -> Callable:
-  """transformers' `hidden_act` name -> the function.
+def activation(name: str, memory_lean: bool = False) -> Callable:
+  """transformers' `hidden_act` name -> the function; with `memory_lean`, exact GELU is the
+  custom VJP that keeps only its input for the backward pass (same values).
 
   Example:
     >>> activation("gelu_new")(x)
   """
   if name not in ACTIVATIONS:
     raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}.")
+  if memory_lean and name == "gelu":
+    return fused_ops.gelu
   return ACTIVATIONS[name]
+
+
+def attention_implementation(memory_lean: bool) -> Optional[str]:
+  """`dot_product_attention`'s `implementation` for a family's `memory_lean` switch."""
+  return None if memory_lean else "xla"
 
 
 def dropout(rate: float, x, module: nn.Module, train: bool):

@@ -1,0 +1,176 @@
+"""Memory-lean attention and exact GELU: custom VJPs that recompute instead of storing.
+
+Plain autodiff of softmax attention keeps several (B, H, T, S) float32 tensors per layer for the
+backward pass (scores or probabilities, the dropout mask, the dropped probabilities), and exact
+GELU keeps its erf pieces at (B, T, 4d): on MiniLM at batch 32 x 128 tokens that is most of a
+CPU training step's memory. Here
+
+  attention:  keeps q, k, v, the output, the row max and row sum of the softmax (B, K, G, T, 1),
+              the (small, broadcast) boolean masks and the boolean dropout mask, and recomputes
+              the probabilities in the backward pass (FlashAttention's recomputation, untiled:
+              encoder sequences fit), with D = rowsum(dO ∘ O) for the softmax backward;
+  gelu:       x·Φ(x) with Φ from erf (PyTorch's form), keeping only x.
+
+The forward ops are those of `layers.dot_product_attention`'s plain path in the same order, so
+outputs agree to the last bit or so and gradients to float rounding (tests/test_fused.py).
+
+Example:
+  >>> out_BxTxKxGxD = attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, None, mask, None,
+  ...                           0.125, None, 0.0)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# As layers._MASKED: the most negative float32, so a fully masked row softmaxes to uniform.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def _after(x, cotangent):
+  """x, made to depend on the cotangent so the recomputation stays in the backward pass.
+
+  XLA would otherwise merge it with the forward's identical ops (CSE) or hoist it there, and keep
+  the large intermediates alive after all; XLA:CPU drops optimization barriers before CSE. A
+  float multiply by zero is not folded (NaN semantics), so the tie survives optimisation; a
+  non-finite cotangent makes the whole gradient non-finite, which the trainer rejects anyway.
+  """
+  return x + (cotangent.reshape(-1)[0] * 0).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- GELU
+
+def _gelu(x):
+  # The same ops as layers.gelu, so lean and plain outputs are bit-identical.
+  return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))))
+
+
+@jax.custom_vjp
+def gelu(x):
+  """Exact GELU x·Φ(x), Φ(x) = (1 + erf(x/√2))/2; the backward keeps x only."""
+  return _gelu(x)
+
+
+def _gelu_fwd(x):
+  return _gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+  xf = _after(x, dy).astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
+  pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
+  return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+# -------------------------------------------------------------------------------- attention
+
+def _scores(q, k, bias, mask, scale, softcap):
+  """Masked float32 scores (B, K, G, T, S) and tanh(raw / cap) (for softcap's derivative)."""
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  s = s.astype(jnp.float32) * jnp.float32(scale)
+  tanh = None
+  if softcap:
+    tanh = jnp.tanh(s / softcap)
+    s = softcap * tanh
+  if bias is not None:
+    s = s + bias.astype(jnp.float32)
+  if mask is not None:
+    s = jnp.where(mask, s, _MASKED)
+  return s, tanh
+
+
+def _dropped(p, keep, rate):
+  """PyTorch's dropout on probabilities: kept ones scaled by 1 / (1 - rate), the rest 0."""
+  return p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+
+
+def _unbroadcast(x, shape):
+  """Sums x down to `shape` (the cotangent of an input broadcast up to x's shape)."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1
+                                    and x.shape[lead + i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
+
+
+def _pack(keep):
+  """The dropout mask as 8 keys per byte for the backward pass.
+
+  Kept as bools, XLA fuses the comparison that makes them into both passes and stores the 32-bit
+  random bits instead: as much as a float32 probability tensor. Packed bits materialise, 1/32
+  of that.
+  """
+  return None if keep is None else jnp.packbits(keep, axis=-1)
+
+
+def _unpack(packed, s):
+  return None if packed is None else jnp.unpackbits(packed, axis=-1, count=s).astype(bool)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, keep, scale, softcap, rate):
+  """softmax(cap·tanh(q·kᵀ·scale / cap) + bias, masked) with dropout, times v; grouped heads.
+
+  Args:
+    q_BxTxKxGxD: queries, heads grouped as (K key/value heads, G queries each).
+    k_BxSxKxD, v_BxSxKxD: keys and values.
+    bias: float, broadcastable to (B, K, G, T, S), or None.
+    mask: bool, broadcastable to (B, K, G, T, S), True = attend; or None.
+    keep: bool dropout mask (B, K, G, T, S) (True = kept), or None for no dropout.
+    scale: score scale (static).
+    softcap: logit soft cap or None (static).
+    rate: dropout rate the kept probabilities are rescaled by (static).
+
+  Returns:
+    (B, T, K, G, D) outputs in v's dtype.
+  """
+  return _attention_fwd(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, keep, scale, softcap,
+                        rate)[0]
+
+
+def _attention_fwd(q, k, v, bias, mask, keep, scale, softcap, rate):
+  s, _ = _scores(q, k, bias, mask, scale, softcap)
+  # jax.nn.softmax's ops: exp(s - max) / sum.
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - m)
+  l = jnp.sum(e, axis=-1, keepdims=True)
+  p = _dropped(e / l, keep, rate)
+  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
+  # m and l rather than their log-sum-exp: m + log(l) loses log(l) next to a masked row's
+  # -3.4e38, and the recomputed e / l is then bit-identical to the forward's.
+  return o, (q, k, v, bias, mask, _pack(keep), o, m, l)
+
+
+def _attention_bwd(scale, softcap, rate, res, do):
+  q, k, v, bias, mask, packed, o, m, l = res
+  keep = _unpack(packed, k.shape[1])
+  s, tanh = _scores(_after(q, do), k, bias, mask, scale, softcap)
+  p = jnp.exp(s - m) / l
+  dv = jnp.einsum("bkgts,btkgd->bskd", _dropped(p, keep, rate).astype(v.dtype), do,
+                  preferred_element_type=jnp.float32)
+  dp = _dropped(jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=jnp.float32),
+                keep, rate)
+  # Σ_s dP·P = Σ_d dO·O per query (dropout included): a (B, T, H, D) reduction instead of a
+  # (B, H, T, S) one.
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)   # (B, T, K, G)
+  ds = p * (dp - jnp.transpose(delta, (0, 2, 3, 1))[..., None])
+  if mask is not None:   # masked scores are constants: no gradient flows through them
+    ds = jnp.where(mask, ds, 0.0)
+  dbias = None if bias is None else _unbroadcast(ds, bias.shape).astype(bias.dtype)
+  if softcap:
+    ds = ds * (1.0 - tanh * tanh)
+  ds = (ds * jnp.float32(scale)).astype(q.dtype)
+  dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None, None)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
