@@ -26,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import jax  # noqa: E402
 from configs import cola  # noqa: E402
 from doran_jax import analysis, experiment  # noqa: E402
 from doran_jax import run as run_lib  # noqa: E402
