@@ -180,28 +180,21 @@ def torch_name(our_path: str) -> str:
   return ".".join(head + ["weight" if leaf in _WEIGHT_LEAVES else leaf])
 
 
+def _torch_to_flax_axes(ndim: int) -> tuple[int, ...]:
+  """Linear (O, I) -> (I, O); conv (O, I, *K) -> (*K, I, O)."""
+  return (1, 0) if ndim == 2 else tuple(range(2, ndim)) + (1, 0)
+
+
 def _from_torch_layout(x, our_path: str, transpose: bool):
-  leaf = our_path.rsplit(SEP, 1)[-1]
-  if leaf != "kernel" or not transpose:
+  if our_path.rsplit(SEP, 1)[-1] != "kernel" or not transpose or x.ndim < 2:
     return x
-  if x.ndim == 2:
-    return x.T
-  if x.ndim >= 3:
-    # torch conv (O, I, *K) -> flax conv (*K, I, O).
-    return np.transpose(x, tuple(range(2, x.ndim)) + (1, 0))
-  return x
+  return np.transpose(x, _torch_to_flax_axes(x.ndim))
 
 
 def _to_torch_layout(x, our_path: str, transpose: bool):
-  leaf = our_path.rsplit(SEP, 1)[-1]
-  if leaf != "kernel" or not transpose:
+  if our_path.rsplit(SEP, 1)[-1] != "kernel" or not transpose or x.ndim < 2:
     return x
-  if x.ndim == 2:
-    return x.T
-  if x.ndim >= 3:
-    n = x.ndim
-    return np.transpose(x, (n - 1, n - 2) + tuple(range(n - 2)))
-  return x
+  return np.transpose(x, np.argsort(_torch_to_flax_axes(x.ndim)))
 
 
 def _fullmatch(pattern: str, path: str) -> bool:

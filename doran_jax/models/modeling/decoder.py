@@ -103,8 +103,8 @@ class DecoderConfig:
       raise ValueError(f"model_type {model_type!r} is not a decoder of this family; supported: "
                        f"{', '.join(MODEL_TYPES)}.")
     if cfg.get("use_bidirectional_attention"):
-      raise NotImplementedError("Gemma 3 with use_bidirectional_attention (EmbeddingGemma) is "
-                                "not supported.")
+      raise ValueError("use_bidirectional_attention (EmbeddingGemma) is not supported: this "
+                       "decoder is causal. Use a causal Gemma 3 checkpoint.")
     heads = int(cfg["num_attention_heads"])
     hd = rope_lib.head_dim(cfg)
     gemma = model_type == "gemma3_text"
