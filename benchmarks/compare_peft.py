@@ -58,8 +58,9 @@ def main(argv=None):
         results.setdefault(("peft", method), []).append(theirs)
   table = {k: {"median_step_s": statistics.median(r["median_step_s"] for r in v),
                "peak_rss_mb": max(r["peak_rss_mb"] for r in v)} for k, v in results.items()}
+  cpu = next(iter(results.values()))[0].get("cpu", "unknown CPU")
   print(f"\n{args.model}, batch {args.batch}, seq {args.seq}, rank {args.rank}, {args.rounds} rounds "
-        f"x {args.steps} steps (median of medians)\n")
+        f"x {args.steps} steps (median of medians), CPU {cpu!r}, {os.cpu_count()} cores\n")
   print("| impl | method | median step s | peak RSS MB |")
   print("|---|---|---|---|")
   for (impl, method), r in sorted(table.items()):

@@ -30,6 +30,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from doran_jax import config_lib, models, sharding  # noqa: E402
+from doran_jax.adapters import count_params  # noqa: E402
+
+from benchmarks import matmul_probe  # noqa: E402
 
 from doran_jax import run as run_lib  # noqa: E402
 
@@ -43,7 +46,7 @@ TARGETS = {
 }
 
 
-def hf_config(name: str, model_dropout):
+def hf_config(name: str, model_dropout, attention_dropout=None):
   import transformers
   if name == "bert-base":
     cfg = transformers.BertConfig(num_labels=2)
@@ -62,6 +65,10 @@ def hf_config(name: str, model_dropout):
     for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
       if hasattr(cfg, k):
         setattr(cfg, k, model_dropout)
+  if attention_dropout is not None:
+    for k in ("attention_probs_dropout_prob", "attention_dropout"):
+      if hasattr(cfg, k):
+        setattr(cfg, k, attention_dropout)
   return cfg
 
 
@@ -94,9 +101,11 @@ def build(args):
     if args.model_dropout is not None:
       overrides = {"hidden_dropout_prob": args.model_dropout,
                    "attention_probs_dropout_prob": args.model_dropout}
+    if args.attention_dropout is not None:
+      overrides["attention_probs_dropout_prob"] = args.attention_dropout
     bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides)
   else:
-    cfg = hf_config(args.model, args.model_dropout)
+    cfg = hf_config(args.model, args.model_dropout, args.attention_dropout)
     if cfg is None:
       raise SystemExit(f"--model: unknown {args.model!r}")
     bb = models.from_config(cfg, task, dtype=dtype)
@@ -163,6 +172,8 @@ def main(argv=None):
   p.add_argument("--mode", default="factored", choices=["merged", "factored"])
   p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (factored mode)")
   p.add_argument("--model-dropout", type=float, default=None, help="override the backbone's dropout")
+  p.add_argument("--attention-dropout", type=float, default=None,
+                 help="override only the attention-probability dropout (after --model-dropout)")
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
   p.add_argument("--param-dtype", default="float32", help="backbone storage dtype")
   p.add_argument("--remat", action="store_true", help="rematerialise the forward in the backward")
@@ -172,6 +183,8 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--peak-gflops", type=float, default=None, help="machine peak to report the fraction")
+  p.add_argument("--matmul-probe", action="store_true",
+                 help="also time the step's own matmul shapes alone (matmul_gflops, fraction_of_matmul)")
   p.add_argument("--tag", default=None)
   args = p.parse_args(argv)
 
@@ -206,8 +219,13 @@ def main(argv=None):
       "peak_rss_mb": peak_rss_mb(), "trainable_params": count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,
       "achieved_gflops": flops_model / median / 1e9,
-      "final_loss": float(metrics["loss"]), "tag": args.tag,
+      "final_loss": float(metrics["loss"]), "cpu": matmul_probe.cpu_model(), "tag": args.tag,
   }
+  if args.matmul_probe:
+    probe = matmul_probe.matmul_rate(lowered.as_text())
+    # The step's own dot FLOPs over its time, against the same dots timed alone.
+    result.update(probe, step_matmul_gflops=probe["matmul_flops_per_step"] / median / 1e9)
+    result["fraction_of_matmul"] = result["step_matmul_gflops"] / probe["matmul_gflops"]
   if jax.devices()[0].platform == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_device_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20

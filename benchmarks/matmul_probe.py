@@ -1,0 +1,129 @@
+r"""The machine's matmul rate on a compiled step's own matrix shapes, and the CPU it ran on.
+
+A step's GFLOP/s means little alone: the same code reaches 110 GFLOP/s on one CPU and 250 on
+another. `matmul_rate` reads every dot_general of the lowered step (forward, backward, adapters),
+times each distinct shape alone as a jitted `lax.dot_general`, and returns the FLOP-weighted
+rate: the ceiling the step's matmuls could reach here. benchmarks/step.py reports the step's
+rate as a fraction of it.
+
+  python benchmarks/step.py --method dora --matmul-probe      # adds matmul_gflops, fraction_of_matmul
+"""
+
+from __future__ import annotations
+
+import collections
+import platform
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# `%4 = stablehlo.dot_general %3, %arg0, batching_dims = [0] x [0], contracting_dims = [2] x [2],
+#   precision = [...] : (tensor<4x128x384xf32>, tensor<4x128x384xf32>) -> tensor<4x128x128xf32>`
+_DOT = re.compile(r"stablehlo\.dot_general\s[^:]*?(?:batching_dims = \[([\d, ]*)\] x \[([\d, ]*)\],\s*)?"
+                  r"contracting_dims = \[([\d, ]*)\] x \[([\d, ]*)\][^:]*:\s*"
+                  r"\(tensor<([\dx]*)x(\w+)>, tensor<([\dx]*)x\w+>\)")
+_NAME = r"@(\"[^\"]+\"|[\w.$-]+)"
+_FUNC = re.compile(r"func\.func (?:public |private )?" + _NAME + r"\(")
+_CALL = re.compile(r"\bcall " + _NAME + r"\(")
+
+Dot = collections.namedtuple("Dot", "dtype lhs rhs lhs_batch rhs_batch lhs_contract rhs_contract")
+
+
+def _dims(text: str, sep: str = ",") -> tuple[int, ...]:
+  return tuple(int(x) for x in (text or "").replace(" ", "").split(sep) if x)
+
+
+def dots_in_stablehlo(text: str) -> collections.Counter:
+  """Counter of the dot_generals a lowered step executes (operand shapes, dtype, dimensions).
+
+  Reads `jitted.lower(...).as_text()`. A private function's dots count once per call site
+  (jax outlines nested jits and custom VJPs into called functions); loop bodies count once.
+
+  Example:
+    >>> dots_in_stablehlo(jax.jit(jnp.dot).lower(x, y).as_text())
+  """
+  own, calls, name = {}, {}, None
+  for line in text.splitlines():
+    f = _FUNC.search(line)
+    if f:
+      name = f.group(1)
+      own[name], calls[name] = collections.Counter(), collections.Counter()
+      continue
+    if name is None:
+      continue
+    m = _DOT.search(line)
+    if m:
+      lb, rb, lc, rc, lhs, dtype, rhs = m.groups()
+      own[name][Dot(dtype, _dims(lhs, "x"), _dims(rhs, "x"), _dims(lb), _dims(rb), _dims(lc),
+                    _dims(rc))] += 1
+    for callee in _CALL.findall(line):
+      calls[name][callee] += 1
+
+  def total(fn, depth=0):
+    out = collections.Counter(own.get(fn, {}))
+    for callee, n in calls.get(fn, {}).items():
+      if callee in own and depth < 50:
+        for d, k in total(callee, depth + 1).items():
+          out[d] += k * n
+    return out
+
+  return total("main") if "main" in own else sum(own.values(), collections.Counter())
+
+
+def dot_flops(d: Dot) -> float:
+  """2 × (batch) × (lhs free) × (rhs free) × (contracted): multiply-adds counted as 2."""
+  batch = np.prod([d.lhs[i] for i in d.lhs_batch], dtype=np.float64)
+  contract = np.prod([d.lhs[i] for i in d.lhs_contract], dtype=np.float64)
+  lhs_free = np.prod([n for i, n in enumerate(d.lhs) if i not in d.lhs_batch + d.lhs_contract],
+                     dtype=np.float64)
+  rhs_free = np.prod([n for i, n in enumerate(d.rhs) if i not in d.rhs_batch + d.rhs_contract],
+                     dtype=np.float64)
+  return float(2.0 * batch * contract * lhs_free * rhs_free)
+
+
+_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
+
+
+def time_dot(d: Dot, *, repeats: int = 5) -> float:
+  """Median seconds of one jitted dot_general of these shapes (inputs on the default device)."""
+  dtype = _DTYPES.get(d.dtype, jnp.float32)
+  key_l, key_r = jax.random.split(jax.random.key(0))
+  lhs = jax.random.normal(key_l, d.lhs, dtype)
+  rhs = jax.random.normal(key_r, d.rhs, dtype)
+  numbers = ((d.lhs_contract, d.rhs_contract), (d.lhs_batch, d.rhs_batch))
+  fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers))
+  jax.block_until_ready(fn(lhs, rhs))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(lhs, rhs))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def matmul_rate(stablehlo_text: str, *, repeats: int = 5, min_flops: float = 1e6) -> dict:
+  """FLOP-weighted GFLOP/s of the step's own dots, each timed alone.
+
+  Dots under `min_flops` (scalars, tiny adapter products) are left out: their time is launch
+  overhead, not a rate. Returns {'matmul_gflops', 'matmul_flops_per_step', 'distinct_dots'}.
+  """
+  dots = {d: n for d, n in dots_in_stablehlo(stablehlo_text).items() if dot_flops(d) >= min_flops}
+  flops = sum(dot_flops(d) * n for d, n in dots.items())
+  seconds = sum(time_dot(d, repeats=repeats) * n for d, n in dots.items())
+  return {"matmul_gflops": flops / seconds / 1e9 if seconds else float("nan"),
+          "matmul_flops_per_step": flops, "distinct_dots": len(dots)}
+
+
+def cpu_model() -> str:
+  """The CPU's model name as lscpu prints it (/proc/cpuinfo), else platform.processor()."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

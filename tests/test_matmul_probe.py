@@ -1,0 +1,53 @@
+"""benchmarks/matmul_probe.py: the dots a lowered step runs, their FLOPs, and their rate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import matmul_probe
+
+
+def _program():
+  """Two dots inside a nested jit called twice, one outside, one batched (attention-like)."""
+  w = jnp.ones((16, 8))
+  inner = jax.jit(lambda a: a @ w)
+
+  def f(x_BxTxD):
+    h = jnp.tanh(inner(x_BxTxD)) @ w.T + inner(x_BxTxD) @ w.T
+    return jnp.einsum("btd,bsd->bts", h, x_BxTxD)
+
+  return jax.jit(f).lower(jnp.ones((2, 4, 16))).as_text()
+
+
+def test_counts_dots_per_call_site_with_shapes_and_dimensions():
+  dots = matmul_probe.dots_in_stablehlo(_program())
+  by_shapes = {(d.lhs, d.rhs): n for d, n in dots.items()}
+  assert by_shapes == {((2, 4, 16), (16, 8)): 2, ((2, 4, 8), (8, 16)): 2,
+                       ((2, 4, 16), (2, 4, 16)): 1}
+  batched = next(d for d in dots if d.lhs_batch)
+  assert (batched.lhs_batch, batched.rhs_batch) == ((0,), (0,))
+  assert (batched.lhs_contract, batched.rhs_contract) == ((2,), (2,))
+  assert all(d.dtype == "f32" for d in dots)
+
+
+def test_dot_flops_match_a_direct_count():
+  dots = matmul_probe.dots_in_stablehlo(_program())
+  flops = {(d.lhs, d.rhs): matmul_probe.dot_flops(d) for d in dots}
+  # 2 per multiply-add: (B*T) rows x out columns x contracted length.
+  assert flops[((2, 4, 16), (16, 8))] == 2 * 8 * 8 * 16
+  assert flops[((2, 4, 8), (8, 16))] == 2 * 8 * 16 * 8
+  assert flops[((2, 4, 16), (2, 4, 16))] == 2 * 2 * 4 * 4 * 16
+
+
+def test_matmul_rate_times_what_it_found():
+  text = jax.jit(lambda a, b: a @ b).lower(jnp.ones((256, 256)), jnp.ones((256, 256))).as_text()
+  out = matmul_probe.matmul_rate(text, repeats=2)
+  assert out["distinct_dots"] == 1
+  assert out["matmul_flops_per_step"] == 2 * 256**3
+  assert np.isfinite(out["matmul_gflops"]) and out["matmul_gflops"] > 0
+  # Dots below min_flops are launch overhead, not a rate: none left means no rate.
+  assert np.isnan(matmul_probe.matmul_rate(text, min_flops=1e12)["matmul_gflops"])
+
+
+def test_cpu_model_is_named():
+  assert matmul_probe.cpu_model().strip()
