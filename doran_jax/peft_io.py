@@ -64,27 +64,49 @@ _UNSUPPORTED_OPTIONS = ("lora_bias", "layer_replication", "target_parameters", "
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def torch_module_name(module_path: str) -> str:
+def torch_module_name(module_path: str, torch_modules: Sequence[tuple[str, str]] = ()) -> str:
   """Our module path -> torch module name.
+
+  `torch_modules` is the family's `torch_modules` (`bb.family.torch_modules`): the modules
+  transformers renames when it builds the torch model (ViT in transformers 5).
 
   Example:
     >>> torch_module_name("bert/encoder/layer/0/attention/self/query")
     'bert.encoder.layer.0.attention.self.query'
+    >>> torch_module_name("vit/encoder/layer/0/output/dense", vit_backbone.family.torch_modules)
+    'vit.layers.0.mlp.fc2'
   """
-  return module_path.replace(SEP, ".")
+  return _rename(module_path.replace(SEP, "."), torch_modules, 0, 1)
 
 
-def flax_module_path(module_name: str) -> str:
+def flax_module_path(module_name: str, torch_modules: Sequence[tuple[str, str]] = ()) -> str:
   """Torch module name -> our module path (the inverse of `torch_module_name`)."""
-  return module_name.replace(".", SEP)
+  return _rename(module_name, torch_modules, 1, 0).replace(".", SEP)
+
+
+def _rename(name: str, templates: Sequence[tuple[str, str]], src: int, dst: int) -> str:
+  """Maps a module name through the first (checkpoint, torch) template pair that matches it."""
+  for pair in templates:
+    m = re.fullmatch(re.escape(pair[src]).replace(r"\*", r"(\d+)"), name)
+    if m:
+      out = pair[dst]
+      for index in m.groups():
+        out = out.replace("*", index, 1)
+      return out
+  return name
+
+
+def _rename_tensor(name: str, templates, src: int, dst: int) -> str:
+  module, _, param = name.rpartition(".")
+  return _rename(module, templates, src, dst) + "." + param if module else name
 
 
 # ------------------------------------------------------------------------------------------ export
 
 
 def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: AdapterConfig, *,
-                 modules_to_save: Sequence[str] = (),
-                 no_transpose: str = r"") -> tuple[dict[str, np.ndarray], dict]:
+                 modules_to_save: Sequence[str] = (), no_transpose: str = r"",
+                 torch_modules: Sequence[tuple[str, str]] = ()) -> tuple[dict[str, np.ndarray], dict]:
   """The PEFT state dict (float32 numpy, torch layout) and the LoRA config fields of an adapter.
 
   Example:
@@ -99,6 +121,7 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
     modules_to_save: module paths saved whole (e.g. ('classifier',)), PEFT's modules_to_save.
     no_transpose: regex of the kernels torch stores (in, out), `bb.family.no_transpose` (GPT-2's
       Conv1D); fan_in_fan_out is set when every exported target matches it.
+    torch_modules: `bb.family.torch_modules`, the modules transformers renames (ViT).
 
   Returns:
     (tensors, fields): fields holds r, lora_alpha, use_dora, use_rslora, fan_in_fan_out,
@@ -123,7 +146,7 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
       raise ValueError(f"{t.path!r}: {e}") from e
     if a_IxR.shape[1] == 0:
       continue  # dyndora: no live component, the layer is W0 and PEFT need not touch it.
-    name = torch_module_name(t.module_path)
+    name = torch_module_name(t.module_path, torch_modules)
     tensors[PREFIX + name + _A] = np.ascontiguousarray(a_IxR.T)
     tensors[PREFIX + name + _B] = np.ascontiguousarray(b_RxO.T)
     if m_O is not None:
@@ -136,8 +159,8 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
                      "the adapter is the identity, there is nothing to export to PEFT.")
   saved = []
   for module_path in modules_to_save:
-    tensors.update(_module_tensors(flat, module_path, no_transpose, cfg.transposed))
-    saved.append(torch_module_name(module_path))
+    tensors.update(_module_tensors(flat, module_path, no_transpose, cfg.transposed, torch_modules))
+    saved.append(torch_module_name(module_path, torch_modules))
   # One flag for the whole adapter; PEFT corrects it per layer (with a warning) on a mix.
   fields = _lora_fields(cfg, ranks, all(conv1d))
   fields["target_modules"] = sorted(modules)
@@ -158,7 +181,7 @@ def _is_conv1d(path: str, no_transpose: str) -> bool:
 
 
 def _module_tensors(flat: Mapping[str, Any], module_path: str, no_transpose: str,
-                    transposed: Sequence[str]) -> dict[str, np.ndarray]:
+                    transposed: Sequence[str], torch_modules=()) -> dict[str, np.ndarray]:
   prefix = module_path.rstrip(SEP) + SEP
   leaves = {p: np.asarray(v, np.float32) for p, v in flat.items() if p.startswith(prefix)}
   if not leaves:
@@ -167,7 +190,8 @@ def _module_tensors(flat: Mapping[str, Any], module_path: str, no_transpose: str
   # The naming rule assumes (in, out) kernels: flip any kept (out, in) first.
   leaves = {p: v.T if p in transposed and v.ndim == 2 else v for p, v in leaves.items()}
   state = hf_io.to_torch_names(unflatten(leaves), no_transpose=no_transpose)
-  return {PREFIX + name: np.ascontiguousarray(v) for name, v in state.items()}
+  return {PREFIX + _rename_tensor(name, torch_modules, 0, 1): np.ascontiguousarray(v)
+          for name, v in state.items()}
 
 
 def _top_keys(flat) -> list[str]:
@@ -177,14 +201,16 @@ def _top_keys(flat) -> list[str]:
 def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, Any],
                       cfg: AdapterConfig, *, base_model_name_or_path: str,
                       task_type: Optional[str] = None,
-                      modules_to_save: Sequence[str] = (), no_transpose: str = r"") -> str:
+                      modules_to_save: Sequence[str] = (), no_transpose: str = r"",
+                      torch_modules: Sequence[tuple[str, str]] = ()) -> str:
   """Writes a PEFT LoRA/DoRA adapter folder that `PeftModel.from_pretrained` loads.
 
   Example:
     >>> models.save_pretrained(bb, bb.params, "export/base")   # the base PEFT wraps
     >>> save_peft_adapter("export/peft", params, adapters, cfg,
     ...                   base_model_name_or_path="export/base", task_type="classification",
-    ...                   modules_to_save=("classifier",), no_transpose=bb.family.no_transpose)
+    ...                   modules_to_save=("classifier",), no_transpose=bb.family.no_transpose,
+    ...                   torch_modules=bb.family.torch_modules)
     >>> # torch: PeftModel.from_pretrained(
     >>> #     AutoModelForSequenceClassification.from_pretrained("export/base"), "export/peft")
 
@@ -200,6 +226,8 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
     modules_to_save: module paths (e.g. ('classifier',)) whose params are saved whole.
     no_transpose: `bb.family.no_transpose`, the kernels torch stores (in, out): GPT-2 needs it
       for fan_in_fan_out and for the layout of Conv1D kernels in modules_to_save.
+    torch_modules: `bb.family.torch_modules`: ViT needs it, since transformers 5 renames its
+      modules when it builds the torch model and PEFT would otherwise find none of the targets.
 
   Returns:
     `path`.
@@ -217,7 +245,7 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
     if module_path not in modules_to_save:
       modules_to_save.append(module_path)
   tensors, fields = peft_tensors(params, adapters, cfg, modules_to_save=modules_to_save,
-                                 no_transpose=no_transpose)
+                                 no_transpose=no_transpose, torch_modules=torch_modules)
   # PEFT never puts LoRA inside a modules_to_save module: such a target would be dropped silently.
   saved = (fields["modules_to_save"] or []) + _AUTO_SAVED.get(peft_task, [])
   shadowed = [n for n in fields["target_modules"]
@@ -287,7 +315,8 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def load_peft_adapter(path: str, params: Mapping[str, Any], *,
-                      transposed: Optional[Sequence[str]] = ()) -> tuple[dict, AdapterConfig]:
+                      transposed: Optional[Sequence[str]] = (),
+                      torch_modules: Sequence[tuple[str, str]] = ()) -> tuple[dict, AdapterConfig]:
   """Imports a PEFT LoRA or DoRA adapter folder as (adapters, AdapterConfig) for `params`.
 
   Example:
@@ -305,6 +334,7 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
     transposed: paths of kernels that `params` stores (out, in), for trees other than our
       families' (those store every kernel (in, out), GPT-2's Conv1D too: fan_in_fan_out only
       describes torch's base weight and changes nothing here).
+    torch_modules: `bb.family.torch_modules`, the modules transformers renames (ViT).
 
   Raises:
     ValueError: not a LoRA adapter, an option we cannot represent, a module the params do not
@@ -317,7 +347,7 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
   use_dora = bool(config.get("use_dora", False))
   kernels = {}
   for name in sorted(factors):
-    kernel = flax_module_path(name) + SEP + "kernel"
+    kernel = flax_module_path(name, torch_modules) + SEP + "kernel"
     if kernel not in flat or np.ndim(flat[kernel]) != 2:
       raise ValueError(
           f"PEFT module {name!r} has no 2-D kernel {kernel!r} in these params; was the adapter "
@@ -430,7 +460,8 @@ def _targets_regex(flat: Mapping[str, Any], kernels) -> str:
 
 
 def load_peft_modules_to_save(path: str, params: Mapping[str, Any], *, no_transpose: str = r"",
-                              transposed: Sequence[str] = ()) -> dict:
+                              transposed: Sequence[str] = (),
+                              torch_modules: Sequence[tuple[str, str]] = ()) -> dict:
   """`params` with the modules a PEFT folder saved whole (modules_to_save, e.g. the task head).
 
   Example:
@@ -442,6 +473,7 @@ def load_peft_modules_to_save(path: str, params: Mapping[str, Any], *, no_transp
     params: the backbone params to update.
     no_transpose: `bb.family.no_transpose`, the kernels torch stores (in, out) (GPT-2's Conv1D).
     transposed: kernels that `params` stores (out, in), as in `load_peft_adapter`.
+    torch_modules: `bb.family.torch_modules`, the modules transformers renames (ViT).
   """
   config, tensors = read_peft_adapter(path)
   saved = config.get("modules_to_save") or []
@@ -452,6 +484,7 @@ def load_peft_modules_to_save(path: str, params: Mapping[str, Any], *, no_transp
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     if not any(re.match(rf"(^|.*\.){re.escape(m)}\.", name) for m in saved):
       continue
+    name = _rename_tensor(name, torch_modules, 1, 0)
     if name not in ours:
       raise ValueError(f"PEFT tensor {key!r} (modules_to_save) has no counterpart "
                        f"{flax_module_path(name)!r} in the params; was it saved for another model?")

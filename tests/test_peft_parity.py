@@ -391,10 +391,8 @@ def test_out_in_kernels_listed_in_transposed_still_round_trip(gpt2, tmp_path):
 
 # transformers 5 renames ViT's torch modules on load (vit.encoder.layer.N.attention.attention.query
 # -> vit.layers.N.attention.q_proj, output.dense -> mlp.fc2, ...) while checkpoints, and so our
-# param paths, keep the old names. PEFT 0.21.2 converts adapter names only for the MoE models
-# (`get_checkpoint_conversion_mapping("vit")` is None), so a ViT adapter in checkpoint names loads
-# without error or warning and adapts `classifier` alone.
-VIT_RENAMED = int(transformers.__version__.split(".")[0]) >= 5
+# param paths, keep the old names: the ViT family's `torch_modules` maps between the two, and
+# PEFT (which converts names only for MoE models) then finds every target.
 FAMILIES = {  # task, torch auto class, targets (every linear kernel; ViT's patch conv is 4-D)
     "bert": ("classification", "AutoModelForSequenceClassification", r".*/kernel"),
     "vit": ("image_classification", "AutoModelForImageClassification",
@@ -413,11 +411,7 @@ def tiny_params(family, task, seed=0, **overrides):
   return bb, params
 
 
-@pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.xfail(
-        f == "vit" and VIT_RENAMED, strict=True, raises=AssertionError,
-        reason="transformers 5 renamed ViT's torch modules; PEFT 0.21.2 does not map them"))
-    for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_linear_kernel_maps_to_a_torch_module_peft_loads(family, tmp_path):
   task, auto_class, targets = FAMILIES[family]
   bb, params = tiny_params(family, task)
@@ -426,15 +420,18 @@ def test_every_linear_kernel_maps_to_a_torch_module_peft_loads(family, tmp_path)
   cfg = AdapterConfig(method="dora", rank=2, alpha=4.0, targets=targets)
   adapters = make_adapters(params, cfg, seed=5)
   out = str(tmp_path / "peft")
+  renamed = bb.family.torch_modules
+  assert bool(renamed) == (family == "vit")
   peft_io.save_peft_adapter(out, params, adapters, cfg, base_model_name_or_path="tiny",
-                            no_transpose=no_transpose)
+                            no_transpose=no_transpose, torch_modules=renamed)
   with open(os.path.join(out, "adapter_config.json")) as f:
     assert json.load(f)["fan_in_fan_out"] is (family == "gpt2")
-  tensors, _ = peft_io.peft_tensors(params, adapters, cfg, no_transpose=no_transpose)
+  tensors, _ = peft_io.peft_tensors(params, adapters, cfg, no_transpose=no_transpose,
+                                    torch_modules=renamed)
   torch_model = torch_from_ours(bb, params, str(tmp_path / "base"), auto_class)
   names = dict(torch_model.named_modules())
   for t in targets_for(params, cfg):
-    assert peft_io.torch_module_name(t.module_path) in names, t.path
+    assert peft_io.torch_module_name(t.module_path, renamed) in names, t.path
   pm = peft.PeftModel.from_pretrained(torch_model, out)
   state = pm.state_dict()
   for key, value in tensors.items():
@@ -442,6 +439,27 @@ def test_every_linear_kernel_maps_to_a_torch_module_peft_loads(family, tmp_path)
         "lora_magnitude_vector", "lora_magnitude_vector.default.weight")
     assert name in state, key
     np.testing.assert_array_equal(state[name].numpy(), value, err_msg=key)
+  # Back through the same names: the imported adapter gives our merged weights again.
+  back, cfg_back = peft_io.load_peft_adapter(out, params, torch_modules=renamed)
+  ours, theirs = (flatten(apply_adapters(params, a, c)) for a, c in ((adapters, cfg),
+                                                                      (back, cfg_back)))
+  assert set(ours) == set(theirs)
+  for k in ours:
+    assert_close(theirs[k], ours[k], 1e-5, k)
+
+
+def test_torch_module_names_map_both_ways():
+  vit = models.from_config(models.tiny_config("vit"), "image_classification").family
+  for ours, torch_name in [("vit/encoder/layer/11/attention/attention/query",
+                            "vit.layers.11.attention.q_proj"),
+                           ("vit/encoder/layer/0/output/dense", "vit.layers.0.mlp.fc2"),
+                           ("vit/encoder/layer/3/attention/output/dense",
+                            "vit.layers.3.attention.o_proj"),
+                           ("classifier", "classifier")]:
+    assert peft_io.torch_module_name(ours, vit.torch_modules) == torch_name
+    assert peft_io.flax_module_path(torch_name, vit.torch_modules) == ours
+  # Without the family's map the rule is the plain '/' <-> '.' one.
+  assert peft_io.torch_module_name("vit/encoder/layer/0/output/dense") == "vit.encoder.layer.0.output.dense"
 
 
 @pytest.fixture(scope="module")

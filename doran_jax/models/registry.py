@@ -40,6 +40,9 @@ class Family:
     tied_params: (config dict, task) -> (our path, source path) pairs transformers ties.
     no_transpose: regex of kernels torch already stores (in, out) (GPT-2's Conv1D).
     renames: (regex, replacement) pairs for checkpoint names that differ from the rule.
+    torch_modules: (checkpoint module name, torch module name) templates for modules that
+      transformers (5.x) renames when it builds the torch model, '*' standing for a layer
+      index. PEFT adapters name the built model's modules, so peft_io maps through these.
     image_mean, image_std: the image processor's normalisation (vision families).
   """
 
@@ -57,6 +60,7 @@ class Family:
   tied_params: Callable[[Mapping[str, Any], str], Any] = lambda cfg, task: ()
   no_transpose: str = r""
   renames: tuple[tuple[str, str], ...] = ()
+  torch_modules: tuple[tuple[str, str], ...] = ()
   image_mean: Optional[float] = None
   image_std: Optional[float] = None
 

@@ -24,5 +24,15 @@ VIT = register(Family(
     tiny_config=tiny_vit, build=modeling.build, prefix=modeling.prefix,
     tied_params=modeling.tied_params, no_transpose=modeling.NO_TRANSPOSE,
     renames=modeling.RENAMES,
+    # transformers 5 builds ViT with new module names (its checkpoints keep the old ones).
+    torch_modules=(
+        ("vit.encoder.layer.*.attention.attention.query", "vit.layers.*.attention.q_proj"),
+        ("vit.encoder.layer.*.attention.attention.key", "vit.layers.*.attention.k_proj"),
+        ("vit.encoder.layer.*.attention.attention.value", "vit.layers.*.attention.v_proj"),
+        ("vit.encoder.layer.*.attention.output.dense", "vit.layers.*.attention.o_proj"),
+        ("vit.encoder.layer.*.intermediate.dense", "vit.layers.*.mlp.fc1"),
+        ("vit.encoder.layer.*.output.dense", "vit.layers.*.mlp.fc2"),
+        ("vit.encoder.layer.*.layernorm_before", "vit.layers.*.layernorm_before"),
+        ("vit.encoder.layer.*.layernorm_after", "vit.layers.*.layernorm_after")),
     # ViT's image processor: x in [0, 1] -> (x - 0.5) / 0.5.
     image_mean=0.5, image_std=0.5))
