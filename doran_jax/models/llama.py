@@ -18,10 +18,8 @@ def _tiny(class_name: str, **defaults):
 
 
 def _build(cfg, task, *, dtype, num_labels=None, remat=False, memory_lean=True):
-  if remat:
-    raise ValueError("model.remat is not implemented for the LLaMA-family decoder yet; set "
-                     "model.remat=False.")
-  return modeling.build(cfg, task, dtype=dtype, num_labels=num_labels, memory_lean=memory_lean)
+  return modeling.build(cfg, task, dtype=dtype, num_labels=num_labels, memory_lean=memory_lean,
+                        remat=remat)
 
 
 def _record(name: str, model_type: str, tiny) -> Family:

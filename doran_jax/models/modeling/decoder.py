@@ -89,6 +89,7 @@ class DecoderConfig:
   ropes: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]   # layer type -> rope params
   tie_word_embeddings: bool
   memory_lean: bool = True           # fused attention and GELU (layers.attention_implementation)
+  remat: bool = False                # keep only each block's input for the backward pass
 
   @classmethod
   def from_hf(cls, cfg: Mapping[str, Any]) -> "DecoderConfig":
@@ -237,7 +238,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, tables, mask_BxT, *, train: bool = False):
+  def __call__(self, x_BxTxD, tables, mask_BxT, train: bool = False):
     c = self.config
     cos_BxTxR, sin_BxTxR = tables[c.layer_types[self.index]]
     attn = Attention(c, window=c.windows[self.index], dtype=self.dtype,
@@ -264,9 +265,11 @@ class _Layers(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, tables, mask_BxT, *, train: bool = False):
+    # `train` (arg 4 counting self) is static under remat: it switches dropout.
+    block = nn.remat(DecoderLayer, static_argnums=(4,)) if self.config.remat else DecoderLayer
     for i in range(self.config.num_layers):
-      x_BxTxD = DecoderLayer(self.config, i, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name=str(i))(x_BxTxD, tables, mask_BxT, train=train)
+      x_BxTxD = block(self.config, i, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=str(i))(x_BxTxD, tables, mask_BxT, train)
     return x_BxTxD
 
 
@@ -381,7 +384,7 @@ class DecoderForSequenceClassification(nn.Module):
 
 def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
           num_labels: Optional[int] = None, param_dtype=jnp.float32,
-          memory_lean: bool = True) -> nn.Module:
+          memory_lean: bool = True, remat: bool = False) -> nn.Module:
   """The module for a transformers config dict and a task.
 
   Args:
@@ -394,13 +397,14 @@ def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
     memory_lean: the backend's fused attention (cuDNN flash on GPU; on CPU causal attention is
       plain XLA either way) and the custom-VJP exact GELU; False = plain XLA autodiff (config
       `model.fused_layers`). Same maths and params either way.
+    remat: recompute each block's activations in the backward pass (config `model.remat`).
 
   Example:
     >>> module = build(hf_io.read_config("ckpt/"), "causal_lm", dtype=jnp.bfloat16)
     >>> logits = module.apply({"params": params}, {"input_ids": ids, "attention_mask": mask})
   """
   config = dataclasses.replace(DecoderConfig.from_hf(hf_config_dict),
-                               memory_lean=bool(memory_lean))
+                               memory_lean=bool(memory_lean), remat=bool(remat))
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   if task == "causal_lm":
     return DecoderForCausalLM(config, **kw)
