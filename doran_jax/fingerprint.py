@@ -135,9 +135,12 @@ def _resume_mode(config) -> str:
 
 
 def _mismatch(workdir, diffs, new_digest, purpose) -> RunMismatchError:
-  shown = "\n".join(f"  {d}" for d in diffs[:20])
-  if len(diffs) > 20:
-    shown += f"\n  ... and {len(diffs) - 20} more"
+  summary = "; ".join(diffs[:3]) + (f"; ... ({len(diffs) - 3} more below)" if len(diffs) > 3 else "")
+  listing = ""
+  if len(diffs) > 3:
+    listing = "\n" + "\n".join(f"  {d}" for d in diffs[:40])
+    if len(diffs) > 40:
+      listing += f"\n  ... and {len(diffs) - 40} more"
   new_dir = f"{workdir.rstrip('/')}-{new_digest[:8]}"
   if purpose == "eval":
     fix = ("Evaluate with the config the run was trained with, or pass --config.resume=force to "
@@ -147,8 +150,8 @@ def _mismatch(workdir, diffs, new_digest, purpose) -> RunMismatchError:
            "(or --workdir); to continue this run under the new settings pass "
            "--config.resume=force.")
   return RunMismatchError(
-      f"workdir {workdir} holds another run: its fingerprint does not match this run's config "
-      f"({len(diffs)} setting(s) differ, stored -> now):\n{shown}\n{fix}")
+      f"workdir {workdir} holds another run (its fingerprint does not match this run's config; "
+      f"{len(diffs)} setting(s) differ, stored -> now): {summary}{listing}\n{fix}")
 
 
 def check(config, workdir: str, *, purpose: str = "train") -> Optional[dict]:
