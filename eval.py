@@ -18,8 +18,10 @@ os.environ.setdefault("USE_TORCH", "0")
 from absl import app, flags
 from ml_collections import config_flags
 
-from doran_jax import experiment
+from doran_jax import errors, experiment
 
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of our own errors (or set "
+                             "DORAN_VERBOSE=1); without it they print one message and exit 2.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ (default: config.workdir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -30,8 +32,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   experiment.quiet_third_party_logs()
-  metrics = experiment.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value,
-                                    adapters_dir=_ADAPTERS.value, step=_STEP.value)
+  with errors.reported(verbose=_VERBOSE.value):
+    metrics = experiment.evaluate_run(_CONFIG.value, workdir=_WORKDIR.value,
+                                      adapters_dir=_ADAPTERS.value, step=_STEP.value)
   print(json.dumps(metrics))
 
 

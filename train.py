@@ -13,8 +13,10 @@ os.environ.setdefault("USE_TORCH", "0")
 from absl import app, flags
 from ml_collections import config_flags
 
-from doran_jax import experiment
+from doran_jax import errors, experiment
 
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of our own errors (or set "
+                             "DORAN_VERBOSE=1); without it they print one message and exit 2.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<exp>.py[:args]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports (default: config.workdir).")
 
@@ -23,7 +25,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   experiment.quiet_third_party_logs()
-  experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
+  with errors.reported(verbose=_VERBOSE.value):
+    experiment.run_experiment(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

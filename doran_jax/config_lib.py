@@ -2,14 +2,24 @@
 
 `configs/<exp>.py:get_config(arg)` starts from `base_config()`, sets what the experiment needs and
 applies `arg` ("method=dora,rank=16") with `apply_arg`. Locked: a typo in an override is an error.
+`validate(config)` checks every value before anything is loaded (run.setup, train.py and eval.py
+call it) and reports all problems at once.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
+from doran_jax import data, fingerprint, optim, sharding
+from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
+from doran_jax.errors import ConfigError
+from doran_jax.models import registry as model_registry
 
 # Short names accepted in `--config configs/x.py:name=value,...`.
 ARG_KEYS = {
@@ -32,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = "runs/default"
+  # 'auto': resume the workdir's run if it is this config's (run.json), else stop with the
+  # differing keys; 'force': continue it under this config anyway (doran_jax.fingerprint).
+  c.resume = "auto"
   # num_labels=0: taken from the data set.
   c.model = ml_collections.ConfigDict(dict(
       name="minilm", task="classification", num_labels=0, dtype="float32", param_dtype="float32",
@@ -76,7 +89,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
   if arg:
     for item in str(arg).split(","):
       if "=" not in item:
-        raise ValueError(f"config argument {item!r} must look like name=value; known names: "
+        raise ConfigError(f"config argument {item!r} must look like name=value; known names: "
                          f"{', '.join(sorted(names))}")
       key, value = (s.strip() for s in item.split("=", 1))
       path = names.get(key, key)
@@ -85,7 +98,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
         parent = parent[part]
       leaf = path.split(".")[-1]
       if leaf not in parent:
-        raise ValueError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
       current = parent[leaf]
       parent[leaf] = _parse(value, current)
   config.lock()
@@ -100,3 +113,229 @@ def _parse(value: str, current):
   if isinstance(current, float):
     return float(value)
   return value
+
+
+# ------------------------------------------------------------------------------ validation
+
+BASELINES = ("majority", "frozen")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate(config, *, with_data: bool = True, with_model: bool = True) -> None:
+  """Checks the whole config before any data or model is read; all problems in one error.
+
+  `with_data=False` / `with_model=False` skip the data section / the model's name and files
+  (callers that bring their own batches or backbone).
+
+  Example:
+    >>> validate(tiny.get_config("lr=-1"))
+    ConfigError: invalid config (1 problem; nothing was loaded): optim.lr=-1.0 must be ...
+
+  Raises:
+    ConfigError: one line per problem, each naming the key, its value and the fix.
+  """
+  problems = config_problems(config, with_data=with_data, with_model=with_model)
+  if problems:
+    head = f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was loaded): "
+    raise ConfigError(head + "\n  also: ".join(problems))
+
+
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _regex_problem(key, pattern):
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError) as e:
+    return f"{key}={pattern!r} is not a valid regex ({e})."
+  return None
+
+
+def config_problems(config, *, with_data: bool = True, with_model: bool = True) -> list[str]:
+  """The list behind `validate` (empty when the config is fine)."""
+  p = []
+  get = config.get
+
+  def need(ok, msg):
+    if not ok:
+      p.append(msg)
+
+  need(_int(get("seed", 0)) and get("seed", 0) >= 0, f"seed={get('seed')!r} must be an integer >= 0.")
+  need(isinstance(get("workdir", ""), str) and get("workdir", ""),
+       f"workdir={get('workdir')!r} must be a non-empty folder name.")
+  need(get("resume", "auto") in fingerprint.RESUME_MODES,
+       f"resume={get('resume')!r} must be one of {', '.join(fingerprint.RESUME_MODES)}.")
+  batch, steps = get("batch_size"), get("num_steps", 0)
+  need(_int(batch) and batch >= 1, f"batch_size={batch!r} must be an integer >= 1.")
+  need(_int(get("eval_batch_size", 1)) and get("eval_batch_size", 1) >= 1,
+       f"eval_batch_size={get('eval_batch_size')!r} must be an integer >= 1.")
+  need(_int(steps) and steps >= 0, f"num_steps={steps!r} must be an integer >= 1 (or 0: from "
+       "num_epochs).")
+  need(_number(get("num_epochs", 1.0)) and get("num_epochs", 1.0) > 0,
+       f"num_epochs={get('num_epochs')!r} must be a finite number > 0.")
+  need(_int(get("log_every", 1)) and get("log_every", 1) >= 1,
+       f"log_every={get('log_every')!r} must be an integer >= 1.")
+  need(get("progress_bar", None) in (None, True, False),
+       f"progress_bar={get('progress_bar')!r} must be True, False or None (auto).")
+  ckpt = get("checkpoint", None)
+  if ckpt is not None:
+    need(_int(ckpt.get("every", 1)) and ckpt.get("every", 1) >= 1,
+         f"checkpoint.every={ckpt.get('every')!r} must be an integer >= 1 (steps between saves).")
+    keep = ckpt.get("max_to_keep", 1)
+    need(keep is None or (_int(keep) and keep >= 1),
+         f"checkpoint.max_to_keep={keep!r} must be an integer >= 1 (or None: keep all); 0 would "
+         "delete every checkpoint.")
+  bad = [b for b in (get("baselines", ()) or ()) if b not in BASELINES]
+  need(not bad, f"baselines {bad} unknown; choose among {', '.join(BASELINES)}.")
+  gen = get("generate", None)
+  if gen is not None and gen.get("enabled", False):
+    need(_int(gen.get("max_new_tokens")) and gen.get("max_new_tokens") >= 1,
+         f"generate.max_new_tokens={gen.get('max_new_tokens')!r} must be an integer >= 1.")
+  try:
+    axes = sharding.parse_mesh(get("mesh", "data:-1"))
+    sizes = [s for _, s in axes]
+    need(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1,
+         f"mesh={get('mesh')!r}: sizes must be >= 1, with at most one -1 (the remaining devices).")
+  except (ValueError, TypeError) as e:
+    p.append(f"mesh={get('mesh')!r} cannot be parsed ({e}); e.g. 'data:-1,fsdp:1,model:1'.")
+  rules = get("sharding_rules", "replicated")
+  need(not isinstance(rules, str) or rules in sharding.RULE_NAMES,
+       f"sharding_rules={rules!r} unknown; choose {', '.join(sharding.RULE_NAMES)} or a list of "
+       "(regex, spec) pairs.")
+  need(get("distributed", "auto") in sharding.DISTRIBUTED_MODES,
+       f"distributed={get('distributed')!r} must be one of {', '.join(sharding.DISTRIBUTED_MODES)}.")
+  p += _model_problems(config.model, with_model)
+  adapter_cfg = _adapter_problems(config.adapter, p)
+  head = get("head", None)
+  if head is not None and _regex_problem("head", head):
+    p.append(_regex_problem("head", head))
+  freeze = get("freeze", ()) or ()
+  if isinstance(freeze, str):
+    p.append(f"freeze={freeze!r} must be a list of regexes, not one string; pass ({freeze!r},).")
+  else:
+    p += [m for m in (_regex_problem("freeze", r) for r in freeze) if m]
+  p += _optim_problems(config.optim, batch, steps)
+  if adapter_cfg is not None:
+    method = method_registry.get(adapter_cfg.method)
+    if method.training is not None:
+      # The method's own section (e.g. config.dyndora) is checked by the method itself.
+      try:
+        method.training(adapter_cfg, get(method.name, None), steps if _int(steps) and steps > 0 else 100)
+      except (ValueError, TypeError) as e:
+        p.append(f"{method.name}: {e}")
+  if with_data:
+    if get("data", None) is None:
+      p.append("the config has no data section; set config.data = data.default_data_config(...).")
+    else:
+      p += data.config_problems(config.data, config.model.get("task", None))
+  return p
+
+
+def _model_problems(mc, with_model: bool) -> list[str]:
+  p = []
+  task = mc.get("task", None)
+  if task not in model_registry.TASKS:
+    p.append(f"model.task={task!r} unknown; choose one of {', '.join(model_registry.TASKS)}.")
+  for key in ("dtype", "param_dtype"):
+    if mc.get(key, "float32") not in DTYPES:
+      p.append(f"model.{key}={mc.get(key)!r} unknown; choose one of {', '.join(DTYPES)}.")
+  labels = mc.get("num_labels", 0)
+  if not _int(labels) or labels < 0:
+    p.append(f"model.num_labels={labels!r} must be an integer >= 0 (0: from the data).")
+  tiny = mc.get("tiny", "")
+  if tiny:
+    if tiny not in model_registry.names():
+      p.append(f"model.tiny={tiny!r} is not a model family; choose one of "
+               f"{', '.join(model_registry.names())}.")
+    elif task in model_registry.TASKS:
+      try:
+        model_registry.get(tiny).check_task(task)
+      except ValueError as e:
+        p.append(f"model.tiny: {e}")
+    if task != "image_classification" and not mc.get("tokenizer", ""):
+      p.append("a tiny text model needs model.tokenizer (e.g. 'minilm').")
+  if with_model:
+    for key in ("name", "tokenizer") if not tiny else ("tokenizer",):
+      value = mc.get(key, "")
+      if key == "name" and not value:
+        p.append("model.name is empty; name a checkpoint folder, 'minilm' or a hub name.")
+      elif (isinstance(value, str) and value.startswith(("/", "./", "../", "~"))
+            and not os.path.isdir(os.path.expanduser(value))):
+        p.append(f"model.{key}={value!r} is not a folder; point it at a Hugging Face checkpoint "
+                 "folder (config.json + safetensors).")
+  return p
+
+
+def _adapter_problems(section, p: list[str]):
+  """Each adapter field through AdapterConfig's own checks; the AdapterConfig, or None."""
+  values = section.to_dict()
+  values.pop("transposed", None)  # detected from the model at load time
+  known = set(AdapterConfig.__dataclass_fields__)
+  unknown = sorted(set(values) - known)
+  if unknown:
+    p.append(f"unknown adapter key(s) {unknown}; known: {', '.join(sorted(known - {'transposed'}))}.")
+    return None
+  before = len(p)
+  for key, value in values.items():
+    try:  # one field at a time, so every bad field is reported, not only the first
+      AdapterConfig(**{key: value})
+    except (ValueError, TypeError) as e:
+      p.append(f"adapter.{key}={value!r}: {e}")
+  if len(p) > before:
+    return None
+  try:
+    cfg = AdapterConfig(**values)
+  except (ValueError, TypeError) as e:
+    p.append(f"adapter: {e}")
+    return None
+  if not cfg.has_adapters:
+    return cfg
+  if not _number(cfg.alpha) or cfg.alpha <= 0:
+    p.append(f"adapter.alpha={cfg.alpha!r} must be a finite number > 0: the update is scaled by "
+             "alpha/rank, so alpha=0 switches the low-rank update off and gives lora_a/lora_b zero "
+             "gradients (use method=frozen to train only the head).")
+  if _regex_problem("adapter.targets", cfg.targets):
+    p.append(_regex_problem("adapter.targets", cfg.targets))
+  return cfg
+
+
+def _optim_problems(oc, batch, steps) -> list[str]:
+  p = []
+  if oc.get("name") not in optim.OPTIMIZERS:
+    p.append(f"optim.name={oc.get('name')!r} unknown; choose one of {', '.join(optim.OPTIMIZERS)}.")
+  if oc.get("schedule", "linear") not in optim.SCHEDULES:
+    p.append(f"optim.schedule={oc.get('schedule')!r} unknown; choose one of "
+             f"{', '.join(optim.SCHEDULES)}.")
+  lr = oc.get("lr")
+  if not _number(lr) or lr <= 0:
+    p.append(f"optim.lr={lr!r} must be a finite number > 0 (e.g. --config.optim.lr=1e-3).")
+  warmup = oc.get("warmup_steps", 0)
+  if not _int(warmup) or warmup < 0:
+    p.append(f"optim.warmup_steps={warmup!r} must be an integer >= 0.")
+  elif _int(steps) and steps > 0 and warmup > steps:
+    p.append(f"optim.warmup_steps={warmup} is more than num_steps={steps}; the learning rate "
+             "would never reach optim.lr. Lower warmup_steps.")
+  for key, lo, hi in (("b1", 0.0, 1.0), ("b2", 0.0, 1.0)):
+    v = oc.get(key, 0.9)
+    if not _number(v) or not lo <= v < hi:
+      p.append(f"optim.{key}={v!r} must lie in [0, 1).")
+  if not _number(oc.get("eps", 1e-8)) or oc.get("eps", 1e-8) <= 0:
+    p.append(f"optim.eps={oc.get('eps')!r} must be a finite number > 0.")
+  if not _number(oc.get("weight_decay", 0.0)) or oc.get("weight_decay", 0.0) < 0:
+    p.append(f"optim.weight_decay={oc.get('weight_decay')!r} must be a finite number >= 0.")
+  clip = oc.get("clip_norm", 0.0)
+  if clip is not None and (not _number(clip) or clip < 0):
+    p.append(f"optim.clip_norm={clip!r} must be a finite number >= 0 (0: no clipping).")
+  accum = oc.get("accum_steps", 1)
+  if not _int(accum) or accum < 1:
+    p.append(f"optim.accum_steps={accum!r} must be an integer >= 1.")
+  elif _int(batch) and batch >= 1 and batch % accum:
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    p.append(f"batch_size={batch} does not divide by optim.accum_steps={accum} (each micro-batch "
+             f"has batch_size / accum_steps rows); choose accum_steps among {divisors}.")
+  return p

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from doran_jax import commonsense
+from doran_jax.errors import DataError
 
 SOURCES = ("chatterbot", "tsv", "tfds", "tfds_image", "commonsense")
 SPLITS = ("train", "eval")
@@ -47,6 +48,11 @@ DEFAULT_SPLITS = {
     "tfds": ("train", "validation"),
     "tfds_image": ("train[:90%]", "train[90%:]"),
     "commonsense": ("train", "test"),
+}
+# The model task each source feeds (a text source under a causal LM is a config mistake).
+SOURCE_TASKS = {
+    "chatterbot": ("classification",), "tsv": ("classification",), "tfds": ("classification",),
+    "tfds_image": ("image_classification",), "commonsense": ("causal_lm",),
 }
 # ViT's image processor: x in [0, 1] -> (x - 0.5) / 0.5.
 IMAGE_MEAN = 0.5
@@ -71,6 +77,7 @@ class Dataset:
     label_names: class names, index = label (None where unknown).
     examples: raw records where evaluation needs them (commonsense).
     transform: applied to every gathered batch (e.g. uint8 -> normalised float pixels).
+    source: where the rows came from (a file, or 'tfds name[split]'), for error messages.
   """
 
   arrays: dict[str, np.ndarray]
@@ -78,17 +85,18 @@ class Dataset:
   label_names: Optional[list[str]]
   examples: Optional[list] = None
   transform: Optional[Callable[[dict], dict]] = None
+  source: Optional[str] = None
 
   def __post_init__(self):
     if not self.arrays:
-      raise ValueError("a Dataset needs at least one array.")
+      raise DataError("a Dataset needs at least one array.")
     sizes = {k: len(v) for k, v in self.arrays.items()}
     if len(set(sizes.values())) != 1:
-      raise ValueError(f"all arrays of a Dataset must have the same first dimension; got {sizes}.")
+      raise DataError(f"all arrays of a Dataset must have the same first dimension; got {sizes}.")
     if next(iter(sizes.values())) == 0:
-      raise ValueError("the data set is empty; check the path, split and limit.")
+      raise DataError("the data set is empty; check the path, split and limit.")
     if self.examples is not None and len(self.examples) != len(self):
-      raise ValueError(f"examples has {len(self.examples)} records for {len(self)} rows.")
+      raise DataError(f"examples has {len(self.examples)} records for {len(self)} rows.")
 
   def __len__(self) -> int:
     return len(next(iter(self.arrays.values())))
@@ -165,19 +173,19 @@ class Dataset:
 
 def _check_batching(step, batch_size, seed):
   if int(batch_size) <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    raise DataError(f"batch_size must be positive, got {batch_size}.")
   if int(step) < 0:
-    raise ValueError(f"step must be >= 0, got {step}.")
+    raise DataError(f"step must be >= 0, got {step}.")
   if int(seed) < 0:
-    raise ValueError(f"seed must be >= 0 (it seeds numpy's default_rng), got {seed}.")
+    raise DataError(f"seed must be >= 0 (it seeds numpy's default_rng), got {seed}.")
 
 
 def _local_size(batch_size, process_index, process_count) -> int:
   if process_count <= 0 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} must lie in [0, process_count="
+    raise DataError(f"process_index {process_index} must lie in [0, process_count="
                      f"{process_count}).")
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count "
+    raise DataError(f"batch_size {batch_size} must be a positive multiple of process_count "
                      f"{process_count}; each process reads batch_size // process_count rows.")
   return batch_size // process_count
 
@@ -217,7 +225,7 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
     num_classes: tsv: None = inferred from the labels (max + 1).
   """
   if source not in SOURCES:
-    raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}.")
+    raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}.")
   c = dict(source=source, path=None, format=None, name=None, data_dir=None,
            text_keys=("sentence",), label_key="label", image_key="image", max_length=128,
            image_size=None, train_split=None, eval_split=None, limit=None, eval_limit=None,
@@ -237,18 +245,122 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
              train_tasks=commonsense.LOCAL_TRAIN_TASKS)
   unknown = sorted(set(overrides) - set(c))
   if unknown:
-    raise ValueError(f"unknown data config key(s) {unknown}; known keys: {', '.join(sorted(c))}.")
+    raise DataError(f"unknown data config key(s) {unknown}; known keys: {', '.join(sorted(c))}.")
   c.update(overrides)
   return ml_collections.ConfigDict(c)
+
+
+def config_problems(data_cfg, task: Optional[str] = None) -> list[str]:
+  """Everything wrong with a data section, checked without reading any data (one line each).
+
+  Local paths must exist; `task` (config.model.task) must be one the source feeds.
+
+  Example:
+    >>> config_problems(default_data_config("tsv", path="no/such/folder"))
+    ["data.path='no/such/folder' does not exist; ..."]
+  """
+  problems = []
+  source = data_cfg.get("source", None)
+  if source not in SOURCES:
+    return [f"data.source={source!r} is not a data source; choose one of {', '.join(SOURCES)}."]
+  if task is not None and task not in SOURCE_TASKS[source]:
+    problems.append(f"data.source={source!r} feeds model.task {' or '.join(SOURCE_TASKS[source])}, "
+                    f"but model.task={task!r}; change one of them.")
+  max_length = data_cfg.get("max_length", None)
+  if source != "tfds_image" and (not _is_int(max_length) or max_length <= 1):
+    problems.append(f"data.max_length={max_length!r} must be an integer > 1 (tokens).")
+  for key in ("limit", "eval_limit"):
+    value = data_cfg.get(key, None)
+    if value is not None and (not _is_int(value) or value <= 0):
+      problems.append(f"data.{key}={value!r} must be a positive number of examples or None.")
+  for key in ("seed", "split_seed"):
+    value = data_cfg.get(key, 0)
+    if not _is_int(value) or value < 0:
+      problems.append(f"data.{key}={value!r} must be an integer >= 0.")
+  path = data_cfg.get("path", None)
+  if path is not None and not isinstance(path, str):
+    problems.append(f"data.path={path!r} must be a string (a folder or file).")
+    path = None
+  if source in ("tsv", "commonsense") and not path:
+    problems.append(f"data source {source!r} needs data.path (e.g. ../shared/data/"
+                    f"{'text/sst2' if source == 'tsv' else 'commonsense'}).")
+  elif path and not os.path.exists(os.path.expanduser(path)):
+    problems.append(f"data.path={path!r} does not exist (relative to {os.getcwd()}); point it "
+                    "at the data folder.")
+  elif source == "tsv":
+    fmt = data_cfg.get("format", None)
+    if fmt not in TSV_FORMATS:
+      problems.append(f"data.format={fmt!r} is not a TSV format; choose 'sst2' "
+                      "(label<TAB>sentence) or 'cola' (sentence<TAB>label).")
+    for split in SPLITS:
+      file = os.path.join(os.path.expanduser(path), f"{split_name(data_cfg, split)}.tsv")
+      if not os.path.isfile(file):
+        problems.append(f"the {split} file {file!r} does not exist; check data.path and "
+                        f"data.{split}_split.")
+    num_classes = data_cfg.get("num_classes", None)
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
+      problems.append(f"data.num_classes={num_classes!r} must be an integer >= 2 or None.")
+  if source == "commonsense":
+    names = [data_cfg.get("task", None)] if data_cfg.get("task", None) else (
+        list(data_cfg.get("tasks", ()) or ()) + list(data_cfg.get("train_tasks", None) or ()))
+    unknown = sorted({str(n) for n in names if n not in commonsense.TASKS})
+    if unknown:
+      problems.append(f"unknown commonsense task(s) {unknown} in data.task/tasks/train_tasks; "
+                      f"choose among {', '.join(commonsense.TASKS)}.")
+    train_file = data_cfg.get("train_file", None)
+    if train_file and not os.path.isfile(os.path.expanduser(train_file)):
+      problems.append(f"data.train_file={train_file!r} does not exist.")
+  if source == "chatterbot":
+    fraction = data_cfg.get("eval_fraction", 0.2)
+    if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+      problems.append(f"data.eval_fraction={fraction!r} must lie strictly between 0 and 1.")
+  if source in ("tfds", "tfds_image"):
+    if not data_cfg.get("name", None):
+      problems.append("tfds sources need data.name, e.g. 'glue/sst2' or 'cifar100'.")
+    data_dir = data_cfg.get("data_dir", None)
+    if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+      problems.append(f"data.data_dir={data_dir!r} is not a folder; point it at the prepared "
+                      "tensorflow_datasets folder.")
+  if source == "tfds" and len(tuple(data_cfg.get("text_keys", ("sentence",)))) not in (1, 2):
+    problems.append(f"data.text_keys={data_cfg.text_keys!r} must name one or two text features.")
+  return problems
+
+
+def _is_label(text: str) -> bool:
+  return text.strip().lstrip("-").isdigit()
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_eval_labels(train: Dataset, evals: Dataset, num_classes: int) -> None:
+  """An eval label the model cannot predict (>= its number of classes) is a DataError.
+
+  The model's class count comes from the training data (or data.num_classes); a label that
+  occurs only in the eval split would be scored by a model with too few outputs.
+  """
+  if "labels" not in evals.arrays or num_classes is None:
+    return
+  labels = np.asarray(evals.arrays["labels"])
+  bad = np.unique(labels[labels >= num_classes])
+  if bad.size:
+    seen = np.unique(np.asarray(train.arrays["labels"])).tolist() if "labels" in train.arrays else []
+    raise DataError(
+        f"eval label(s) {bad.tolist()} in {evals.source or 'the eval split'} "
+        f"({int(np.isin(labels, bad).sum())} rows) never occur in the training data "
+        f"({train.source or 'the train split'}, labels {seen}), so the model gets only "
+        f"{num_classes} classes and cannot score them; fix the eval file, or set "
+        f"data.num_classes={int(bad.max()) + 1} if the training set lacks a real class.")
 
 
 def split_name(data_cfg, split: str) -> str:
   """The configured name of 'train' / 'eval' for data_cfg's source."""
   if split not in SPLITS:
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}.")
+    raise DataError(f"split must be 'train' or 'eval', got {split!r}.")
   source = data_cfg.get("source", None)
   if source not in SOURCES:
-    raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}.")
+    raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}.")
   name = data_cfg.get(f"{split}_split", None)
   return name if name else DEFAULT_SPLITS[source][SPLITS.index(split)]
 
@@ -262,7 +374,7 @@ def subset_indices(n: int, limit: Optional[int], seed: int) -> np.ndarray:
   if limit is None:
     return np.arange(n)
   if int(limit) <= 0:
-    raise ValueError(f"limit must be a positive number of examples or None, got {limit}.")
+    raise DataError(f"limit must be a positive number of examples or None, got {limit}.")
   if limit >= n:
     return np.arange(n)
   return np.sort(np.random.default_rng([int(seed), n]).permutation(n)[:int(limit)])
@@ -284,7 +396,7 @@ def load_dataset(data_cfg, split: str, *, tokenizer=None, image_size: Optional[i
   if source == "tfds_image":
     return _load_tfds_image(data_cfg, split, name, image_size or data_cfg.get("image_size", None))
   if tokenizer is None:
-    raise ValueError(f"data source {source!r} needs a tokenizer: pass tokenizer="
+    raise DataError(f"data source {source!r} needs a tokenizer: pass tokenizer="
                      "transformers.AutoTokenizer.from_pretrained(...).")
   max_length = _max_length(data_cfg)
   if source == "commonsense":
@@ -292,17 +404,19 @@ def load_dataset(data_cfg, split: str, *, tokenizer=None, image_size: Optional[i
   readers = {"chatterbot": _read_chatterbot, "tsv": _read_tsv_source, "tfds": _read_tfds_text}
   texts, pairs, labels, num_classes, label_names = readers[source](data_cfg, split, name)
   if labels.max() >= num_classes:
-    raise ValueError(f"label {labels.max()} is out of range for num_classes={num_classes}; set "
+    raise DataError(f"label {labels.max()} is out of range for num_classes={num_classes}; set "
                      "data.num_classes to the number of classes.")
   arrays = tokenize_texts(tokenizer, texts, max_length, pairs=pairs)
   arrays["labels"] = labels
-  return Dataset(arrays, num_classes, label_names)
+  where = (_tsv_file(data_cfg, name) if source == "tsv"
+           else f"{source} {data_cfg.get('name', None) or ''}[{name}]".replace(" [", "["))
+  return Dataset(arrays, num_classes, label_names, source=where)
 
 
 def _max_length(data_cfg) -> int:
   max_length = data_cfg.get("max_length", None)
   if not isinstance(max_length, int) or max_length <= 1:
-    raise ValueError(f"data.max_length must be an integer > 1 (tokens), got {max_length!r}.")
+    raise DataError(f"data.max_length must be an integer > 1 (tokens), got {max_length!r}.")
   return max_length
 
 
@@ -334,7 +448,7 @@ def chatterbot_folder() -> str:
   try:
     import chatterbot_corpus
   except ImportError as e:
-    raise ValueError("data source 'chatterbot' needs the package chatterbot-corpus; install it "
+    raise DataError("data source 'chatterbot' needs the package chatterbot-corpus; install it "
                      "with `pip install chatterbot-corpus==1.3.3`.") from e
   return os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
 
@@ -357,7 +471,7 @@ def chatterbot_examples(folder: Optional[str] = None, *, min_examples: int = 40
   folder = os.path.expanduser(folder) if folder else chatterbot_folder()
   files = sorted(glob.glob(os.path.join(folder, "*.yml")))
   if not files:
-    raise ValueError(f"no chatterbot YAML files (*.yml) in {folder!r}; set data.path to the "
+    raise DataError(f"no chatterbot YAML files (*.yml) in {folder!r}; set data.path to the "
                      "corpus's language folder or None for the package's English data.")
   topics = collections.defaultdict(set)   # key -> topics it occurs under
   first_text = {}                          # key -> first original spelling
@@ -382,7 +496,7 @@ def chatterbot_examples(folder: Optional[str] = None, *, min_examples: int = 40
       by_topic[next(iter(topics[key]))].append(first_text[key])
   names = sorted(t for t, items in by_topic.items() if len(items) >= min_examples)
   if len(names) < 2:
-    raise ValueError(f"only {len(names)} chatterbot topic(s) have >= {min_examples} utterances; "
+    raise DataError(f"only {len(names)} chatterbot topic(s) have >= {min_examples} utterances; "
                      "lower data.min_examples.")
   texts, labels = [], []
   for label, name in enumerate(names):
@@ -401,7 +515,7 @@ def stratified_split(labels: Sequence[int], eval_fraction: float, seed: int
     >>> tr, ev = stratified_split([0, 0, 1, 1, 1], 0.2, seed=0)
   """
   if not 0.0 < eval_fraction < 1.0:
-    raise ValueError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}.")
+    raise DataError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}.")
   labels = np.asarray(labels)
   train, evals = [], []
   for c in np.unique(labels):
@@ -420,7 +534,7 @@ def _chatterbot_split(data_cfg, name):
                                   data_cfg.get("split_seed", 0))
   parts = {"train": train, "eval": evals}
   if name not in parts:
-    raise ValueError(f"chatterbot split {name!r} does not exist; use 'train' or 'eval'.")
+    raise DataError(f"chatterbot split {name!r} does not exist; use 'train' or 'eval'.")
   idx = parts[name]
   return [texts[i] for i in idx], [labels[i] for i in idx], names
 
@@ -437,13 +551,13 @@ def _read_chatterbot(data_cfg, split, name):
 def _tsv_file(data_cfg, name) -> str:
   path = data_cfg.get("path", None)
   if not path:
-    raise ValueError("data source 'tsv' needs data.path, the folder holding train.tsv and "
+    raise DataError("data source 'tsv' needs data.path, the folder holding train.tsv and "
                      "dev.tsv (e.g. ../shared/data/text/sst2).")
   path = os.path.expanduser(path)
   file = os.path.join(path, f"{name}.tsv")
   if not os.path.isfile(file):
     found = sorted(glob.glob(os.path.join(path, "*.tsv")))
-    raise ValueError(f"TSV file {file!r} does not exist; check data.path={path!r} and the split "
+    raise DataError(f"TSV file {file!r} does not exist; check data.path={path!r} and the split "
                      f"name {name!r} (files found: {found}).")
   return file
 
@@ -464,27 +578,41 @@ def read_tsv(file: str, fmt: str) -> tuple[list[str], list[int]]:
     >>> texts, labels = read_tsv("../shared/data/text/cola/dev.tsv", "cola")
   """
   if fmt not in TSV_FORMATS:
-    raise ValueError(f"unknown TSV format {fmt!r}; choose 'sst2' (label<TAB>sentence) or 'cola' "
+    raise DataError(f"unknown TSV format {fmt!r}; choose 'sst2' (label<TAB>sentence) or 'cola' "
                      "(sentence<TAB>label).")
   label_col = 0 if fmt == "sst2" else 1
   texts, labels = [], []
-  with open(file, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.rstrip("\r\n")
-      if not line.strip():
-        continue
-      cols = line.split("\t")
-      if len(cols) != 2 or not cols[label_col].strip().lstrip("-").isdigit():
-        other = "cola" if fmt == "sst2" else "sst2"
-        raise ValueError(f"{file}:{lineno}: expected two tab-separated columns with an integer "
-                         f"label in column {label_col} for format {fmt!r}, got {line[:80]!r}; "
-                         f"is the file in format {other!r}?")
-      labels.append(int(cols[label_col]))
-      texts.append(cols[1 - label_col])
+  with open(file, "rb") as f:
+    raw_lines = f.read().split(b"\n")
+  for lineno, raw in enumerate(raw_lines, 1):
+    try:
+      line = raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+      raise DataError(
+          f"{file}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+          f"save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {file} > fixed.tsv`.") from None
+    if not line.strip():
+      continue
+    cols = line.split("\t")
+    if len(cols) != 2:
+      raise DataError(
+          f"{file}:{lineno}: {len(cols)} tab-separated column(s), expected 2 (format 'sst2' is "
+          f"label<TAB>sentence, 'cola' is sentence<TAB>label; data.format={fmt!r}); got "
+          f"{line[:80]!r}. A tab inside a sentence must be removed; GLUE's original 4-column CoLA "
+          "files must be cut to sentence and label first.")
+    if not _is_label(cols[label_col]):
+      hint = (f"; column {1 - label_col} is an integer, so the file looks like format "
+              f"{'cola' if fmt == 'sst2' else 'sst2'!r}: set data.format accordingly"
+              if _is_label(cols[1 - label_col]) else
+              " (a header line must be removed)")
+      raise DataError(f"{file}:{lineno}: format {fmt!r} needs an integer label in column "
+                      f"{label_col + 1}, got {cols[label_col][:40]!r}{hint}.")
+    labels.append(int(cols[label_col]))
+    texts.append(cols[1 - label_col])
   if not texts:
-    raise ValueError(f"TSV file {file!r} has no examples.")
+    raise DataError(f"TSV file {file!r} has no examples.")
   if min(labels) < 0:
-    raise ValueError(f"{file} has negative labels ({min(labels)}); labels must be 0..C-1.")
+    raise DataError(f"{file} has negative labels ({min(labels)}); labels must be 0..C-1.")
   return texts, labels
 
 
@@ -513,7 +641,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None):
                               try_gcs=False)
     except registered.DatasetNotFoundError as e:
       if attempt:
-        raise ValueError(f"unknown tensorflow-datasets name {name!r}; check data.name "
+        raise DataError(f"unknown tensorflow-datasets name {name!r}; check data.name "
                          "(e.g. 'glue/sst2', 'cifar100').") from e
       for pkg in _TFDS_LEGACY_PACKAGES:
         try:
@@ -521,7 +649,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None):
         except Exception:  # pylint: disable=broad-except
           pass  # a category that needs TensorFlow; its data sets stay unavailable
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(
+      raise DataError(
           f"tfds data set {name!r} (split {split!r}) is not prepared in array_record format in "
           f"data_dir {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
           f"This loader never downloads. Where you have network, run `tfds build {name} "
@@ -533,7 +661,7 @@ def _tfds_read(data_cfg, split, name):
   """(records of the kept rows, the source's feature dict)."""
   tfds_name = data_cfg.get("name", None)
   if not tfds_name:
-    raise ValueError("tfds sources need data.name, e.g. 'glue/sst2' or 'cifar100'.")
+    raise DataError("tfds sources need data.name, e.g. 'glue/sst2' or 'cifar100'.")
   src = tfds_source(tfds_name, name, data_cfg.get("data_dir", None))
   keep = _keep(data_cfg, split, len(src))
   records = [src[int(i)] for i in keep]
@@ -542,11 +670,11 @@ def _tfds_read(data_cfg, split, name):
 
 def _labels_info(records, features, label_key):
   if records and label_key not in records[0]:
-    raise ValueError(f"feature {label_key!r} not in the data set; data.label_key must be one of "
+    raise DataError(f"feature {label_key!r} not in the data set; data.label_key must be one of "
                      f"{sorted(records[0])}.")
   labels = np.asarray([int(r[label_key]) for r in records], np.int32)
   if labels.size and labels.min() < 0:
-    raise ValueError(f"the split has unlabelled examples (label {labels.min()}), e.g. GLUE's "
+    raise DataError(f"the split has unlabelled examples (label {labels.min()}), e.g. GLUE's "
                      "test split; choose a labelled split for data.train_split/eval_split.")
   feature = features[label_key] if label_key in features else None
   num_classes = getattr(feature, "num_classes", None) or int(labels.max()) + 1
@@ -564,11 +692,11 @@ def _read_tfds_text(data_cfg, split, name):
   """texts, pairs, labels, num_classes, label_names; only the kept records are read."""
   keys = tuple(data_cfg.get("text_keys", ("sentence",)))
   if len(keys) not in (1, 2):
-    raise ValueError(f"data.text_keys must name one or two text features, got {keys}.")
+    raise DataError(f"data.text_keys must name one or two text features, got {keys}.")
   records, features = _tfds_read(data_cfg, split, name)
   for k in keys:
     if records and k not in records[0]:
-      raise ValueError(f"text feature {k!r} not in the data set; data.text_keys must be among "
+      raise DataError(f"text feature {k!r} not in the data set; data.text_keys must be among "
                        f"{sorted(records[0])}.")
   labels, num_classes, names = _labels_info(records, features, data_cfg.get("label_key", "label"))
   texts = [_text(r[keys[0]]) for r in records]
@@ -593,7 +721,7 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
   if image.dtype != np.uint8:
-    raise ValueError(f"expected uint8 images, got {image.dtype}; decode the image feature first.")
+    raise DataError(f"expected uint8 images, got {image.dtype}; decode the image feature first.")
   pil = Image.fromarray(image).convert("RGB")
   return np.asarray(pil.resize((size, size), Image.BILINEAR), np.uint8)
 
@@ -612,12 +740,12 @@ def normalize_pixels(batch: dict) -> dict:
 
 def _load_tfds_image(data_cfg, split, name, image_size) -> Dataset:
   if not isinstance(image_size, int) or image_size <= 0:
-    raise ValueError(f"tfds_image needs a positive integer image size, got {image_size!r}: pass "
+    raise DataError(f"tfds_image needs a positive integer image size, got {image_size!r}: pass "
                      "image_size= (the model's config.image_size) or set data.image_size.")
   records, features = _tfds_read(data_cfg, split, name)
   key = data_cfg.get("image_key", "image")
   if records and key not in records[0]:
-    raise ValueError(f"image feature {key!r} not in the data set; data.image_key must be among "
+    raise DataError(f"image feature {key!r} not in the data set; data.image_key must be among "
                      f"{sorted(records[0])}.")
   labels, num_classes, names = _labels_info(records, features, data_cfg.get("label_key", "label"))
   # Stored as uint8 NCHW (4x smaller than float32); normalize_pixels runs per batch.

@@ -16,7 +16,8 @@ from typing import Optional
 import jax
 from absl import logging
 
-from doran_jax import checkpoint, commonsense, evaluate, models, progress, sharding, trainer
+from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, fingerprint, models,
+                       progress, sharding, trainer)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
@@ -54,6 +55,9 @@ def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optiona
     >>> results["eval"]["accuracy"]
   """
   workdir = workdir or config.workdir
+  finished = _finished_results(config, workdir, validate=run is None)
+  if finished is not None:
+    return finished
   run = run or run_lib.setup(config)
   out = trainer.fit(run, workdir, max_steps=max_steps)
   state = out["state"]
@@ -77,6 +81,20 @@ def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optiona
   export(run, state, workdir)
   _write_results(workdir, results)
   return results
+
+
+def _finished_results(config, workdir: str, *, validate: bool = True) -> Optional[dict]:
+  """Checks the config and the workdir's run identity before anything loads; for a run that
+  already finished in `workdir`, its saved results (status 'complete'), else None."""
+  if validate:
+    config_lib.validate(config)
+  results = fingerprint.completed(workdir, fingerprint.check(config, workdir))
+  if results is None:
+    return None
+  log(f"this run is complete: {workdir} holds its final checkpoint (step {results['steps']}) and "
+      f"{os.path.join(workdir, fingerprint.RESULTS)}; nothing was retrained or rewritten. For "
+      "another run use a new --config.workdir; to re-score the checkpoint use eval.py.")
+  return {**results, "status": "complete"}
 
 
 def _write_results(workdir: str, results: dict) -> None:
@@ -122,6 +140,9 @@ def run_experiment(config, workdir: Optional[str] = None) -> dict:
   `<workdir>/baseline_frozen`.
   """
   workdir = workdir or config.workdir
+  finished = _finished_results(config, workdir)
+  if finished is not None:
+    return finished
   run = run_lib.setup(config)
   results = train(config, workdir, run=run)
   if results["status"] != "done":
@@ -169,18 +190,43 @@ def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=Tru
     >>> from configs import sst2
     >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
   """
-  run = run_lib.setup(config)
+  config_lib.validate(config)
   if adapters_dir:
     if step is not None:
-      raise ValueError("step selects a checkpoint in a workdir; an adapter export has no steps.")
+      raise errors.ConfigError("step selects a checkpoint in a workdir; an adapter export has no "
+                               "steps.")
+    if not os.path.isfile(os.path.join(adapters_dir, "adapter_config.json")):
+      raise errors.CheckpointError(
+          f"{adapters_dir!r} is not an adapter export (no adapter_config.json); pass the "
+          "<workdir>/export/adapters folder a training run wrote.")
+    run = run_lib.setup(config)
     trainable, cfg, extra = checkpoint.load_adapters(adapters_dir)
     if cfg.method != run.adapter_cfg.method:
-      raise ValueError(f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
-                       f"{run.adapter_cfg.method!r}; pass the matching config.")
+      raise errors.ConfigError(
+          f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
+          f"{run.adapter_cfg.method!r}; pass the matching config.")
     source, out_path = adapters_dir, os.path.join(adapters_dir, "eval.json")
     step = extra.get("step")
   else:
     workdir = workdir or config.workdir
+    # Never create anything under a workdir that is not a run (orbax would make checkpoints/).
+    if not os.path.isdir(workdir):
+      raise errors.CheckpointError(
+          f"workdir {workdir!r} does not exist; pass the run's folder with --workdir (or "
+          "--config.workdir), or an adapter export with --adapters.")
+    if not fingerprint.checkpoint_steps(workdir):
+      raise errors.CheckpointError(
+          f"workdir {workdir!r} has no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+          "train it first (train.py) or pass an adapter export with --adapters.")
+    record = fingerprint.check(config, workdir, purpose="eval")
+    run = run_lib.setup(config)
+    if record is not None and not record["differences"]:
+      diffs = fingerprint.differences(record.get("resolved", {}),
+                                      fingerprint.resolved(run.num_steps, run.train_data))
+      if diffs and config.get("resume", "auto") != "force":
+        raise errors.RunMismatchError(
+            f"workdir {workdir} was trained on other data than this config loads ({'; '.join(diffs)}); "
+            "evaluate with the data it was trained on, or pass --config.resume=force.")
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     state, _ = checkpoint.restore(mngr, sharding.abstract(run.state), step)
     mngr.close()

@@ -15,6 +15,9 @@ from absl import logging
 
 from doran_jax.targets import SEP
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("linear", "cosine", "constant")
+
 
 def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Linear warmup to `lr`, then 'linear' decay to 0, 'cosine' decay, or 'constant'."""

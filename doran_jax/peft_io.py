@@ -44,6 +44,7 @@ import numpy as np
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
+from doran_jax.errors import UserError
 from doran_jax.models import hf_io
 from doran_jax.targets import SEP, find_targets, flatten, unflatten
 
@@ -215,7 +216,8 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
     >>> #     AutoModelForSequenceClassification.from_pretrained("export/base"), "export/peft")
 
   Args:
-    path: the folder to write (created if needed).
+    path: the folder to write (created if needed); never one holding doran_jax's own export
+      (checkpoint.export_adapters), whose adapter_config.json has the same name: an error.
     params: backbone params; with the trained head when `modules_to_save` names it.
     adapters, cfg: the adapter tree and its config (lora, dora, doran or dyndora).
     base_model_name_or_path: recorded in adapter_config.json for PEFT to find the base model.
@@ -232,6 +234,11 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
   Returns:
     `path`.
   """
+  if is_doran_export(path):
+    # Both formats name their config adapter_config.json: writing here would destroy ours.
+    raise UserError(f"{os.fspath(path)!r} holds a doran_jax adapter export whose {CONFIG_NAME} a "
+                    "PEFT export would overwrite; write the PEFT folder elsewhere, e.g. "
+                    f"{os.path.join(os.path.dirname(os.fspath(path).rstrip(os.sep)) or '.', 'peft')!r}.")
   if isinstance(base_model_name_or_path, os.PathLike):
     base_model_name_or_path = os.fspath(base_model_name_or_path)
   if not base_model_name_or_path or not isinstance(base_model_name_or_path, str):
@@ -272,6 +279,19 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
   return path
 
 
+def is_doran_export(path) -> bool:
+  """True when `path` holds doran_jax's own adapter export (checkpoint.export_adapters)."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, "adapters.msgpack")):
+    return True
+  try:
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and "adapter" in record and "peft_type" not in record
+
+
 def _head_modules(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
   """The outermost module paths whose last component is one of `names`."""
   found = []
@@ -302,6 +322,11 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(adapter_config.json as a dict, float32 tensors) of a PEFT adapter folder."""
   config_file = os.path.join(path, CONFIG_NAME)
   weights_file = os.path.join(path, WEIGHTS_NAME)
+  if is_doran_export(path):
+    raise UserError(f"{path!r} is a doran_jax adapter export (adapters.msgpack + our "
+                     f"{CONFIG_NAME}), not a PEFT folder; load it with "
+                     "doran_jax.checkpoint.load_adapters(path), or evaluate it with "
+                     "eval.py --adapters <path>.")
   if not os.path.isfile(config_file):
     raise ValueError(f"{path!r} is not a PEFT adapter folder: {CONFIG_NAME} is missing.")
   if not os.path.isfile(weights_file):

@@ -39,6 +39,33 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
   return out
 
 
+def truncate_metrics(path: str, step: int) -> int:
+  """Drops the records after `step` from a metrics.jsonl (a resume from `step` rewrites them).
+
+  Returns how many records were dropped. A torn last line (a crash mid-write) is dropped too.
+
+  Example:
+    >>> truncate_metrics("runs/x/metrics.jsonl", 200)   # resumed from the step-200 checkpoint
+  """
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(kept)
+
+
 def _bar_wanted(progress_bar: Optional[bool]) -> bool:
   if progress_bar is not None:
     return bool(progress_bar)
@@ -51,9 +78,12 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                progress_bar: Optional[bool] = None, tensorboard: bool = False,
-               enabled: bool = True):
+               enabled: bool = True, truncate_after: Optional[int] = None):
+    """`truncate_after=step` first drops the records of later steps (a resume from `step`)."""
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if enabled and truncate_after is not None:
+      truncate_metrics(self.path, truncate_after)
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                      disable=not (enabled and _bar_wanted(progress_bar)), file=sys.stderr)
     self._tb = None

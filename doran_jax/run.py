@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from doran_jax import data, models, optim, sharding, step
+from doran_jax import config_lib, data, models, optim, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
+from doran_jax.errors import ConfigError
 from doran_jax.targets import flatten
 from doran_jax.trainable import split_params
 
@@ -64,7 +65,7 @@ def load_tokenizer(config):
     return None
   path = mc.tokenizer or ("" if mc.tiny else mc.name)
   if not path:
-    raise ValueError("a tiny text model needs config.model.tokenizer (e.g. 'minilm').")
+    raise ConfigError("a tiny text model needs config.model.tokenizer (e.g. 'minilm').")
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(models.resolve(path))
   if tokenizer.pad_token is None:
@@ -108,7 +109,7 @@ def check_fresh_params(backbone: models.Backbone, trainable_params, method) -> N
   trained = set(flatten(trainable_params))
   left = [p for p in backbone.fresh if p not in trained]
   if left:
-    raise ValueError(
+    raise ConfigError(
         f"{len(left)} parameter(s) were freshly initialised at load but are not trainable, so they "
         f"would stay random: {left[:6]}. Add them to the head with config.head (a regex, e.g. "
         f"'({'|'.join(sorted({p.split('/')[0] for p in left}))})/.*') or use a checkpoint that has them.")
@@ -120,10 +121,13 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
 
   `backbone` and `tokenizer` are reused as given (not modified). `with_data=False` skips the
   data sets (benchmarks feed their own batches; config.num_steps and config.model.num_labels
-  must then be set).
+  must then be set). The config is validated first (config_lib.validate): a bad value stops
+  here, before any data or model is read.
   """
+  config_lib.validate(config, with_data=with_data, with_model=backbone is None)
   sharding.maybe_initialize_distributed(config.distributed)
   method = method_registry.get(config.adapter.method)
+  mesh = sharding.make_mesh(config.mesh)
   train_data = eval_data = None
   if with_data:
     if tokenizer is None:
@@ -131,7 +135,9 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
     image_size = config.data.get("image_size", None)
     train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, image_size=image_size)
     eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
-  mesh = sharding.make_mesh(config.mesh)
+    if config.model.task != "causal_lm":
+      data.check_eval_labels(train_data, eval_data,
+                             config.model.num_labels or train_data.num_classes)
   if backbone is None:
     backbone = load_model(config, train_data.num_classes if train_data else None, mesh)
   adapter_cfg = adapter_config_from(config, backbone.transposed)

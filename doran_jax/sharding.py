@@ -27,6 +27,8 @@ BATCH_AXES = ("data", "fsdp")
 # spec reversed (param_specs' `transposed`). Tensor-parallel rules come from the model family.
 FSDP_RULES = ((r".*/(kernel|embedding)", ("fsdp", None)), (r".*", ()))
 REPLICATED_RULES = ((r".*", ()),)
+RULE_NAMES = ("replicated", "fsdp", "tensor_parallel")
+DISTRIBUTED_MODES = ("auto", "off", "on")
 
 
 def rules_for(name_or_rules, family) -> tuple:
@@ -192,7 +194,7 @@ def maybe_initialize_distributed(distributed: str) -> None:
   """jax.distributed.initialize() when asked ('on'), or 'auto' under a known multi-host launcher."""
   launcher_env = ("COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
                   "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-  if distributed not in ("auto", "off", "on"):
+  if distributed not in DISTRIBUTED_MODES:
     raise ValueError(f"unknown distributed={distributed!r}; choose auto, on or off.")
   if distributed == "on" or (distributed == "auto" and any(os.environ.get(k) for k in launcher_env)):
     jax.distributed.initialize()

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from flax import traverse_util
 
+from doran_jax.errors import ConfigError
+
 SEP = "/"
 
 
@@ -74,7 +76,7 @@ def find_targets(params: Mapping[str, Any], pattern: str,
   try:
     regex = re.compile(pattern)
   except re.error as e:
-    raise ValueError(f"targets regex {pattern!r} is not a valid regular expression: {e}") from e
+    raise ConfigError(f"targets regex {pattern!r} is not a valid regular expression: {e}") from e
   flat = flatten(params)
   transposed = frozenset(transposed)
   unknown = transposed - flat.keys()
@@ -86,7 +88,7 @@ def find_targets(params: Mapping[str, Any], pattern: str,
       continue
     shape = getattr(flat[path], "shape", ())
     if len(shape) != 2:
-      raise ValueError(
+      raise ConfigError(
           f"targets regex {pattern!r} matches {path!r} with shape {tuple(shape)}; only 2-D "
           "kernels can be adapted. Narrow the regex, e.g. end it with '/kernel'.")
     d0, d1 = shape
@@ -97,7 +99,7 @@ def find_targets(params: Mapping[str, Any], pattern: str,
   if not targets:
     examples = [p for p in sorted(flat) if flat[p] is not None and
                 len(getattr(flat[p], "shape", ())) == 2][:6]
-    raise ValueError(
+    raise ConfigError(
         f"targets regex {pattern!r} matches no parameter. It must fully match a '/'-joined "
         f"path; some 2-D kernels in this tree: {examples}")
   return targets

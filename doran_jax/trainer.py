@@ -21,7 +21,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from doran_jax import checkpoint, progress, sharding
+from doran_jax import checkpoint, fingerprint, progress, sharding
 from doran_jax.adapters import count_params
 
 
@@ -71,6 +71,9 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     {'status': 'done' | 'paused' | 'preempted', 'step', 'history', 'state', 'train_minutes'}.
   """
   config = run.config
+  # Another run's workdir stops here, before anything in it is written (see doran_jax.fingerprint).
+  fingerprint.claim(config, workdir, fingerprint.resolved(run.num_steps, run.train_data),
+                    write=jax.process_index() == 0)
   os.makedirs(workdir, exist_ok=True)
   ckpt_cfg = config.checkpoint
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=ckpt_cfg.max_to_keep)
@@ -87,7 +90,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   writer = progress.MetricWriter(workdir, total_steps=run.num_steps, start_step=start_step,
                                  progress_bar=config.progress_bar,
                                  tensorboard=bool(config.tensorboard),
-                                 enabled=jax.process_index() == 0)
+                                 enabled=jax.process_index() == 0, truncate_after=start_step)
   t0 = time.time()
   t_last, last_step, t_step = t0, start_step, t0
   log(f"training {run.adapter_cfg.method} for {run.num_steps} steps (batch {bs}, "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.adapters.norms import column_norm
+from doran_jax.errors import ConfigError
 from doran_jax.targets import SEP, Target, find_targets, flatten, unflatten
 
 
@@ -34,7 +35,7 @@ def targets_for(params: Mapping[str, Any], cfg: AdapterConfig) -> list[Target]:
   targets = find_targets(params, cfg.targets, cfg.transposed)
   for t in targets:
     if cfg.stored_rank > min(t.d_in, t.d_out):
-      raise ValueError(
+      raise ConfigError(
           f"rank {cfg.rank} (stored rank {cfg.stored_rank}) is larger than min(in, out) = "
           f"{min(t.d_in, t.d_out)} of {t.path!r} with shape ({t.d_in}, {t.d_out}); "
           "lower adapter.rank or narrow adapter.targets.")

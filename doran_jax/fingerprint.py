@@ -1,0 +1,237 @@
+"""Run identity: a fingerprint of everything that defines a training run, kept in <workdir>/run.json.
+
+A run is defined by its adapter config, model, data, optimiser, schedule, steps, seed, head and
+freeze lists: every config key except those that change only how a run is watched, stored or
+laid out (`NOT_IDENTITY`: logging, progress, checkpoint cadence, exports, eval-only and mesh
+keys). `trainer.fit` writes run.json when a run starts and refuses a workdir whose run.json
+differs (a `RunMismatchError` naming each differing key, before anything is written), unless
+`config.resume == "force"`. The data a run trained on is also checked after loading: the
+resolved step count, training-set size and class count (`resolved`).
+
+Example:
+  >>> check(config, "runs/sst2")          # None (new workdir) or the stored record; raises on mismatch
+  >>> claim(config, "runs/sst2", resolved(run.num_steps, run.train_data))   # what fit does
+  >>> completed("runs/sst2", record)       # the saved results of a finished run, else None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Mapping, Optional
+
+from doran_jax.errors import RunMismatchError
+
+RECORD = "run.json"
+RESULTS = "results.json"
+RESUME_MODES = ("auto", "force")
+# Config keys (or whole sections) that do not change what is trained.
+NOT_IDENTITY = (
+    "workdir", "resume", "log_every", "progress_bar", "tensorboard", "checkpoint", "export",
+    "baselines", "generate", "eval_batch_size", "mesh", "sharding_rules", "distributed",
+    "model.remat", "model.fused_layers", "data.eval_split", "data.eval_limit",
+)
+# Values compared as absolute paths, so `../data` and `/work/data` are the same run.
+PATH_KEYS = ("data.path", "data.data_dir", "data.train_file", "model.name", "model.tokenizer")
+
+
+def _excluded(key: str) -> bool:
+  return any(key == k or key.startswith(k + ".") for k in NOT_IDENTITY)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = dict(value) if isinstance(value, Mapping) else value
+  return out
+
+
+def _jsonable(value):
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return repr(value)
+
+
+def _normal_path(value):
+  if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+    return os.path.abspath(os.path.expanduser(value))
+  return value
+
+
+def identity(config) -> dict[str, Any]:
+  """The config keys that define the run, flattened ('optim.lr': 0.001, ...), JSON-ready."""
+  tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  out = {}
+  for key, value in sorted(_flatten(tree).items()):
+    if _excluded(key):
+      continue
+    out[key] = _jsonable(_normal_path(value) if key in PATH_KEYS else value)
+  return out
+
+
+def resolved(num_steps: int, train_data=None) -> dict[str, Any]:
+  """What the config resolves to once the data are loaded: steps, train size, classes."""
+  out = {"num_steps": int(num_steps)}
+  if train_data is not None:
+    out["train_examples"] = len(train_data)
+    out["num_classes"] = train_data.num_classes
+  return out
+
+
+def digest(values: Mapping[str, Any]) -> str:
+  """A short stable hash of `values` (sorted JSON)."""
+  text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """'key: old -> new' for every key whose value differs (absent keys shown as such)."""
+  missing = object()
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, missing), new.get(key, missing)
+    if a != b:
+      show = lambda v: "(absent)" if v is missing else json.dumps(v)
+      out.append(f"{key}: {show(a)} -> {show(b)}")
+  return out
+
+
+def read(workdir: str) -> Optional[dict]:
+  """The run.json record of `workdir`, or None when there is none."""
+  path = os.path.join(workdir, RECORD)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunMismatchError(
+        f"{path} cannot be read ({type(e).__name__}: {e}); restore it, or continue this workdir "
+        "as the current config's run with --config.resume=force.") from e
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the committed checkpoints in <workdir>/checkpoints (orbax names them by step)."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _resume_mode(config) -> str:
+  mode = config.get("resume", "auto") if hasattr(config, "get") else "auto"
+  if mode not in RESUME_MODES:
+    raise RunMismatchError(f"unknown resume={mode!r}; choose one of {', '.join(RESUME_MODES)}.")
+  return mode
+
+
+def _mismatch(workdir, diffs, new_digest, purpose) -> RunMismatchError:
+  summary = "; ".join(diffs[:3]) + (f"; ... ({len(diffs) - 3} more below)" if len(diffs) > 3 else "")
+  listing = ""
+  if len(diffs) > 3:
+    listing = "\n" + "\n".join(f"  {d}" for d in diffs[:40])
+    if len(diffs) > 40:
+      listing += f"\n  ... and {len(diffs) - 40} more"
+  new_dir = f"{workdir.rstrip('/')}-{new_digest[:8]}"
+  if purpose == "eval":
+    fix = ("Evaluate with the config the run was trained with, or pass --config.resume=force to "
+           "evaluate its checkpoint under the new settings anyway.")
+  else:
+    fix = (f"Nothing was changed in {workdir}. For a new run pass --config.workdir={new_dir} "
+           "(or --workdir); to continue this run under the new settings pass "
+           "--config.resume=force.")
+  return RunMismatchError(
+      f"workdir {workdir} holds another run (its fingerprint does not match this run's config; "
+      f"{len(diffs)} setting(s) differ, stored -> now): {summary}{listing}\n{fix}")
+
+
+def check(config, workdir: str, *, purpose: str = "train") -> Optional[dict]:
+  """Compares `config` with <workdir>/run.json before anything in `workdir` is touched.
+
+  Returns the stored record (with 'differences' added: empty, or the forced ones), or None when
+  the workdir holds no run (no run.json and no checkpoint).
+
+  Raises:
+    RunMismatchError: the stored run differs from `config` (each differing key listed), or the
+      workdir has checkpoints but no run.json; `config.resume == "force"` lets both through.
+  """
+  force = _resume_mode(config) == "force"
+  record = read(workdir)
+  has_checkpoints = bool(checkpoint_steps(workdir))
+  if record is None:
+    if has_checkpoints and not force:
+      raise RunMismatchError(
+          f"workdir {workdir} has checkpoints but no {RECORD}, so it cannot be told whether they "
+          "belong to this config (written by an older doran_jax?). If they do, pass "
+          "--config.resume=force (run.json is then written from this config); otherwise pass a "
+          "new --config.workdir.")
+    return None
+  new = identity(config)
+  diffs = differences(record.get("config", {}), new)
+  if diffs and not force and (has_checkpoints or purpose == "eval"):
+    raise _mismatch(workdir, diffs, digest(new), purpose)
+  return {**record, "differences": diffs if has_checkpoints else []}
+
+
+def claim(config, workdir: str, resolved_values: Mapping[str, Any], *,
+          write: bool = True) -> Optional[dict]:
+  """`check`, then also the resolved values; writes run.json for this run. What fit calls.
+
+  A workdir without checkpoints holds nothing to resume, so a stale run.json there is replaced.
+  With `write=False` (processes other than 0) nothing is written.
+  """
+  record = check(config, workdir)
+  new = identity(config)
+  force = _resume_mode(config) == "force"
+  has_checkpoints = bool(checkpoint_steps(workdir))
+  if record is not None and has_checkpoints:
+    diffs = differences(record.get("resolved", {}), dict(resolved_values))
+    if diffs and not force:
+      raise _mismatch(workdir, [f"resolved {d} (did the data change?)" for d in diffs],
+                      digest(new), "train")
+    if not record["differences"] and not diffs:
+      return record  # the same run: run.json stays as it is
+  forced = list(record.get("forced", [])) if record and has_checkpoints else []
+  if record is not None and has_checkpoints:
+    forced.append({"from": record.get("fingerprint"), "differences": record["differences"]})
+  out = {"fingerprint": digest(new), "config": new, "resolved": dict(resolved_values)}
+  if forced:
+    out["forced"] = forced
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, RECORD)
+    with open(path + ".tmp", "w") as f:
+      json.dump(out, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)  # never a half-written run.json
+  return {**out, "differences": []}
+
+
+def completed(workdir: str, record: Optional[dict]) -> Optional[dict]:
+  """The saved results of a finished run (same fingerprint, final checkpoint, results.json).
+
+  None when the run is new, unfinished, or continued under forced new settings.
+  """
+  if record is None or record.get("differences"):
+    return None
+  num_steps = record.get("resolved", {}).get("num_steps")
+  steps = checkpoint_steps(workdir)
+  path = os.path.join(workdir, RESULTS)
+  if num_steps is None or not steps or steps[-1] < num_steps or not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None  # an unreadable results.json is rewritten by evaluating the final checkpoint
+  if results.get("status") != "done" or results.get("steps") != num_steps:
+    return None
+  return results

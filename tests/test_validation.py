@@ -1,0 +1,212 @@
+"""Bad input stops early with a readable error: config values before any load, data files,
+labels, exports, and the entry points' one-line messages."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from doran_jax import checkpoint, config_lib, data, errors, experiment, peft_io
+from doran_jax import run as run_lib
+from doran_jax.adapters import AdapterConfig
+from test_run_identity import no_loading  # noqa: F401  pylint: disable=unused-import
+from test_trainer import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# (override, text the error must contain): each is a value the issue found accepted or
+# reported late (after compiling, inside jit, or after data and model had loaded).
+INVALID = [
+    ({"num_steps": -5}, "num_steps=-5 must be an integer >= 1"),
+    ({"num_steps": 0, "num_epochs": 0.0}, "num_epochs=0.0 must be a finite number > 0"),
+    ({"adapter.alpha": 0.0}, "adapter.alpha=0.0 must be a finite number > 0"),
+    ({"checkpoint.max_to_keep": 0}, "checkpoint.max_to_keep=0 must be an integer >= 1"),
+    ({"checkpoint.every": 0}, "checkpoint.every=0 must be an integer >= 1"),
+    ({"optim.accum_steps": 3}, "batch_size=8 does not divide by optim.accum_steps=3"),
+    ({"adapter.method": "dorra"}, "unknown method 'dorra'; choose one of"),
+    ({"adapter.mode": "fused"}, "unknown mode 'fused'; choose one of merged, factored"),
+    ({"adapter.rank": 0}, "rank must be a positive integer"),
+    ({"optim.lr": float("nan")}, "optim.lr=nan must be a finite number > 0"),
+    ({"optim.lr": -1e-3}, "optim.lr=-0.001 must be a finite number > 0"),
+    ({"optim.warmup_steps": 10}, "optim.warmup_steps=10 is more than num_steps=4"),
+    ({"optim.schedule": "cosin"}, "optim.schedule='cosin' unknown"),
+    ({"optim.name": "adam"}, "optim.name='adam' unknown"),
+    ({"eval_batch_size": 0}, "eval_batch_size=0 must be an integer >= 1"),
+    ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
+    ({"seed": -1}, "seed=-1 must be an integer >= 0"),
+    ({"adapter.targets": "(query"}, "is not a valid regex"),
+    ({"resume": "yes"}, "resume='yes' must be one of auto, force"),
+    ({"mesh": "data:0"}, "sizes must be >= 1"),
+    ({"model.tiny": "bart"}, "model.tiny='bart' is not a model family"),
+    ({"model.task": "causal_lm"}, "data.source='tsv' feeds model.task classification"),
+    ({"data.path": "/no/such/folder"}, "data.path='/no/such/folder' does not exist"),
+    ({"data.format": "glue"}, "data.format='glue' is not a TSV format"),
+    ({"data.max_length": 1}, "data.max_length=1 must be an integer > 1"),
+    ({"dyndora.prune_end": 2.0, "adapter.method": "dyndora"}, "dyndora: dyndora needs 0 <= prune_start"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", INVALID, ids=[next(iter(o)) for o, _ in INVALID])
+def test_invalid_value_is_an_error_before_anything_loads(shared_data, tmp_path, no_loading,
+                                                        overrides, expected):
+  c = tiny_config(shared_data, tmp_path, "kind=text", **{"num_steps": 4, **overrides})
+  for entry in (run_lib.setup, experiment.train, experiment.run_experiment):
+    with pytest.raises(errors.ConfigError) as info:
+      entry(c)
+    assert expected in str(info.value)
+    assert str(info.value).startswith("invalid config (")
+    assert "nothing was loaded): " in str(info.value).splitlines()[0]
+  with pytest.raises(errors.ConfigError, match="nothing was loaded"):
+    experiment.evaluate_run(c, workdir=str(tmp_path))
+  assert list(tmp_path.iterdir()) == []  # no workdir content, no checkpoints/
+
+
+def test_every_problem_is_reported_at_once(shared_data, tmp_path, no_loading):
+  c = tiny_config(shared_data, tmp_path, "kind=text", num_steps=-5, **{
+      "optim.lr": 0.0, "checkpoint.every": 0, "adapter.method": "dorra", "adapter.mode": "x"})
+  with pytest.raises(errors.ConfigError) as info:
+    config_lib.validate(c)
+  message = str(info.value)
+  assert message.startswith("invalid config (5 problems; nothing was loaded): ")
+  for text in ("num_steps=-5", "optim.lr=0.0", "checkpoint.every=0", "unknown method 'dorra'",
+               "unknown mode 'x'"):
+    assert text in message
+
+
+def test_shipped_configs_validate():
+  from configs import cola, default, llama_commonsense, sst2, tiny, vit_fgvc, vit_vtab1k
+  for module in (cola, default, llama_commonsense, sst2, vit_fgvc, vit_vtab1k):
+    assert config_lib.config_problems(module.get_config(), with_data=False, with_model=False) == []
+  for kind in ("text", "image", "causal"):
+    assert config_lib.config_problems(tiny.get_config(f"kind={kind}"), with_data=False) == []
+
+
+def test_validation_reuses_adapter_config_checks():
+  # The same words as AdapterConfig's own error: one source for adapter rules.
+  with pytest.raises(ValueError) as direct:
+    AdapterConfig(dropout=1.5)
+  c = config_lib.base_config()
+  with c.unlocked():
+    c.adapter.dropout = 1.5
+  assert f"adapter.dropout=1.5: {direct.value}" in config_lib.config_problems(c, with_data=False)
+
+
+def test_apply_arg_typo_is_a_config_error():
+  from configs import tiny
+  with pytest.raises(errors.ConfigError, match="unknown config argument 'rnak'"):
+    tiny.get_config("rnak=4")
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def _tsv_folder(tmp_path, train_rows, dev_rows):
+  folder = tmp_path / "tsv"
+  folder.mkdir()
+  (folder / "train.tsv").write_bytes(b"".join(train_rows))
+  (folder / "dev.tsv").write_bytes(b"".join(dev_rows))
+  return folder
+
+
+def test_eval_label_unseen_in_training_names_label_and_file(shared_data, tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+  monkeypatch.setattr(run_lib, "load_model", refuse)
+  rows = [f"{i % 2}\tsentence number {i}\n".encode() for i in range(16)]
+  folder = _tsv_folder(tmp_path, rows, rows[:6] + [b"2\ta third kind of sentence\n"])
+  c = tiny_config(shared_data, tmp_path / "run", "kind=text", num_steps=2,
+                  **{"data.path": str(folder), "data.limit": None, "data.eval_limit": None})
+  with pytest.raises(errors.DataError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert "eval label(s) [2]" in message and str(folder / "dev.tsv") in message
+  assert str(folder / "train.tsv") in message and "labels [0, 1]" in message
+  assert "data.num_classes=3" in message
+
+
+def test_non_utf8_tsv_names_file_and_line(tmp_path):
+  folder = _tsv_folder(tmp_path, [b"1\tfine\n", b"0\tcaf\xe9 au lait\n"], [b"1\tok\n"])
+  with pytest.raises(errors.DataError) as info:
+    data.read_tsv(str(folder / "train.tsv"), "sst2")
+  assert str(info.value).startswith(f"{folder / 'train.tsv'}:2: not UTF-8 (byte 0xe9 at column 6)")
+  assert "iconv" in str(info.value)
+
+
+def test_three_column_row_names_both_formats(tmp_path):
+  folder = _tsv_folder(tmp_path, [b"0\ttwo\tparts\n", b"1\tfine\n"], [b"1\tok\n"])
+  for fmt in ("sst2", "cola"):
+    with pytest.raises(errors.DataError) as info:
+      data.read_tsv(str(folder / "train.tsv"), fmt)
+    message = str(info.value)
+    assert message.startswith(f"{folder / 'train.tsv'}:1: 3 tab-separated column(s), expected 2")
+    assert "'sst2' is label<TAB>sentence, 'cola' is sentence<TAB>label" in message
+    assert "is the file in format" not in message  # no wrong-format guess for a column count
+
+
+def test_swapped_columns_suggest_the_other_format(tmp_path):
+  folder = _tsv_folder(tmp_path, [b"a fine film\t1\n"], [b"1\tok\n"])
+  with pytest.raises(errors.DataError, match="looks like format 'cola'"):
+    data.read_tsv(str(folder / "train.tsv"), "sst2")
+
+
+# ---------------------------------------------------------------------------------- exports
+
+
+def _our_export(tmp_path):
+  folder = tmp_path / "export" / "adapters"
+  trainable = {"params": {}, "adapters": {"targets": {"m": {
+      "lora_a": np.ones((4, 2), np.float32), "lora_b": np.zeros((2, 4), np.float32)}}}}
+  checkpoint.export_adapters(str(folder), trainable, AdapterConfig(method="lora", rank=2), {"step": 3})
+  return folder
+
+
+def test_load_peft_adapter_on_our_export_says_how_to_load_it(tmp_path):
+  folder = _our_export(tmp_path)
+  with pytest.raises(errors.UserError, match=r"is a doran_jax adapter export .*"
+                     r"doran_jax.checkpoint.load_adapters\(path\)"):
+    peft_io.load_peft_adapter(str(folder), {})
+  assert checkpoint.load_adapters(str(folder))[1].rank == 2  # and that way works
+
+
+def test_save_peft_adapter_never_overwrites_our_export(tmp_path):
+  folder = _our_export(tmp_path)
+  before = {p.name: p.read_bytes() for p in folder.iterdir()}
+  with pytest.raises(errors.UserError, match="would overwrite; write the PEFT folder elsewhere"):
+    peft_io.save_peft_adapter(str(folder), {}, {}, AdapterConfig(method="lora", rank=2),
+                              base_model_name_or_path="base")
+  assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+  assert not peft_io.is_doran_export(tmp_path)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def _entry(script, *args, env=None):
+  return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_train_py_prints_one_message_and_exits_2(shared_data, tmp_path):
+  args = ["--config", "configs/tiny.py", f"--config.workdir={tmp_path / 'run'}",
+          f"--config.data.path={shared_data / 'text' / 'sst2'}", "--config.num_steps=-5"]
+  proc = _entry("train.py", *args, env={"DORAN_VERBOSE": "0"})
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("config error: invalid config (1 problem; nothing was loaded): "
+                              "num_steps=-5")
+  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+  verbose = _entry("train.py", *args, "--verbose")
+  assert verbose.returncode == errors.EXIT_CODE and "Traceback" in verbose.stderr
+
+
+def test_eval_py_on_a_missing_workdir_exits_2_and_creates_nothing(shared_data, tmp_path):
+  missing = tmp_path / "nope"
+  proc = _entry("eval.py", "--config", "configs/tiny.py", f"--workdir={missing}",
+                f"--config.data.path={shared_data / 'text' / 'sst2'}", env={"DORAN_VERBOSE": "0"})
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"checkpoint error: workdir {str(missing)!r} does not exist")
+  assert not missing.exists()
