@@ -1,0 +1,84 @@
+"""Errors a person can read: our own config, data, run-identity, checkpoint and NaN errors.
+
+Every error the library raises about something the user can fix derives from `UserError`; the
+entry points (train.py, eval.py) print its message alone, without a traceback, and exit with
+status 2 (`--verbose` or DORAN_VERBOSE=1 shows the traceback). `UserError` is a `ValueError`,
+so code that catches ValueError keeps working.
+
+Example:
+  >>> raise ConfigError("optim.lr must be a finite number > 0, got nan; set --config.optim.lr=1e-3.")
+
+  # in an entry point:
+  >>> def main(argv):
+  ...   with errors.reported(verbose=_VERBOSE.value):
+  ...     experiment.run_experiment(config)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+EXIT_CODE = 2  # distinct from Python's 1 for an unexpected exception
+
+
+class UserError(ValueError):
+  """Something the user can fix: the message names the bad value and the fix."""
+
+  kind = "error"
+
+
+class ConfigError(UserError):
+  """An invalid config value or combination (caught before any data or model is read)."""
+
+  kind = "config"
+
+
+class DataError(UserError):
+  """A data file that cannot be read as configured (encoding, columns, labels)."""
+
+  kind = "data"
+
+
+class RunMismatchError(UserError):
+  """A workdir holds a different run than the config describes (see doran_jax.fingerprint)."""
+
+  kind = "run"
+
+
+class CheckpointError(UserError):
+  """A checkpoint that is missing, damaged or does not match this run."""
+
+  kind = "checkpoint"
+
+
+def verbose_from_env() -> bool:
+  """DORAN_VERBOSE=1 (or true/yes) asks for tracebacks."""
+  return os.environ.get("DORAN_VERBOSE", "").strip().lower() in ("1", "true", "yes")
+
+
+def format_error(error: UserError) -> str:
+  """'<kind> error: <message>' — the one line (or short paragraph) the user sees."""
+  return f"{error.kind} error: {error}"
+
+
+@contextlib.contextmanager
+def reported(verbose: bool = False, stream=None):
+  """Turns a UserError raised inside into its message on stderr and `SystemExit(2)`.
+
+  Other exceptions propagate unchanged (they are bugs: the traceback is the useful part).
+  With `verbose` (or DORAN_VERBOSE=1) the traceback is printed above the message.
+  """
+  try:
+    yield
+  except UserError as error:
+    stream = stream or sys.stderr
+    if verbose or verbose_from_env():
+      traceback.print_exc(file=stream)
+    else:
+      stream.write("(run with --verbose or DORAN_VERBOSE=1 for the traceback)\n")
+    stream.write(format_error(error) + "\n")
+    stream.flush()
+    raise SystemExit(EXIT_CODE) from None
