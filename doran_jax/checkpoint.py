@@ -167,7 +167,7 @@ def prune(mngr: ocp.CheckpointManager, max_to_keep: Optional[int], damaged=()) -
   for step in sorted(mngr.all_steps(), reverse=True):
     issue = "it failed verification on restore" if step in damaged else problem(mngr, step)
     if issue is not None:
-      if step_path(mngr, step) not in _WARNED:
+      if step not in damaged and step_path(mngr, step) not in _WARNED:  # restore said so already
         _WARNED.add(step_path(mngr, step))
         logging.warning("checkpoint step %d at %s is damaged (%s); kept, and not counted in "
                         "max_to_keep.", step, step_path(mngr, step), issue)
@@ -181,7 +181,8 @@ def prune(mngr: ocp.CheckpointManager, max_to_keep: Optional[int], damaged=()) -
 
 def _short(error: BaseException, limit: int = 160) -> str:
   lines = str(error).strip().splitlines() or [""]
-  text = f"{type(error).__name__}: {lines[0]}"
+  # TensorStore appends a dump of its internals after "See full TensorStore details".
+  text = f"{type(error).__name__}: {lines[0].split(' See full TensorStore details')[0]}"
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -216,7 +217,13 @@ def _structure(mngr: ocp.CheckpointManager, step: int):
   _read_json(os.path.join(base, "_CHECKPOINT_METADATA"), "the step metadata")
   _read_json(os.path.join(base, "meta", "metadata"), "the data-position record")
   _read_json(os.path.join(base, "state", "_METADATA"), "the state's array metadata")
-  record = _read_json(os.path.join(base, "integrity", "metadata"), "the checksum record")
+  try:
+    record = _read_json(os.path.join(base, "integrity", "metadata"), "the checksum record")
+  except _Damaged as e:
+    if os.path.isdir(os.path.join(base, "integrity")):
+      raise
+    raise _Damaged(f"{e}; checkpoints written before doran_jax recorded checksums have none, "
+                   "so they cannot be verified") from None
   if not isinstance(record, dict) or record.get("version") != INTEGRITY_VERSION:
     raise _Damaged(f"the checksum record has no version {INTEGRITY_VERSION} entry")
   try:
