@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as std_logging
 import os
 from typing import Any, Optional
 
@@ -31,6 +32,17 @@ from doran_jax.errors import CheckpointError
 from doran_jax.targets import flatten
 
 INTEGRITY_VERSION = 1
+
+
+class _UnparsableMetadataNoise(std_logging.Filter):
+  """Drops orbax's ERROR record that dumps the whole content of an unparsable step metadata file
+  (hundreds of NULs for a zeroed one); restore reports such a step in one line instead."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Failed to json parse Metadata file")
+
+
+logging.get_absl_logger().addFilter(_UnparsableMetadataNoise())
 DAMAGED_DIR = "damaged"  # damaged steps are moved here (never deleted) when a new save needs the name
 
 
