@@ -3,6 +3,7 @@ newest intact step (nothing deleted), retention that never drops the newest inta
 
 import logging
 import os
+import pathlib
 import shutil
 
 import jax
@@ -70,7 +71,7 @@ def _copy(workdir, tmp_path):
 
 
 def _files(root) -> dict:
-  return {os.path.relpath(os.path.join(r, f), root): open(os.path.join(r, f), "rb").read()
+  return {os.path.relpath(os.path.join(r, f), root): pathlib.Path(r, f).read_bytes()
           for r, _, names in os.walk(root) for f in names}
 
 
@@ -108,7 +109,7 @@ def _flip_bytes_of_an_array(step_dir, reference, abstract):
   """Flips 4 bytes of the largest array data file where orbax still restores without error but
   hands back changed values: the silent corruption only a checksum catches."""
   path = _data_files(step_dir)[0]
-  clean = open(path, "rb").read()
+  clean = pathlib.Path(path).read_bytes()
   for frac in (0.3, 0.6, 0.45, 0.75, 0.15, 0.5, 0.35, 0.65):
     blob = bytearray(clean)
     at = int(len(blob) * frac)
