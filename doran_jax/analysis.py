@@ -129,7 +129,7 @@ def checkpoint_trainables(run: Any, workdir: str) -> Iterator[tuple[int, Any]]:
   `run` is the trainer's Run the checkpoints were written with (it supplies shapes and
   shardings). Keep them all while training: `config.checkpoint.max_to_keep` large.
   """
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=None, async_save=False)
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
   abstract = sharding.abstract(run.state)
   try:
     for step in sorted(mngr.all_steps()):

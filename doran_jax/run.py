@@ -17,7 +17,7 @@ import math
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -115,6 +115,13 @@ def check_fresh_params(backbone: models.Backbone, trainable_params, method) -> N
         f"'({'|'.join(sorted({p.split('/')[0] for p in left}))})/.*') or use a checkpoint that has them.")
 
 
+@jax.jit
+def _run_keys(seed):
+  """(init key, run key) from the seed: one compile instead of eager seed, split and unstack."""
+  key_init, key_run = jax.random.split(jax.random.PRNGKey(seed))
+  return key_init, key_run
+
+
 def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
           with_data: bool = True) -> Run:
   """Builds model, data, adapters, optimizer, mesh and sharded state from a config.
@@ -156,7 +163,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   frozen = jax.device_put(frozen, sharding.named(mesh, frozen_specs))
   params = jax.device_put(backbone.params, sharding.named(mesh, param_specs))
 
-  key_init, key_run = jax.random.split(jax.random.PRNGKey(config.seed))
+  key_init, key_run = _run_keys(config.seed)
   init = functools.partial(init_adapters, cfg=adapter_cfg)
   abstract_adapters = jax.eval_shape(init, key_init, params)
   adapter_specs = sharding.adapter_specs(abstract_adapters, params, param_specs, adapter_cfg, mesh)
@@ -175,7 +182,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   replicated = sharding.named(mesh, jax.sharding.PartitionSpec())
   # Every leaf starts on the mesh, so the first step's inputs already have the shardings it
   # returns and the step compiles once.
-  state = step.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+  state = step.TrainState(step=jax.device_put(np.zeros((), np.int32), replicated),
                           trainable=trainable, opt_state=opt_state,
                           rng=jax.device_put(key_run, replicated))
   state_shardings = step.TrainState(step=replicated, trainable=trainable_shardings,

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -21,36 +22,105 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from doran_jax import checkpoint, fingerprint, progress, sharding
+from doran_jax import checkpoint, errors, fingerprint, progress, sharding
 from doran_jax.adapters import count_params
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """The loss, gradient or update became NaN/Inf; the last good checkpoint is kept."""
+
+  kind = "non-finite"
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the loop checks between steps (save, then exit
+  cleanly). A second Ctrl-C aborts at once with KeyboardInterrupt."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some notebook runners)
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook runners)
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    more = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+    log(f"{name} received: saving a checkpoint after this step and exiting{more}.")
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+# Config values that make a non-finite update likely: (key, is it suspicious?, why).
+_SUSPECTS = (
+    ("optim.lr", lambda v: not math.isfinite(v) or v <= 0 or v > 1.0, "a learning rate in (0, 1]"),
+    ("optim.eps", lambda v: not math.isfinite(v) or v <= 0 or v > 1.0, "a small positive eps"),
+    ("optim.b1", lambda v: not math.isfinite(v) or not 0 <= v < 1, "0 <= b1 < 1"),
+    ("optim.b2", lambda v: not math.isfinite(v) or not 0 <= v < 1, "0 <= b2 < 1"),
+    ("optim.weight_decay", lambda v: not math.isfinite(v) or abs(v) > 10, "a weight decay near 0"),
+    ("optim.clip_norm", lambda v: not math.isfinite(v) or v < 0, "clip_norm > 0 (or 0 for off)"),
+    ("adapter.alpha", lambda v: not math.isfinite(v) or abs(v) > 1e4, "a finite, moderate alpha"),
+)
+
+
+def suspicious_config(config) -> list[str]:
+  """'key=value (expected ...)' for config values that make NaN/Inf updates likely."""
+  out = []
+  for key, bad, expected in _SUSPECTS:
+    node = config
+    try:
+      for part in key.split("."):
+        node = node[part]
+      value = float(node)
+    except (KeyError, TypeError, ValueError, AttributeError):
+      continue
+    if bad(value):
+      out.append(f"{key}={value!r} (expected {expected})")
+  return out
+
+
+def nonfinite_message(metrics: dict, step: int, config, last_good: Optional[int],
+                      directory: str) -> str:
+  """What became NaN/Inf at `step`, the last good checkpoint, the suspicious config values and
+  what to try."""
+  names = {"loss": "loss", "grad_norm": "gradient norm", "update_norm": "update norm"}
+  values = {k: float(metrics[k]) for k in names}
+  bad = [names[k] for k, v in values.items() if not math.isfinite(v)]
+  what = ", ".join(bad) if bad else "a value"
+  lines = [f"non-finite {what} at step {step} (loss {values['loss']:.6g}, gradient norm "
+           f"{values['grad_norm']:.6g}, update norm {values['update_norm']:.6g}); the update was "
+           "skipped and the run stopped."]
+  lines.append(f"Last good checkpoint: step {last_good} in {directory}." if last_good is not None
+               else "No checkpoint was saved yet.")
+  suspects = suspicious_config(config)
+  if suspects:
+    lines.append("Suspicious config: " + "; ".join(suspects) + ".")
+  if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
+    advice = ("The loss and gradients were finite, so the optimizer made the update non-finite: "
+              "check optim.lr, optim.eps and the schedule")
+  elif math.isfinite(values["loss"]):
+    advice = "The loss was finite but its gradient was not: lower optim.lr or check the data"
+  else:
+    advice = "Check the data (a NaN/Inf input or label) or lower optim.lr"
+  clip = config.optim.get("clip_norm", None) if "optim" in config else None
+  if not clip:
+    advice += ", or enable optim.clip_norm (e.g. --config.optim.clip_norm=1.0)"
+  lines.append(advice + ".")
+  return " ".join(lines)
 
 
 def log(msg: str) -> None:
@@ -59,6 +129,29 @@ def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stdout)
     sys.stdout.flush()
   logging.info(msg)
+
+
+class _CompileClock:
+  """Seconds JAX spent tracing, lowering and compiling inside the `with` block."""
+
+  _EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration",
+             "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _listen(self, event, duration, **kwargs):
+    del kwargs
+    if event in self._EVENTS:
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
@@ -70,18 +163,26 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   Returns:
     {'status': 'done' | 'paused' | 'preempted', 'step', 'history', 'state', 'train_minutes'}.
   """
+  t_enter = time.time()
   config = run.config
   # Another run's workdir stops here, before anything in it is written (see doran_jax.fingerprint).
   fingerprint.claim(config, workdir, fingerprint.resolved(run.num_steps, run.train_data),
                     write=jax.process_index() == 0)
   os.makedirs(workdir, exist_ok=True)
   ckpt_cfg = config.checkpoint
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=ckpt_cfg.max_to_keep)
-  # The step donates its input state: train a copy, so `run.state` stays the initial state.
-  state = jax.tree_util.tree_map(lambda x: x.copy(), run.state)
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, sharding.abstract(state))
-    log(f"resumed from step {int(state.step)} ({mngr.directory}); data position {meta['data_step']}")
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  # The step donates its input state: train a copy, so `run.state` stays the initial state
+  # (one jitted copy of the whole tree, not one compile per leaf).
+  state = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: x.copy(), tree),
+                  out_shardings=run.state_shardings)(run.state)
+  last_good = None  # the newest checkpoint known complete and intact
+  damaged = {}      # step -> why, for the steps restore skipped (never counted as kept)
+  if mngr.all_steps():
+    state, meta, damaged = checkpoint.restore_newest_intact(mngr, sharding.abstract(state))
+    last_good = int(state.step)
+    skipped = f"; skipped damaged step(s) {sorted(damaged)}" if damaged else ""
+    log(f"resumed from step {last_good} ({mngr.directory}); data position {meta['data_step']}"
+        f"{skipped}")
   bs = config.batch_size
   if bs % jax.process_count():
     raise ValueError(f"batch_size {bs} must divide by the {jax.process_count()} processes.")
@@ -93,6 +194,8 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
                                  enabled=jax.process_index() == 0, truncate_after=start_step)
   t0 = time.time()
   t_last, last_step, t_step = t0, start_step, t0
+  schedule = jax.jit(run.schedule)  # one compile, not one per eager op of the schedule
+  saved = None
   log(f"training {run.adapter_cfg.method} for {run.num_steps} steps (batch {bs}, "
       f"{len(run.train_data)} train / {len(run.eval_data)} eval examples, "
       f"{count_params(state.trainable)} trainable parameters)")
@@ -102,17 +205,22 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
       for step in range(start_step, run.num_steps):
         local = run.train_data.batch(step, bs, seed=config.seed, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-        state, metrics = run.train_step(state, run.frozen, sharding.global_batch(local, run.mesh))
-        metrics = jax.device_get(metrics)
+        with _CompileClock() as clock:
+          state, metrics = run.train_step(state, run.frozen,
+                                          sharding.global_batch(local, run.mesh))
+          metrics = jax.device_get(metrics)
+        if step == start_step:
+          log(f"first step after {time.time() - t_enter:.1f} s (compile {clock.seconds:.1f} s)")
+        elif clock.seconds:
+          logging.warning("the train step compiled again at step %d (%.1f s): its inputs changed "
+                          "shape or sharding.", step + 1, clock.seconds)
         if not metrics["finite"]:
           mngr.wait_until_finished()
-          raise NonFiniteLossError(
-              f"loss became {metrics['loss']} at step {step + 1} (grad norm {metrics['grad_norm']}, "
-              f"update norm {metrics['update_norm']}); the update was skipped and the run stopped. "
-              f"Last good checkpoint: step {mngr.latest_step()} in {mngr.directory}. Lower "
-              "optim.lr, enable optim.clip_norm, or check the data.")
+          last_good = saved if saved is not None else last_good
+          raise NonFiniteLossError(nonfinite_message(metrics, step + 1, config, last_good,
+                                                     str(mngr.directory)))
         record = {"step": step + 1, "loss": float(metrics["loss"]),
-                  "grad_norm": float(metrics["grad_norm"]), "lr": float(run.schedule(step))}
+                  "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step))}
         if "correct" in metrics:
           record["train_accuracy"] = float(metrics["correct"] / max(metrics["examples"], 1))
         history.append(record)
@@ -131,7 +239,10 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
         meta = {"data_step": done, "adapter": run.adapter_cfg.to_dict()}
         pause = max_steps is not None and done - start_step >= max_steps and done < run.num_steps
         if done % ckpt_cfg.every == 0 or done == run.num_steps or preemption.requested or pause:
-          checkpoint.save(mngr, done, state, meta, force=True)
+          checkpoint.save(mngr, done, state, meta, max_to_keep=ckpt_cfg.max_to_keep,
+                          damaged=damaged, force=True)
+          saved = done
+          damaged.pop(done, None)  # the damaged one was moved aside; this one is new
         if pause:
           status = "paused"
           break
@@ -141,6 +252,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
           status = "preempted"
           break
     mngr.wait_until_finished()
+    checkpoint.prune(mngr, ckpt_cfg.max_to_keep, damaged)
   finally:
     mngr.close()
     writer.close()

@@ -1,8 +1,11 @@
 """End-to-end training on tiny configs: each task type, exact resume, SIGTERM, NaN stop, exports."""
 
+import copy
 import json
+import logging
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from doran_jax import checkpoint, evaluate, experiment, trainer
+from doran_jax import checkpoint, errors, evaluate, experiment, trainer
 from doran_jax import run as run_lib
 from doran_jax.trainable import merge_params
 
@@ -188,3 +191,116 @@ def test_bad_inputs_are_clear_errors(shared_data, tmp_path):
     run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text,rank=64"))
   with pytest.raises(ValueError, match="unknown config argument 'rnak'"):
     tiny.get_config("rnak=4")
+
+
+def test_nonfinite_message_names_what_became_nonfinite_and_the_suspects(tmp_path):
+  c = tiny.get_config("kind=text")
+  with c.unlocked():
+    c.optim.lr = float("nan")
+  update_only = {"loss": 0.711, "grad_norm": 0.5, "update_norm": float("nan")}
+  msg = trainer.nonfinite_message(update_only, 3, c, 2, "/w/checkpoints")
+  assert msg.startswith("non-finite update norm at step 3 (loss 0.711, gradient norm 0.5")
+  assert "loss became" not in msg and "non-finite loss" not in msg
+  assert "Last good checkpoint: step 2 in /w/checkpoints." in msg
+  assert "Suspicious config: optim.lr=nan" in msg and "the optimizer made the update" in msg
+  assert "clip_norm" not in msg  # it is on (1.0): no advice to enable it
+  c = tiny.get_config("kind=text")
+  with c.unlocked():
+    c.optim.clip_norm = 0.0
+  all_bad = {"loss": float("nan"), "grad_norm": float("nan"), "update_norm": float("inf")}
+  msg = trainer.nonfinite_message(all_bad, 5, c, None, "/w/checkpoints")
+  assert msg.startswith("non-finite loss, gradient norm, update norm at step 5")
+  assert "No checkpoint was saved yet." in msg and "Suspicious config" not in msg
+  assert "Check the data" in msg and "--config.optim.clip_norm=1.0" in msg
+  grad_only = {"loss": 0.7, "grad_norm": float("inf"), "update_norm": float("nan")}
+  assert "its gradient was not" in trainer.nonfinite_message(grad_only, 1, c, None, "/w")
+
+
+def _with_optim(run, **optim):
+  """`run` with its optimizer rebuilt from changed optim values (past config validation, as a
+  value that passes it but still blows up would be)."""
+  from doran_jax import optim as optim_lib
+  from doran_jax import step as step_lib
+  config = run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.optim.update(optim)
+  tx, schedule = optim_lib.make_optimizer(config.optim, run.num_steps, run.state.trainable,
+                                          config.freeze, after=run.training.transform)
+  train_step = step_lib.make_train_step(
+      run.backbone, run.adapter_cfg, tx, run.training, mesh=run.mesh,
+      state_shardings=run.state_shardings, frozen_shardings=run.frozen_shardings)
+  return run.replace(config=config, tx=tx, schedule=schedule, train_step=train_step)
+
+
+def test_nan_lr_is_named_as_the_cause(shared_data, tmp_path):
+  run = _with_optim(run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text,method=lora")),
+                    lr=float("nan"))
+  with pytest.raises(trainer.NonFiniteLossError) as info:
+    trainer.fit(run, str(tmp_path))
+  msg = str(info.value)
+  assert msg.startswith("non-finite update norm at step 1 (loss 0.69")  # the loss was fine
+  assert "Suspicious config: optim.lr=nan" in msg and "clip_norm" not in msg
+  assert isinstance(info.value, FloatingPointError) and isinstance(info.value, errors.UserError)
+
+
+def _interrupting(run, at_step, times=1):
+  """`run` whose data loader sends this process SIGINT (Ctrl-C) `times` times at `at_step`."""
+  clean = run.train_data.batch
+
+  def batch(step, batch_size, **kw):
+    if step == at_step:
+      for _ in range(times):
+        os.kill(os.getpid(), signal.SIGINT)
+    return clean(step, batch_size, **kw)
+
+  data = copy.copy(run.train_data)
+  data.batch = batch
+  return run.replace(train_data=data)
+
+
+def test_ctrl_c_saves_and_a_rerun_resumes(shared_data, tmp_path, capsys):
+  c = tiny_config(shared_data, tmp_path, "kind=text,method=lora", num_steps=6,
+                  **{"checkpoint.every": 100})
+  run = run_lib.setup(c)
+  out = trainer.fit(_interrupting(run, at_step=2), str(tmp_path))
+  assert out["status"] == "preempted" and out["step"] == 3
+  text = capsys.readouterr().out
+  assert "Ctrl-C received: saving a checkpoint" in text and "preempted: checkpoint at step 3" in text
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+  assert checkpoint.manager(str(tmp_path / "checkpoints")).all_steps() == [3]
+  rest = trainer.fit(run, str(tmp_path))
+  assert rest["status"] == "done" and [h["step"] for h in rest["history"]] == [4, 5, 6]
+  assert "resumed from step 3" in capsys.readouterr().out
+
+
+def test_second_ctrl_c_aborts_without_saving(shared_data, tmp_path):
+  c = tiny_config(shared_data, tmp_path, "kind=text,method=lora", num_steps=6,
+                  **{"checkpoint.every": 100})
+  with pytest.raises(KeyboardInterrupt):
+    trainer.fit(_interrupting(run_lib.setup(c), at_step=1, times=2), str(tmp_path))
+  assert checkpoint.manager(str(tmp_path / "checkpoints")).all_steps() == []
+
+
+def _compiled(records, prefix="Finished XLA compilation of "):
+  return [r.getMessage()[len(prefix):].split(" in ")[0] for r in records
+          if r.getMessage().startswith(prefix)]
+
+
+def test_train_step_compiles_once_also_after_resume(shared_data, tmp_path, caplog, capsys):
+  c = tiny_config(shared_data, tmp_path, "kind=text,method=doran", num_steps=3)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    run = run_lib.setup(c)
+  # Whole-tree initialisers, not one compile per leaf: the model init, the keys, the adapters,
+  # the optimizer state (and jax's own seed staging), each once.
+  in_setup = _compiled(caplog.records)
+  assert len(in_setup) <= 6 and len(set(in_setup)) == len(in_setup), in_setup
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    first = trainer.fit(run, str(tmp_path), max_steps=2)   # steps 1-2, checkpoint at 2
+    rest = trainer.fit(run, str(tmp_path))                 # restored, step 3
+  assert first["status"] == "paused" and [h["step"] for h in rest["history"]] == [3]
+  compiles = _compiled(caplog.records)
+  assert compiles.count("jit(step)") == 1, compiles
+  assert run.train_step._cache_size() == 1
+  assert not [r for r in caplog.records if "compiled again" in r.getMessage()]
+  assert re.search(r"first step after [\d.]+ s \(compile [\d.]+ s\)", capsys.readouterr().out)
