@@ -2,13 +2,25 @@
 
 `configs/<exp>.py:get_config(arg)` starts from `base_config()`, sets what the experiment needs and
 applies `arg` ("method=dora,rank=16") with `apply_arg`. Locked: a typo in an override is an error.
+
+Precedence, lowest first: base_config, the config file, the method's reference recipe
+(`Method.recipe`, applied by apply_arg when config.method_recipe is True), the config argument,
+command-line flags (`--config.optim.lr=...`, applied after get_config).
+
+Learning rate: a config file may leave `optim.lr` unset (a float placeholder) and carry
+`optim.lr_by_method`, a table {method: lr}; `resolved(config)` (called by run.setup) fills
+optim.lr from the table for the config's method. An lr given explicitly (`:lr=...` or the flag)
+wins over the table.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import ml_collections
 from ml_collections import config_dict
 
+from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 
 # Short names accepted in `--config configs/x.py:name=value,...`.
@@ -43,7 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.freeze = ()                            # regexes of trainable leaves to keep fixed (logged)
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, warmup_steps=50, schedule="linear", weight_decay=0.0, b1=0.9,
-      b2=0.999, eps=1e-8, clip_norm=1.0, accum_steps=1))
+      b2=0.999, eps=1e-8, clip_norm=1.0, accum_steps=1,
+      # warmup_ratio (a fraction of num_steps) replaces warmup_steps when set.
+      warmup_ratio=config_dict.placeholder(float),
+      # {method: lr}, used when optim.lr is left unset (see `resolved`).
+      lr_by_method={}))
   c.batch_size = 32
   c.eval_batch_size = 128
   c.num_steps = 0          # 0 -> from num_epochs
@@ -53,7 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = False    # True: also write <workdir>/tensorboard (needs tensorboardX)
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, max_to_keep=2))
   c.export = ml_collections.ConfigDict(dict(merged=False))
-  c.baselines = ()         # ("majority", "frozen") for classification
+  c.baselines = ()         # ("majority", "frozen", "linear_probe") for classification
+  # Apply the method's reference recipe (Method.recipe, e.g. DynDoRA's official settings) over
+  # the config file's values; the config argument and flags still win.
+  c.method_recipe = True
   # Commonsense accuracy by greedy generation at the end of causal_lm runs.
   c.generate = ml_collections.ConfigDict(dict(enabled=False, max_new_tokens=32, limit_per_task=0))
   # DynDoRA's schedule (fractions of num_steps) and variance regulariser weight.
@@ -73,6 +92,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
     16
   """
   names = {**ARG_KEYS, **(aliases or {})}
+  given = set()
   if arg:
     for item in str(arg).split(","):
       if "=" not in item:
@@ -87,9 +107,58 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
       if leaf not in parent:
         raise ValueError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
       current = parent[leaf]
+      if current is None:  # a placeholder: parse by its declared type
+        current = parent.get_ref(leaf).get_type()()
       parent[leaf] = _parse(value, current)
+      given.add(path)
+  if config.get("method_recipe", False):
+    apply_recipe(config, skip=given)
   config.lock()
   return config
+
+
+def apply_recipe(config: ml_collections.ConfigDict, skip=()) -> ml_collections.ConfigDict:
+  """Sets the keys of config.adapter.method's reference recipe (Method.recipe), except `skip`.
+
+  Example:
+    >>> c = apply_recipe(cola.get_config("method=dyndora"))   # already applied by apply_arg
+    >>> c.adapter.alpha, c.optim.weight_decay
+    (8.0, 0.01)
+  """
+  recipe = method_registry.get(config.adapter.method).recipe
+  with config.unlocked() if config.is_locked else contextlib.nullcontext():
+    for path, value in recipe.items():
+      if path in skip:
+        continue
+      parent = config
+      for part in path.split(".")[:-1]:
+        parent = parent[part]
+      parent[path.split(".")[-1]] = value
+  return config
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with optim.lr filled from optim.lr_by_method when it is unset.
+
+  Example:
+    >>> resolved(sst2.get_config("method=lora")).optim.lr     # the table's lora entry
+    >>> resolved(sst2.get_config("method=lora,lr=3e-4")).optim.lr
+    0.0003
+  """
+  out = config.copy_and_resolve_references()
+  if out.optim.lr is not None:
+    return out
+  method = out.adapter.method
+  table = out.optim.get("lr_by_method", None)
+  table = table.to_dict() if hasattr(table, "to_dict") else dict(table or {})
+  if method not in table:
+    raise ValueError(f"optim.lr is unset and optim.lr_by_method has no entry for method "
+                     f"{method!r} (it has {sorted(table)}); pass lr=... or add the method to "
+                     "the config's table.")
+  with out.unlocked():
+    out.optim.lr = float(table[method])
+  out.lock()
+  return out
 
 
 def _parse(value: str, current):

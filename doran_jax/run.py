@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from doran_jax import data, models, optim, sharding, step
+from doran_jax import config_lib, data, models, optim, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
 from doran_jax.targets import flatten
@@ -53,8 +53,13 @@ class Run:
     return dataclasses.replace(self, **changes)
 
 
-def adapter_config_from(config, transposed=()) -> AdapterConfig:
-  return AdapterConfig(**{**config.adapter.to_dict(), "transposed": tuple(transposed)})
+def adapter_config_from(config, transposed=(), family=None) -> AdapterConfig:
+  """The AdapterConfig of config.adapter; with `family`, a target preset name ('all_linear',
+  'attention') becomes that family's regex."""
+  d = config.adapter.to_dict()
+  if family is not None:
+    d["targets"] = family.targets(d["targets"])
+  return AdapterConfig(**{**d, "transposed": tuple(transposed)})
 
 
 def load_tokenizer(config):
@@ -122,6 +127,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   data sets (benchmarks feed their own batches; config.num_steps and config.model.num_labels
   must then be set).
   """
+  config = config_lib.resolved(config)  # the per-method lr filled in (a copy)
   sharding.maybe_initialize_distributed(config.distributed)
   method = method_registry.get(config.adapter.method)
   train_data = eval_data = None
@@ -134,7 +140,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   mesh = sharding.make_mesh(config.mesh)
   if backbone is None:
     backbone = load_model(config, train_data.num_classes if train_data else None, mesh)
-  adapter_cfg = adapter_config_from(config, backbone.transposed)
+  adapter_cfg = adapter_config_from(config, backbone.transposed, backbone.family)
   num_steps = num_train_steps(config, len(train_data)) if train_data else int(config.num_steps)
   training = (method.training(adapter_cfg, config.get(method.name, None), num_steps)
               if method.training else method_registry.Training())
