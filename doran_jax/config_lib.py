@@ -107,8 +107,8 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
       if leaf not in parent:
         raise ValueError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
       current = parent[leaf]
-      if current is None:  # a placeholder: parse by its declared type
-        current = parent.get_ref(leaf).get_type()()
+      if current is None:
+        current = _placeholder_default(parent, leaf)
       parent[leaf] = _parse(value, current)
       given.add(path)
   if config.get("method_recipe", False):
@@ -159,6 +159,14 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     out.optim.lr = float(table[method])
   out.lock()
   return out
+
+
+def _placeholder_default(parent, leaf):
+  """A typed placeholder's type's zero (so '1e-3' parses as a float); None for a plain None."""
+  try:
+    return parent.get_ref(leaf).get_type()()
+  except (ValueError, TypeError):  # a plain None field has no reference, hence no type
+    return None
 
 
 def _parse(value: str, current):
