@@ -35,6 +35,7 @@ def _common(tmp_path):
           "--limit", "16", "--eval-limit", "16", "--max-length", "16", "--batch", "8"]
 
 
+@pytest.mark.slow  # real MiniLM: 20-40 s idle, 1.5-2.5 min on a loaded machine
 def test_lr_sweep_smoke_writes_csv_and_the_lr_table(tmp_path):
   lr_sweep.main(["--methods", "lora", "--lrs", "1e-3,1e-2", "--seeds", "0"] + _common(tmp_path))
   rows = analysis.read_csv(str(tmp_path / "out" / "lr_sweep_sst2.csv"))
@@ -45,20 +46,24 @@ def test_lr_sweep_smoke_writes_csv_and_the_lr_table(tmp_path):
   assert f'LR = {{"lora": {best:g}}}' in text
 
 
+@pytest.mark.slow  # real MiniLM: 20-40 s idle, 1.5-2.5 min on a loaded machine
 def test_doran_ablation_smoke(tmp_path):
   study_doran_ablation.main(["--tasks", "cola", "--variants", "dora_tau,doran_block",
-                             "--lrs", "1e-3", "--seeds", "0"] + _common(tmp_path))
+                             "--lrs", "1e-3", "--seeds", "0", "--targets", "attention"]
+                            + _common(tmp_path))
   rows = analysis.read_csv(str(tmp_path / "out" / "study_doran_ablation.csv"))
   assert [(r["task"], r["variant"], r["method"]) for r in rows] == [
       ("cola", "dora_tau", "doran"), ("cola", "doran_block", "doran")]
   assert all(np.isfinite(r["grad_norm_var"]) and r["loss_spikes"] == 0 for r in rows)
   text = (tmp_path / "out" / "study_doran_ablation.md").read_text()
   assert "| dora_tau | 0.001 |" in text and "### cola (eval mcc)" in text
+  assert "Targets: attention." in text
   assert (tmp_path / "out" / "study_doran_ablation_cola.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="unknown"):
     study_doran_ablation.main(["--variants", "dora_tau,nope"] + _common(tmp_path))
 
 
+@pytest.mark.slow  # real MiniLM: 20-40 s idle, 1.5-2.5 min on a loaded machine
 def test_dyndora_cola_smoke_reports_budget_and_rank_plot(tmp_path):
   study_dyndora_cola.main(["--variants", "lora,dyndora", "--lrs", "1e-3", "--seeds", "0",
                            "--rank", "2"] + _common(tmp_path))
