@@ -27,6 +27,8 @@ def get_config(arg=None):
   c.checkpoint.every = 2
   c.data = data.default_data_config("tsv", path="../shared/data/text/sst2", format="sst2",
                                     max_length=16, limit=64, eval_limit=32)
+  # Smoke sizes, not recipes: keep the file's targets and alpha (method_recipe=True to test one).
+  c.method_recipe = False
   config_lib.apply_arg(c, arg, aliases={"kind": "kind"})
   with c.unlocked():
     if c.kind == "text":

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -324,15 +324,44 @@ def _short(layer: str) -> str:
 
 # ----------------------------------------------------------------------------------- studies
 
+SPIKE_FACTOR = 2.0   # a loss spike: loss above SPIKE_FACTOR × the running median ...
+SPIKE_WINDOW = 20    # ... of the SPIKE_WINDOW steps before it
+
+
+def loss_spikes(losses: Sequence[float], factor: float = SPIKE_FACTOR,
+                window: int = SPIKE_WINDOW) -> int:
+  """Steps t >= window whose loss exceeds `factor` × median(losses[t - window:t]).
+
+  Example:
+    >>> loss_spikes([1.0] * 20 + [2.5, 1.0])
+    1
+  """
+  x = np.asarray(losses, np.float64)
+  return int(sum(x[t] > factor * np.median(x[t - window:t]) for t in range(window, len(x))))
+
+
+def stability_stats(history: Sequence[dict], factor: float = SPIKE_FACTOR,
+                    window: int = SPIKE_WINDOW) -> dict:
+  """Stability of one run from the trainer's per-step history: loss spikes (`loss_spikes`) and
+  the variance of the gradient's global norm over all steps (before clipping)."""
+  losses = [h["loss"] for h in history]
+  grads = np.asarray([h["grad_norm"] for h in history], np.float64)
+  return {"loss_spikes": loss_spikes(losses, factor, window),
+          "grad_norm_var": float(grads.var()) if len(grads) else float("nan"),
+          "grad_norm_mean": float(grads.mean()) if len(grads) else float("nan")}
+
+
 def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
-                    keep: bool = False, backbone=None, tokenizer=None) -> dict:
+                    keep: bool = False, backbone=None, tokenizer=None,
+                    inspect: Optional[Callable[[Any, dict], dict]] = None) -> dict:
   """One study point: trains `config` from scratch and returns a flat result row.
 
   A NaN/Inf loss (`trainer.NonFiniteLossError`) is a result here, not an error: the row gets
   status 'nan' and accuracy NaN. 'chance' marks a finished run whose accuracy is below the eval
   set's largest class fraction (what a constant prediction can reach) plus `chance_margin`.
   `backbone` and `tokenizer` pass to `run.setup` (a grid reuses one loaded model; the
-  backbone is consumed, so give each call its own copy).
+  backbone is consumed, so give each call its own copy). The row also has the eval MCC and
+  `stability_stats` of the run; `inspect(run, results)` may add more keys (e.g. live ranks).
 
   Example:
     >>> row = train_and_score(sst2.get_config("method=dora,lr=1e-2"), "/tmp/point")
@@ -346,22 +375,26 @@ def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
   # The eval set's own majority fraction: a small training subset may favour the other class.
   counts = np.bincount(np.asarray(run.eval_data.arrays["labels"]), minlength=run.eval_data.num_classes)
   majority = float(counts.max() / counts.sum())
-  row = {"method": config.adapter.method, "lr": float(config.optim.lr), "seed": int(config.seed),
+  row = {"method": config.adapter.method, "lr": float(run.config.optim.lr), "seed": int(config.seed),
          "limit": config.data.get("limit", None) or len(run.train_data),
          "train_examples": len(run.train_data), "eval_examples": len(run.eval_data),
          "steps": run.num_steps, "majority_accuracy": majority}
   try:
     results = experiment.train(config, workdir, run=run)
   except trainer.NonFiniteLossError as e:
-    row.update(status="nan", accuracy=float("nan"), macro_f1=float("nan"),
-               final_loss=float("nan"), error=str(e).split(";")[0])
+    row.update(status="nan", accuracy=float("nan"), macro_f1=float("nan"), mcc=float("nan"),
+               final_loss=float("nan"), loss_spikes=float("nan"), grad_norm_var=float("nan"),
+               grad_norm_mean=float("nan"), error=str(e).split(";")[0])
   else:
     losses = [h["loss"] for h in results["history"]]
     tail = losses[-max(len(losses) // 10, 1):]
     acc = float(results["eval"]["accuracy"])
     row.update(status="chance" if acc < majority + chance_margin else "ok", accuracy=acc,
                macro_f1=float(results["eval"].get("macro_f1", float("nan"))),
-               final_loss=float(np.mean(tail)), error="")
+               mcc=float(results["eval"].get("mcc", float("nan"))),
+               final_loss=float(np.mean(tail)), error="", **stability_stats(results["history"]))
+    if inspect is not None:
+      row.update(inspect(run, results))
   row.update(wall_s=time.time() - t0, cpu_s=time.process_time() - cpu0)
   if not keep:
     shutil.rmtree(workdir, ignore_errors=True)

@@ -4,10 +4,20 @@
 applies `arg` ("method=dora,rank=16") with `apply_arg`. Locked: a typo in an override is an error.
 `validate(config)` checks every value before anything is loaded (run.setup, train.py and eval.py
 call it) and reports all problems at once.
+
+Precedence, lowest first: base_config, the config file, the method's reference recipe
+(`Method.recipe`, applied by apply_arg when config.method_recipe is True), the config argument,
+command-line flags (`--config.optim.lr=...`, applied after get_config).
+
+Learning rate: a config file may leave `optim.lr` unset (a float placeholder) and carry
+`optim.lr_by_method`, a table {method: lr}; `resolved(config)` (called by run.setup) fills
+optim.lr from the table for the config's method. An lr given explicitly (`:lr=...` or the flag)
+wins over the table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -56,7 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.freeze = ()                            # regexes of trainable leaves to keep fixed (logged)
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, warmup_steps=50, schedule="linear", weight_decay=0.0, b1=0.9,
-      b2=0.999, eps=1e-8, clip_norm=1.0, accum_steps=1))
+      b2=0.999, eps=1e-8, clip_norm=1.0, accum_steps=1,
+      # warmup_ratio (a fraction of num_steps) replaces warmup_steps when set.
+      warmup_ratio=config_dict.placeholder(float),
+      # {method: lr}, used when optim.lr is left unset (see `resolved`).
+      lr_by_method={}))
   c.batch_size = 32
   c.eval_batch_size = 128
   c.num_steps = 0          # 0 -> from num_epochs
@@ -66,7 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = False    # True: also write <workdir>/tensorboard (needs tensorboardX)
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, max_to_keep=2))
   c.export = ml_collections.ConfigDict(dict(merged=False))
-  c.baselines = ()         # ("majority", "frozen") for classification
+  c.baselines = ()         # ("majority", "frozen", "linear_probe") for classification
+  # Apply the method's reference recipe (Method.recipe, e.g. DynDoRA's official settings) over
+  # the config file's values; the config argument and flags still win.
+  c.method_recipe = True
   # Commonsense accuracy by greedy generation at the end of causal_lm runs.
   c.generate = ml_collections.ConfigDict(dict(enabled=False, max_new_tokens=32, limit_per_task=0))
   # DynDoRA's schedule (fractions of num_steps) and variance regulariser weight.
@@ -86,6 +103,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
     16
   """
   names = {**ARG_KEYS, **(aliases or {})}
+  given = set()
   if arg:
     for item in str(arg).split(","):
       if "=" not in item:
@@ -100,9 +118,66 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
       if leaf not in parent:
         raise ConfigError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
       current = parent[leaf]
+      if current is None:
+        current = _placeholder_default(parent, leaf)
       parent[leaf] = _parse(value, current)
+      given.add(path)
+  if config.get("method_recipe", False):
+    apply_recipe(config, skip=given)
   config.lock()
   return config
+
+
+def apply_recipe(config: ml_collections.ConfigDict, skip=()) -> ml_collections.ConfigDict:
+  """Sets the keys of config.adapter.method's reference recipe (Method.recipe), except `skip`.
+
+  Example:
+    >>> c = apply_recipe(cola.get_config("method=dyndora"))   # already applied by apply_arg
+    >>> c.adapter.alpha, c.optim.weight_decay
+    (8.0, 0.01)
+  """
+  recipe = method_registry.get(config.adapter.method).recipe
+  with config.unlocked() if config.is_locked else contextlib.nullcontext():
+    for path, value in recipe.items():
+      if path in skip:
+        continue
+      parent = config
+      for part in path.split(".")[:-1]:
+        parent = parent[part]
+      parent[path.split(".")[-1]] = value
+  return config
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with optim.lr filled from optim.lr_by_method when it is unset.
+
+  Example:
+    >>> resolved(sst2.get_config("method=lora")).optim.lr     # the table's lora entry
+    >>> resolved(sst2.get_config("method=lora,lr=3e-4")).optim.lr
+    0.0003
+  """
+  out = config.copy_and_resolve_references()
+  if out.optim.lr is not None:
+    return out
+  method = out.adapter.method
+  table = out.optim.get("lr_by_method", None)
+  table = table.to_dict() if hasattr(table, "to_dict") else dict(table or {})
+  if method not in table:
+    raise ConfigError(f"optim.lr is unset and optim.lr_by_method has no entry for method "
+                     f"{method!r} (it has {sorted(table)}); pass lr=... or add the method to "
+                     "the config's table.")
+  with out.unlocked():
+    out.optim.lr = float(table[method])
+  out.lock()
+  return out
+
+
+def _placeholder_default(parent, leaf):
+  """A typed placeholder's type's zero (so '1e-3' parses as a float); None for a plain None."""
+  try:
+    return parent.get_ref(leaf).get_type()()
+  except (ValueError, TypeError):  # a plain None field has no reference, hence no type
+    return None
 
 
 def _parse(value: str, current):
@@ -117,7 +192,7 @@ def _parse(value: str, current):
 
 # ------------------------------------------------------------------------------ validation
 
-BASELINES = ("majority", "frozen")
+BASELINES = ("majority", "frozen", "linear_probe")   # what experiment.run_experiment runs
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -219,7 +294,7 @@ def config_problems(config, *, with_data: bool = True, with_model: bool = True) 
     p.append(f"freeze={freeze!r} must be a list of regexes, not one string; pass ({freeze!r},).")
   else:
     p += [m for m in (_regex_problem("freeze", r) for r in freeze) if m]
-  p += _optim_problems(config.optim, batch, steps)
+  p += _optim_problems(config.optim, batch, steps, config.adapter.get("method"))
   if adapter_cfg is not None:
     method = method_registry.get(adapter_cfg.method)
     if method.training is not None:
@@ -304,7 +379,7 @@ def _adapter_problems(section, p: list[str]):
   return cfg
 
 
-def _optim_problems(oc, batch, steps) -> list[str]:
+def _optim_problems(oc, batch, steps, method=None) -> list[str]:
   p = []
   if oc.get("name") not in optim.OPTIMIZERS:
     p.append(f"optim.name={oc.get('name')!r} unknown; choose one of {', '.join(optim.OPTIMIZERS)}.")
@@ -312,8 +387,20 @@ def _optim_problems(oc, batch, steps) -> list[str]:
     p.append(f"optim.schedule={oc.get('schedule')!r} unknown; choose one of "
              f"{', '.join(optim.SCHEDULES)}.")
   lr = oc.get("lr")
-  if not _number(lr) or lr <= 0:
+  table = oc.get("lr_by_method", None)
+  table = table.to_dict() if hasattr(table, "to_dict") else dict(table or {})
+  if lr is None and method not in table:
+    p.append(f"optim.lr is unset and optim.lr_by_method has no entry for method {method!r} (it "
+             f"has {sorted(table)}); pass lr=... or add the method to the config's table.")
+  elif lr is None:
+    lr = table[method]
+    if not _number(lr) or lr <= 0:
+      p.append(f"optim.lr_by_method[{method!r}]={lr!r} must be a finite number > 0.")
+  elif not _number(lr) or lr <= 0:
     p.append(f"optim.lr={lr!r} must be a finite number > 0 (e.g. --config.optim.lr=1e-3).")
+  ratio = oc.get("warmup_ratio", None)
+  if ratio is not None and (not _number(ratio) or not 0 <= ratio < 1):
+    p.append(f"optim.warmup_ratio={ratio!r} must lie in [0, 1) (a fraction of num_steps).")
   warmup = oc.get("warmup_steps", 0)
   if not _int(warmup) or warmup < 0:
     p.append(f"optim.warmup_steps={warmup!r} must be an integer >= 0.")

@@ -17,7 +17,7 @@ import jax
 from absl import logging
 
 from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, fingerprint, models,
-                       progress, sharding, trainer)
+                       probe, progress, sharding, trainer)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
@@ -64,6 +64,7 @@ def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optiona
   if out["status"] != "done":
     return out
   results = {**out, "method": run.adapter_cfg.method, "steps": run.num_steps,
+             "lr": float(run.config.optim.lr),
              "trainable_params": count_params(state.trainable),
              "adapter_params": count_params(state.trainable["adapters"])}
   if run.training.summary is not None:
@@ -134,10 +135,12 @@ def export(run, state, workdir: str) -> None:
 
 
 def run_experiment(config, workdir: Optional[str] = None) -> dict:
-  """train() plus the configured baselines ('majority', 'frozen'), with a summary table printed.
+  """train() plus the configured baselines ('majority', 'frozen', 'linear_probe'), with a summary
+  table printed.
 
   The frozen baseline trains only the task head for the same number of steps in
-  `<workdir>/baseline_frozen`.
+  `<workdir>/baseline_frozen`, at its own lr (optim.lr_by_method['frozen'] unless lr is set);
+  the linear probe fits a logistic regression on frozen features to convergence (no lr).
   """
   workdir = workdir or config.workdir
   finished = _finished_results(config, workdir)
@@ -157,13 +160,36 @@ def run_experiment(config, workdir: Optional[str] = None) -> dict:
     with frozen_config.unlocked():
       frozen_config.adapter.method = method_registry.get("frozen").name
       frozen_config.num_steps = run.num_steps
+      # The baseline at its own lr: an lr given for the method is not the head's.
+      table = frozen_config.optim.get("lr_by_method", None)
+      if table is not None and "frozen" in table:
+        frozen_config.optim.lr = float(table["frozen"])
     frozen_results = train(frozen_config, os.path.join(workdir, "baseline_frozen"))
     baselines["frozen"] = {**frozen_results["eval"], "train_minutes": frozen_results["train_minutes"],
-                           "trainable_params": frozen_results["trainable_params"]}
+                           "trainable_params": frozen_results["trainable_params"],
+                           "lr": frozen_results["lr"]}
+  if "linear_probe" in config.baselines:
+    baselines["linear_probe"] = linear_probe(config, run)
   results["baselines"] = baselines
   log(summary_table(results))
   _write_results(workdir, results)
   return results
+
+
+def linear_probe(config, run) -> dict:
+  """The 'linear_probe' baseline: logistic regression on the frozen backbone's mean-pooled last
+  hidden states (the same checkpoint loaded as task 'features'), fitted with full-batch L-BFGS."""
+  if run.backbone.task != "classification":
+    raise ValueError(f"the linear_probe baseline needs a text classification task, not "
+                     f"{run.backbone.task!r}; remove it from config.baselines.")
+  features_config = config.copy_and_resolve_references()
+  with features_config.unlocked():
+    features_config.model.task = "features"
+  features = run_lib.load_model(features_config)
+  out = probe.linear_probe_baseline(features.apply, features.params, run.train_data,
+                                    run.eval_data, int(config.eval_batch_size))
+  log("baseline linear_probe: " + json.dumps(out))
+  return {**out, "train_minutes": 0.0}
 
 
 def summary_table(results: dict) -> str:

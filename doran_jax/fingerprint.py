@@ -70,8 +70,16 @@ def _normal_path(value):
 def identity(config) -> dict[str, Any]:
   """The config keys that define the run, flattened ('optim.lr': 0.001, ...), JSON-ready."""
   tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  flat = _flatten(tree)
+  # An unset lr is the method's entry of the lr table (config_lib.resolved): the run trains at
+  # that value, so it, not the whole table, is what identifies the run.
+  table = flat.pop("optim.lr_by_method", None) or {}
+  for k in [k for k in flat if k.startswith("optim.lr_by_method.")]:
+    table[k.split(".", 2)[2]] = flat.pop(k)
+  if flat.get("optim.lr") is None and flat.get("adapter.method") in table:
+    flat["optim.lr"] = float(table[flat["adapter.method"]])
   out = {}
-  for key, value in sorted(_flatten(tree).items()):
+  for key, value in sorted(flat.items()):
     if _excluded(key):
       continue
     out[key] = _jsonable(_normal_path(value) if key in PATH_KEYS else value)

@@ -19,9 +19,20 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 
 
+def warmup_steps(optim_cfg, num_steps: int) -> int:
+  """optim.warmup_ratio · num_steps (truncated, as transformers' schedulers) when the ratio is
+  set, else optim.warmup_steps; at most num_steps - 1."""
+  ratio = optim_cfg.get("warmup_ratio", None)
+  warmup = int(ratio * num_steps) if ratio is not None else int(optim_cfg.warmup_steps)
+  return min(warmup, max(num_steps - 1, 0))
+
+
 def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Linear warmup to `lr`, then 'linear' decay to 0, 'cosine' decay, or 'constant'."""
-  warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
+  if optim_cfg.lr is None:
+    raise ValueError("optim.lr is unset; pass the config through config_lib.resolved (run.setup "
+                     "does) to take it from optim.lr_by_method, or set lr=....")
+  warmup = warmup_steps(optim_cfg, num_steps)
   decay_steps = max(num_steps - warmup, 1)
   if optim_cfg.schedule == "linear":
     decay = optax.linear_schedule(optim_cfg.lr, 0.0, decay_steps)

@@ -54,8 +54,13 @@ class Run:
     return dataclasses.replace(self, **changes)
 
 
-def adapter_config_from(config, transposed=()) -> AdapterConfig:
-  return AdapterConfig(**{**config.adapter.to_dict(), "transposed": tuple(transposed)})
+def adapter_config_from(config, transposed=(), family=None) -> AdapterConfig:
+  """The AdapterConfig of config.adapter; with `family`, a target preset name ('all_linear',
+  'attention') becomes that family's regex."""
+  d = config.adapter.to_dict()
+  if family is not None:
+    d["targets"] = family.targets(d["targets"])
+  return AdapterConfig(**{**d, "transposed": tuple(transposed)})
 
 
 def load_tokenizer(config):
@@ -132,6 +137,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   here, before any data or model is read.
   """
   config_lib.validate(config, with_data=with_data, with_model=backbone is None)
+  config = config_lib.resolved(config)  # the per-method lr filled in (a copy)
   sharding.maybe_initialize_distributed(config.distributed)
   method = method_registry.get(config.adapter.method)
   mesh = sharding.make_mesh(config.mesh)
@@ -147,7 +153,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
                              config.model.num_labels or train_data.num_classes)
   if backbone is None:
     backbone = load_model(config, train_data.num_classes if train_data else None, mesh)
-  adapter_cfg = adapter_config_from(config, backbone.transposed)
+  adapter_cfg = adapter_config_from(config, backbone.transposed, backbone.family)
   num_steps = num_train_steps(config, len(train_data)) if train_data else int(config.num_steps)
   training = (method.training(adapter_cfg, config.get(method.name, None), num_steps)
               if method.training else method_registry.Training())

@@ -107,9 +107,9 @@ class ModelCache:
   a fresh Backbone over the same host weights. Seeds do not change the task head's init.
   """
 
-  def __init__(self, config):
+  def __init__(self, config, num_labels: int = 2):
     self.tokenizer = run_lib.load_tokenizer(config)
-    self.backbone = run_lib.load_model(config, num_labels=2)
+    self.backbone = run_lib.load_model(config, num_labels=num_labels)
     self.host_params = jax.device_get(self.backbone.params)
 
   def fresh(self):

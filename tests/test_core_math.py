@@ -301,3 +301,140 @@ def test_config_json_round_trip():
   assert dj.AdapterConfig.from_json(cfg.to_json()) == cfg
   with pytest.raises(ValueError, match="unknown AdapterConfig fields"):
     dj.AdapterConfig.from_dict({"method": "lora", "rnak": 4})
+
+
+# ------------------------------------------------------------------ DynDoRA's official init
+
+def test_dyndora_official_init_matches_torch_kaiming_uniform_defaults():
+  """torch.nn.init.kaiming_uniform_(w) at its defaults (a=0, leaky_relu: gain sqrt 2) draws
+  U(±sqrt(6/fan_in)), fan_in = w.size(1): `in` for A's torch (r0, in) weight, r0 for B's (out, r0)."""
+  d_in, d_out, rank = 384, 1536, 8
+  params = {"enc": {"dense": {"kernel": jnp.asarray(
+      np.random.default_rng(0).normal(size=(d_in, d_out)), jnp.float32)}}}
+  cfg = dj.AdapterConfig(method="dyndora", rank=rank, targets=r".*/kernel")
+  assert cfg.init == "official" and cfg.stored_rank == 12
+  leaves = dj.init_adapters(jax.random.key(0), params, cfg)["targets"]["enc"]["dense"]
+  a, b = np.asarray(leaves["lora_a"], np.float64), np.asarray(leaves["lora_b"], np.float64)
+  assert a.shape == (d_in, 12) and b.shape == (12, d_out) and a.size + b.size > 20_000
+  for x, fan_in in ((a, d_in), (b, 12)):
+    bound = np.sqrt(6.0 / fan_in)
+    assert np.abs(x).max() <= bound
+    assert np.abs(x).max() > 0.99 * bound          # the whole interval is used
+    assert abs(x.var() / (bound**2 / 3) - 1) < 0.05  # uniform's variance, within 5%
+    assert abs(x.mean()) < 0.02 * bound
+  # B is far larger than the earlier N(0, 0.02²) draw, and W' = W0 still holds exactly (c = 0).
+  assert b.std() > 10 * 0.02
+  assert max_diff(dj.apply_adapters(params, {"targets": {"enc": {"dense": leaves}}}, cfg), params) == 0.0
+  gauss = dj.init_adapters(jax.random.key(0), params, cfg.replace(init="gaussian"))
+  g = gauss["targets"]["enc"]["dense"]
+  assert np.abs(np.asarray(g["lora_a"])).max() <= 1 / np.sqrt(d_in)
+  assert abs(float(np.asarray(g["lora_b"]).std()) - 0.02) < 0.002
+  with pytest.raises(ValueError, match="unknown init 'kaiming'"):
+    cfg.replace(init="kaiming")
+
+
+def test_dyndora_official_init_bounds_agree_with_torch_when_installed():
+  torch = pytest.importorskip("torch", reason="the parity extra (requirements-parity.txt)")
+  from doran_jax.adapters import dyndora
+  for fan_in, shape in ((384, (12, 384)), (12, (384, 12))):
+    w = torch.empty(*shape)
+    torch.nn.init.kaiming_uniform_(w)
+    assert float(w.abs().max()) <= dyndora.kaiming_bound(fan_in) + 1e-7
+    assert float(w.abs().max()) > 0.98 * dyndora.kaiming_bound(fan_in)
+
+
+# ------------------------------------------------------------------ DoRAN's switches
+
+def test_doran_without_generator_is_dora_plus_tau_against_numpy(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  cfg = dj.AdapterConfig(method="doran", rank=4, alpha=7.0, targets=FAMILIES["bert"][1],
+                         generator=False)
+  adapters = dj.init_adapters(jax.random.key(1), bb.params, cfg)
+  assert "hypernet" not in adapters
+  assert max_diff(dj.apply_adapters(bb.params, adapters, cfg), bb.params) < 1e-6  # W' = W0
+  adapters = perturb(adapters, jax.random.key(2))
+  eff = flatten(dj.apply_adapters(bb.params, adapters, cfg, train=False))
+  flat = flatten(bb.params)
+  for t in dj.targets_for(bb.params, cfg):
+    leaves = node(adapters["targets"], t.module_path)
+    assert set(leaves) == {"lora_a", "lora_b", "magnitude", "tau"}
+    ref = np_merged(flat[t.path], "doran", leaves, 7.0 / 4)   # static A, B; m / (‖V‖ + τ)
+    np.testing.assert_allclose(np.asarray(eff[t.path]), ref, rtol=2e-5, atol=2e-6, err_msg=t.path)
+  # τ → 0 gives DoRA itself on the same A, B, m.
+  tiny_tau = jax.tree_util.tree_map(lambda x: x, adapters)
+  dora_ad = {"targets": jax.tree_util.tree_map(lambda x: x, adapters["targets"])}
+  for t in dj.targets_for(bb.params, cfg):
+    node(tiny_tau["targets"], t.module_path)["tau"] = jnp.float32(-40.0)   # softplus ≈ 4e-18
+    del node(dora_ad["targets"], t.module_path)["tau"]
+  dora_cfg = cfg.replace(method="dora")
+  assert max_diff(dj.apply_adapters(bb.params, tiny_tau, cfg),
+                  dj.apply_adapters(bb.params, dora_ad, dora_cfg)) < 1e-5
+
+
+def test_doran_noise_std_zero_is_deterministic_in_train_mode(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  for generator in (True, False):
+    cfg = dj.AdapterConfig(method="doran", rank=4, targets=r".*/query/kernel", noise_std=0.0,
+                           generator=generator)
+    ad = perturb(dj.init_adapters(jax.random.key(0), bb.params, cfg), jax.random.key(1))
+    a = dj.apply_adapters(bb.params, ad, cfg, rng=jax.random.key(1), train=True)
+    b = dj.apply_adapters(bb.params, ad, cfg, rng=jax.random.key(2), train=True)
+    c = dj.apply_adapters(bb.params, ad, cfg, train=True)   # no key needed without noise
+    assert max_diff(a, b) == 0.0 and max_diff(a, c) == 0.0
+    noisy = cfg.replace(noise_std=0.1)
+    assert max_diff(dj.apply_adapters(bb.params, ad, noisy, rng=jax.random.key(1), train=True), a) > 1e-7
+
+
+def test_share_changes_only_the_generator_tree(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  cfg = dj.AdapterConfig(method="doran", rank=4, targets=r".*/(query|value)/kernel")
+  model = dj.init_adapters(jax.random.key(0), bb.params, cfg)
+  block = dj.init_adapters(jax.random.key(0), bb.params, cfg.replace(share="block"))
+  # Same per-target leaves (names, shapes and values); only adapters['hypernet'] differs.
+  assert jax.tree_util.tree_structure(model["targets"]) == jax.tree_util.tree_structure(block["targets"])
+  assert max_diff(model["targets"], block["targets"]) == 0.0
+  shapes = lambda t: {p: v.shape for p, v in flatten(t).items()}
+  assert set(flatten(model["hypernet"])) == set(flatten(block["hypernet"]))
+  differ = {p for p, s in shapes(block["hypernet"]).items() if s != shapes(model["hypernet"])[p]}
+  assert differ and all(not p.endswith("embeddings") for p in differ)
+  assert all(shapes(block["hypernet"])[p][0] == 2 for p in differ)  # stacked per block
+
+
+def test_learn_tau_false_gives_zero_tau_gradient_and_unchanged_tau(tiny_backbones):
+  import optax
+  bb = tiny_backbones["bert"]
+  x = bb.family.dummy_batch(bb.config, bb.task, batch=2)
+  for generator in (True, False):
+    cfg = dj.AdapterConfig(method="doran", rank=4, targets=r".*/query/kernel", learn_tau=False,
+                           generator=generator, tau_per_output=not generator)
+    ad = perturb(dj.init_adapters(jax.random.key(0), bb.params, cfg), jax.random.key(1))
+
+    def loss(a, cfg=cfg):
+      eff = dj.apply_adapters(bb.params, a, cfg, rng=jax.random.key(5), train=True)
+      return jnp.sum(bb.apply(eff, x) ** 2)
+
+    g = jax.grad(loss)(ad)
+    q = "bert/encoder/layer/0/attention/self/query"
+    assert float(jnp.abs(node(g["targets"], q)["tau"]).max()) == 0.0
+    assert float(jnp.abs(node(g["targets"], q)["magnitude"]).max()) > 0
+    g_learn = jax.grad(lambda a: loss(a, cfg.replace(learn_tau=True)))(ad)
+    assert float(jnp.abs(node(g_learn["targets"], q)["tau"]).max()) > 0
+    tx = optax.adamw(1e-2, weight_decay=0.01, mask=lambda p: jax.tree_util.tree_map(lambda v: v.ndim >= 2, p))
+    state, a = tx.init(ad), ad
+    for _ in range(3):
+      updates, state = tx.update(jax.grad(loss)(a), state, a)
+      a = optax.apply_updates(a, updates)
+    np.testing.assert_array_equal(np.asarray(node(a["targets"], q)["tau"]),
+                                  np.asarray(node(ad["targets"], q)["tau"]))
+    assert max_diff(node(a["targets"], q)["magnitude"], node(ad["targets"], q)["magnitude"]) > 0
+
+
+def test_doran_switches_bad_combinations_are_clear(tiny_backbones):
+  bb = tiny_backbones["bert"]
+  cfg = dj.AdapterConfig(method="doran", rank=4, targets=r".*/query/kernel")
+  with_gen = dj.init_adapters(jax.random.key(0), bb.params, cfg)
+  with pytest.raises(ValueError, match="generator=False uses none"):
+    dj.apply_adapters(bb.params, with_gen, cfg.replace(generator=False))
+  static = dj.init_adapters(jax.random.key(0), bb.params, cfg.replace(generator=False))
+  with pytest.raises(ValueError, match="need adapters\\['hypernet'\\]"):
+    dj.apply_adapters(bb.params, static, cfg)

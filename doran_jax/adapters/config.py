@@ -12,6 +12,7 @@ from doran_jax.adapters import method as method_registry
 MODES = ("merged", "factored")
 SHARES = ("model", "block")
 ACTIVATIONS = ("tanh", "gelu", "relu", "silu")
+INITS = ("official", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,13 @@ class AdapterConfig:
     hyper_hidden: DoRAN: hidden width of the shared generator.
     hyper_activation: DoRAN: generator activation.
     share: DoRAN: 'model' (one generator per kernel shape) or 'block' (one per transformer block).
+    generator: DoRAN: A and B come from the shared hypernetwork; False stores static per-target
+      lora_a / lora_b leaves instead (LoRA's init), i.e. DoRA plus τ (the ablation's switch).
+    learn_tau: DoRAN: τ is trained; False holds τ at tau_init (no gradient reaches ρ).
     init_rank_factor: DynDoRA: r0 = ceil(init_rank_factor * rank).
+    init: DynDoRA's A and B: 'official' (torch.nn.init.kaiming_uniform_ at its defaults, as the
+      official code: A ~ U(±sqrt(6/in)), B ~ U(±sqrt(6/r0))) or 'gaussian' (this library's
+      earlier choice: A ~ U(±1/sqrt(in)), B ~ N(0, 0.02²)).
   """
 
   method: str = "lora"
@@ -63,7 +70,10 @@ class AdapterConfig:
   hyper_hidden: int = 8
   hyper_activation: str = "tanh"
   share: str = "model"
+  generator: bool = True
+  learn_tau: bool = True
   init_rank_factor: float = 1.5
+  init: str = "official"
 
   def __post_init__(self):
     if isinstance(self.transposed, str):  # tuple("a/kernel") would split it into characters
@@ -74,6 +84,7 @@ class AdapterConfig:
     _check_choice("mode", self.mode, MODES)
     _check_choice("share", self.share, SHARES)
     _check_choice("hyper_activation", self.hyper_activation, ACTIVATIONS)
+    _check_choice("init", self.init, INITS)
     if not isinstance(self.rank, int) or self.rank < 1:
       raise ValueError(f"rank must be a positive integer, got {self.rank!r}.")
     if not 0.0 <= self.dropout < 1.0:

@@ -72,8 +72,9 @@ def init_adapters(key: jax.Array, params: Mapping[str, Any], cfg: AdapterConfig)
     for name, value in made.items():
       leaves[t.module_path + SEP + name] = value
   adapters = {"targets": unflatten(leaves)}
-  if method.generator is not None:
-    adapters["hypernet"] = method.generator.init(key_hyper, targets, cfg)
+  generator = method.generator_for(cfg)
+  if generator is not None:
+    adapters["hypernet"] = generator.init(key_hyper, targets, cfg)
   return adapters
 
 
@@ -110,11 +111,16 @@ def target_factors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   targets = targets_for(params, cfg)
   method = method_registry.get(cfg.method)
   generated = {}
-  if method.generator is not None:
+  generator = method.generator_for(cfg)
+  if generator is not None:
     if "hypernet" not in adapters:
       raise ValueError(f"{cfg.method} adapters need adapters['hypernet']; these were made for "
-                       "another method.")
-    generated = method.generator.generate(adapters["hypernet"], targets, cfg)
+                       "another method (or with generator=False).")
+    generated = generator.generate(adapters["hypernet"], targets, cfg)
+  elif "hypernet" in adapters:
+    raise ValueError(f"these adapters hold a hypernetwork (adapters['hypernet']) but method "
+                     f"{cfg.method!r} with generator={cfg.generator} uses none; use the "
+                     "AdapterConfig the adapters were made with.")
   _check_no_extra_targets(adapters["targets"], targets, cfg)
   out = []
   for t in targets:

@@ -49,6 +49,7 @@ class Method:
     gain: (norm_O, leaves, cfg, key, train) -> per-output gain; None when W' = W0 + s·A·B.
     generator: a module with init(key, targets, cfg) and generate(params, targets, cfg) ->
       {target path: (A, B)} whose params live in adapters['hypernet'] (DoRAN), or None.
+    uses_generator: cfg -> whether this config uses `generator` (DoRAN's `generator` switch).
     stored_rank: cfg -> the rank of the stored factors.
     peft_factors: (w0_IxO, leaves, A, B, cfg) -> (A, B, PEFT magnitude or None) as numpy; None
       when the method cannot be exported to PEFT.
@@ -56,6 +57,9 @@ class Method:
     training: (cfg, method config section or None, num_steps) -> Training; None for none.
     has_adapters: False for the baselines that add no adapter ('full', 'frozen').
     trains_backbone: True when every backbone parameter is trainable ('full').
+    recipe: the training recipe of the method's reference implementation as dotted config keys
+      ({'adapter.alpha': 8.0, 'optim.weight_decay': 0.01, ...}); config_lib.apply_arg applies it
+      to a config file's values, below the config argument and command-line flags.
   """
 
   name: str
@@ -64,16 +68,22 @@ class Method:
   low_rank: Optional[Callable] = None
   gain: Optional[Callable] = None
   generator: Any = None
+  uses_generator: Callable[[Any], bool] = lambda cfg: True
   stored_rank: Callable[[Any], int] = lambda cfg: cfg.rank
   peft_factors: Optional[Callable] = None
   peft_fields: Optional[Callable] = None
   training: Optional[Callable[[Any, Any, int], Training]] = None
   has_adapters: bool = True
   trains_backbone: bool = False
+  recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def needs_norm(self) -> bool:
     return self.gain is not None
+
+  def generator_for(self, cfg):
+    """The generator module `cfg` uses, or None."""
+    return self.generator if self.generator is not None and self.uses_generator(cfg) else None
 
 
 _METHODS: dict[str, Method] = {}
