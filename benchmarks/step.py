@@ -3,6 +3,7 @@ r"""Times complete jitted training steps (forward, backward, AdamW) and prints o
 
   python benchmarks/step.py --method dora --model minilm --batch 32 --seq 128 --rank 8 --steps 30
   python benchmarks/step.py --method doran --model bert-base --mode factored
+  python benchmarks/step.py --method dora --model minilm --quantize nf4      # QDoRA (factored)
 
 Models: minilm (the real all-MiniLM-L6-v2), bert-base (BERT-base sizes, random weights),
 vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-1b (LLaMA-shaped, random). Inputs are random
@@ -29,7 +30,8 @@ os.environ.setdefault("USE_TORCH", "0")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from doran_jax import config_lib, models, sharding  # noqa: E402
+from doran_jax import config_lib, models, quant, sharding  # noqa: E402
+from doran_jax.adapters import count_params  # noqa: E402
 
 from doran_jax import run as run_lib  # noqa: E402
 
@@ -78,6 +80,8 @@ def build(args):
   c.model.dtype = args.dtype
   c.model.remat = args.remat
   c.model.fused_layers = not args.no_fused
+  c.model.quantize = args.quantize
+  c.model.double_quant = args.double_quant
   c.adapter = config_lib.adapter_defaults(
       method=args.method, rank=args.rank, alpha=args.alpha, mode=args.mode, dropout=args.dropout,
       targets=TARGETS[fam].get(args.targets, args.targets))
@@ -94,14 +98,15 @@ def build(args):
     if args.model_dropout is not None:
       overrides = {"hidden_dropout_prob": args.model_dropout,
                    "attention_probs_dropout_prob": args.model_dropout}
-    bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides)
+    bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides,
+                              param_dtype=args.param_dtype, quantize=args.quantize,
+                              double_quant=args.double_quant)
   else:
     cfg = hf_config(args.model, args.model_dropout)
     if cfg is None:
       raise SystemExit(f"--model: unknown {args.model!r}")
-    bb = models.from_config(cfg, task, dtype=dtype)
-  if args.param_dtype != "float32":
-    bb = bb.replace(params=jax.tree_util.tree_map(lambda x: x.astype(args.param_dtype), bb.params))
+    bb = models.from_config(cfg, task, dtype=dtype, param_dtype=args.param_dtype,
+                            quantize=args.quantize, double_quant=args.double_quant)
   run = run_lib.setup(c, backbone=bb, with_data=False)
   return run, fam
 
@@ -147,6 +152,15 @@ def batches(fam, args, n=4):
   return out
 
 
+def cpu_model() -> str:
+  """lscpu's model name (figures from different CPUs are not comparable)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return "unknown"
+
+
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -165,6 +179,9 @@ def main(argv=None):
   p.add_argument("--model-dropout", type=float, default=None, help="override the backbone's dropout")
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
   p.add_argument("--param-dtype", default="float32", help="backbone storage dtype")
+  p.add_argument("--quantize", default="none", choices=list(quant.FORMATS),
+                 help="frozen Dense kernels stored int8 | nf4 (model.quantize; needs --mode factored)")
+  p.add_argument("--double-quant", action="store_true", help="nf4: 8-bit block scales")
   p.add_argument("--remat", action="store_true", help="rematerialise the forward in the backward")
   p.add_argument("--no-fused", action="store_true",
                  help="plain XLA attention and GELU instead of the memory-lean custom VJPs (model.fused_layers=False)")
@@ -201,6 +218,8 @@ def main(argv=None):
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
       "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": args.targets,
       "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind,
+      "quantize": args.quantize + ("+dq" if args.double_quant else ""), "cpu": cpu_model(),
+      "frozen_param_bytes": quant.param_bytes(run.frozen),
       "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
       "peak_rss_mb": peak_rss_mb(), "trainable_params": count_params(state.trainable),
