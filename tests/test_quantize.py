@@ -307,3 +307,21 @@ def test_load_backbone_quantises_the_real_minilm_on_load():
   # The fresh head is identical (same seed), so the logits differ only by the int8 base.
   np.testing.assert_allclose(a.apply(a.params, batch), float_bb.apply(float_bb.params, batch),
                              atol=0.05)
+
+
+@pytest.mark.parametrize("fmt,dq", FORMATS)
+def test_quantized_arrays_shard_like_their_kernel(fmt, dq):
+  import types
+  from jax.sharding import PartitionSpec as P
+  from doran_jax import sharding
+  mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "model": 2})
+  q = quant.quantize(np.ones((512, 128), np.float32), fmt, double_quant=dq)
+  specs = sharding.quantized_specs(q, P("fsdp", "model"), mesh, "k")
+  assert specs.codes == P("fsdp", "model")          # int8 (512, 128) / nf4 (256, 128) along in
+  assert specs.col_sq_norm == P("model")
+  if fmt == "int8":
+    assert specs.scales == P("model")
+  elif not dq:
+    assert specs.scales == P("fsdp", "model")       # (8, 128) block absmax: blocks along in
+  else:
+    assert specs.scales == P() and specs.dq_scales == P() and specs.dq_offset == P()

@@ -1,8 +1,9 @@
 """Pieces shared by our Flax model families: attention, norms, projections, activations.
 
 Conventions every family keeps (the adapters and the checkpoint loader rely on them):
-  * every projection an adapter may target is a `flax.linen.Dense` (kernel (in, out)) created
-    with an explicit name, so `module.scope.path` is its param path without the leaf
+  * every projection an adapter may target is a `flax.linen.Dense` (our subclass `Dense`, which
+    also takes a quantised kernel, doran_jax.quant) with kernel (in, out) created with an
+    explicit name, so `module.scope.path` is its param path without the leaf
     (doran_jax.adapters.factored intercepts `nn.Dense.__call__` by that path);
   * norms keep their weight as `scale` (and `bias`), embeddings as `embedding`, so
     doran_jax.models.hf_io maps them to torch's `weight`;
