@@ -325,3 +325,12 @@ def test_quantized_arrays_shard_like_their_kernel(fmt, dq):
     assert specs.scales == P("fsdp", "model")       # (8, 128) block absmax: blocks along in
   else:
     assert specs.scales == P() and specs.dq_scales == P() and specs.dq_offset == P()
+
+
+def test_tiny_causal_lm_on_an_int8_base_trains_and_generates(shared_data, tmp_path):
+  from doran_jax import experiment
+  c = _tiny(shared_data, tmp_path, "kind=causal,method=dora,mode=factored,quantize=int8",
+            num_steps=2, **{"generate.limit_per_task": 2})
+  results = experiment.train(c)
+  assert np.isfinite(results["eval"]["eval_loss"])
+  assert results["eval"]["commonsense"]            # greedy generation ran on the factored form
