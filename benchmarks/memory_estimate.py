@@ -4,6 +4,10 @@ r"""Per-device memory of LLaMA-7B fine-tuning with each method, from jax.eval_sh
   python benchmarks/memory_estimate.py                 # markdown table: v4-32, v5e-64, 8xH100
   python benchmarks/memory_estimate.py --rank 32 --batch-per-device 1 --seq 256
 
+Rows for a frozen base stored bf16, int8, nf4 and nf4 with double quantisation (model.quantize):
+the quantised kernels' bytes are doran_jax.quant.analytic_bits / 8 per weight, sharded as their
+kernel.
+
 Nothing is materialised: the backbone, adapters and AdamW state are shapes from jax.eval_shape
 (backbone stored in bf16, adapters and optimizer state in float32 as the trainer keeps them), laid
 out with the trainer's FSDP partition rules on a mesh of the slice's size (all devices on 'fsdp').
@@ -24,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from doran_jax import config_lib, models, optim, sharding  # noqa: E402
+from doran_jax import config_lib, models, optim, quant, sharding  # noqa: E402
 from doran_jax.adapters import AdapterConfig, init_adapters  # noqa: E402
 from doran_jax.targets import flatten  # noqa: E402
 
@@ -42,7 +46,8 @@ def llama7b_shapes():
   return cfg, dict(bb_shapes)
 
 
-def per_device_bytes(tree, specs, mesh_shape) -> float:
+def per_device_bytes(tree, specs, mesh_shape, itemsize=None) -> float:
+  """Bytes per device; `itemsize(path, leaf)` overrides a leaf's bytes per element."""
   total = 0.0
   flat_t, flat_s = flatten(tree), flatten(specs)
   for path, leaf in flat_t.items():
@@ -51,8 +56,24 @@ def per_device_bytes(tree, specs, mesh_shape) -> float:
     for axis in spec:
       for a in (axis,) if isinstance(axis, str) else (axis or ()):
         shards *= mesh_shape[a]
-    total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize / shards
+    size = jnp.dtype(leaf.dtype).itemsize if itemsize is None else itemsize(path, leaf)
+    total += math.prod(leaf.shape) * size / shards
   return total
+
+
+def quantized_itemsize(params, fmt: str, double_quant: bool):
+  """model.quantize's bytes per element: quant.analytic_bits/8 for the kernels it quantises
+  (codes, scales and kept column norms, split over the devices with their kernel), else the dtype's."""
+  family = models.family_of({"model_type": "llama"})
+  paths = models.quantized_paths(params, family, "causal_lm")
+
+  def itemsize(path, leaf):
+    if path in paths:
+      return quant.analytic_bits(fmt, double_quant=double_quant, d_in=leaf.shape[0],
+                                 d_out=leaf.shape[1]) / 8
+    return jnp.dtype(leaf.dtype).itemsize
+
+  return itemsize
 
 
 def main(argv=None):
@@ -64,6 +85,9 @@ def main(argv=None):
   hf, params = llama7b_shapes()
   gib = 2.0**30
   rows = []
+  bases = [("bf16", None)] + [(name, quantized_itemsize(params, fmt, dq)) for name, fmt, dq in
+                              (("int8", "int8", False), ("nf4", "nf4", False),
+                               ("nf4+dq", "nf4", True))]
   for method in ("lora", "dora", "doran", "full"):
     cfg = AdapterConfig(method=method, rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     adapters = jax.eval_shape(lambda p: init_adapters(jax.random.PRNGKey(0), p, cfg), params)
@@ -75,7 +99,7 @@ def main(argv=None):
       mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": n, "model": 1})
       rules = sharding.FSDP_RULES
       frozen = {} if method == "full" else params
-      frozen_b = per_device_bytes(frozen, sharding.param_specs(frozen, mesh, rules), mesh.shape)
+      frozen_specs = sharding.param_specs(frozen, mesh, rules)
       t_specs = {"params": sharding.param_specs(trainable["params"], mesh, rules),
                  "adapters": sharding.adapter_specs(adapters, params,
                                                     sharding.param_specs(params, mesh, rules), cfg, mesh)}
@@ -84,17 +108,25 @@ def main(argv=None):
       d, layers, heads = hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads
       tokens = args.batch_per_device * args.seq
       act_b = tokens * d * 2 * layers + tokens * (34 * d + 5 * heads * args.seq)
-      total = frozen_b + 2 * train_b + opt_b + act_b
-      rows.append((method, slice_name, frozen_b / gib, train_b / gib, opt_b / gib, act_b / gib,
-                   total / gib, hbm))
+      for base, itemsize in bases:
+        if itemsize is not None and method == "full":
+          continue   # a quantised base is frozen: no full fine-tuning on it
+        frozen_b = per_device_bytes(frozen, frozen_specs, mesh.shape, itemsize)
+        total = frozen_b + 2 * train_b + opt_b + act_b
+        rows.append((method, slice_name, base, frozen_b / gib, train_b / gib, opt_b / gib,
+                     act_b / gib, total / gib, hbm))
   print(f"LLaMA-7B, rank {args.rank}, targets q,k,v,up,down, per-device batch {args.batch_per_device} "
         f"x {args.seq} tokens, FSDP over all devices; GiB per device\n")
-  print("| method | slice | frozen backbone (bf16) | trainable | AdamW state | activations (remat) "
-        "| total (+ grads) | fits |")
-  print("|---|---|---|---|---|---|---|---|")
-  for method, name, fb, tb, ob, ab, total, hbm in rows:
-    print(f"| {method} | {name} | {fb:.2f} | {tb:.3f} | {ob:.3f} | {ab:.2f} | {total:.2f} | "
+  print("| method | slice | frozen base | frozen backbone | trainable | AdamW state | "
+        "activations (remat) | total (+ grads) | fits |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for method, name, base, fb, tb, ob, ab, total, hbm in sorted(
+      rows, key=lambda r: ([b for b, _ in bases].index(r[2]), r[0] == "full")):
+    print(f"| {method} | {name} | {base} | {fb:.2f} | {tb:.3f} | {ob:.3f} | {ab:.2f} | {total:.2f} | "
           f"{'yes' if total < 0.9 * hbm else 'no'} |")
+  print("\nQuantised bases (model.quantize): every q/k/v/o/gate/up/down kernel at "
+        "quant.analytic_bits (int8 8.0, nf4 4.5, nf4+dq 4.127 bits plus 32 bits per output unit "
+        "per kept scale/column norm); embeddings, norms and lm_head stay bf16.")
 
 
 def _moments(opt_state, trainable):

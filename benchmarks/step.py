@@ -3,6 +3,7 @@ r"""Times complete jitted training steps (forward, backward, AdamW) and prints o
 
   python benchmarks/step.py --method dora --model minilm --batch 32 --seq 128 --rank 8 --steps 30
   python benchmarks/step.py --method doran --model bert-base --mode factored
+  python benchmarks/step.py --method dora --model minilm --quantize nf4      # QDoRA (factored)
 
 Models: minilm (the real all-MiniLM-L6-v2), bert-base (BERT-base sizes, random weights),
 vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-1b (LLaMA-shaped, random). Inputs are random
@@ -29,7 +30,7 @@ os.environ.setdefault("USE_TORCH", "0")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from doran_jax import config_lib, models, sharding  # noqa: E402
+from doran_jax import config_lib, models, quant, sharding  # noqa: E402
 from doran_jax.adapters import count_params  # noqa: E402
 
 from benchmarks import matmul_probe  # noqa: E402
@@ -85,6 +86,8 @@ def build(args):
   c.model.dtype = args.dtype
   c.model.remat = args.remat
   c.model.fused_layers = not args.no_fused
+  c.model.quantize = args.quantize
+  c.model.double_quant = args.double_quant
   c.adapter = config_lib.adapter_defaults(
       method=args.method, rank=args.rank, alpha=args.alpha, mode=args.mode, dropout=args.dropout,
       targets=TARGETS[fam].get(args.targets, args.targets))
@@ -103,14 +106,15 @@ def build(args):
                    "attention_probs_dropout_prob": args.model_dropout}
     if args.attention_dropout is not None:
       overrides["attention_probs_dropout_prob"] = args.attention_dropout
-    bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides)
+    bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides,
+                              param_dtype=args.param_dtype, quantize=args.quantize,
+                              double_quant=args.double_quant)
   else:
     cfg = hf_config(args.model, args.model_dropout, args.attention_dropout)
     if cfg is None:
       raise SystemExit(f"--model: unknown {args.model!r}")
-    bb = models.from_config(cfg, task, dtype=dtype)
-  if args.param_dtype != "float32":
-    bb = bb.replace(params=jax.tree_util.tree_map(lambda x: x.astype(args.param_dtype), bb.params))
+    bb = models.from_config(cfg, task, dtype=dtype, param_dtype=args.param_dtype,
+                            quantize=args.quantize, double_quant=args.double_quant)
   run = run_lib.setup(c, backbone=bb, with_data=False)
   return run, fam
 
@@ -176,6 +180,9 @@ def main(argv=None):
                  help="override only the attention-probability dropout (after --model-dropout)")
   p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
   p.add_argument("--param-dtype", default="float32", help="backbone storage dtype")
+  p.add_argument("--quantize", default="none", choices=list(quant.FORMATS),
+                 help="frozen Dense kernels stored int8 | nf4 (model.quantize; needs --mode factored)")
+  p.add_argument("--double-quant", action="store_true", help="nf4: 8-bit block scales")
   p.add_argument("--remat", action="store_true", help="rematerialise the forward in the backward")
   p.add_argument("--no-fused", action="store_true",
                  help="plain XLA attention and GELU instead of the memory-lean custom VJPs (model.fused_layers=False)")
@@ -214,12 +221,14 @@ def main(argv=None):
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
       "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": args.targets,
       "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind,
+      "quantize": args.quantize + ("+dq" if args.double_quant else ""), "cpu": matmul_probe.cpu_model(),
+      "frozen_param_bytes": quant.param_bytes(run.frozen),
       "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
       "peak_rss_mb": peak_rss_mb(), "trainable_params": count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,
       "achieved_gflops": flops_model / median / 1e9,
-      "final_loss": float(metrics["loss"]), "cpu": matmul_probe.cpu_model(), "tag": args.tag,
+      "final_loss": float(metrics["loss"]), "tag": args.tag,
   }
   if args.matmul_probe:
     probe = matmul_probe.matmul_rate(lowered.as_text())

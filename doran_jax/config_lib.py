@@ -38,6 +38,7 @@ ARG_KEYS = {
     "steps": "num_steps", "epochs": "num_epochs", "batch": "batch_size", "workdir": "workdir",
     "task": "data.task", "path": "data.path", "data_dir": "data.data_dir", "limit": "data.limit",
     "noise_std": "adapter.noise_std", "model": "model.name", "dtype": "model.dtype",
+    "quantize": "model.quantize",
 }
 
 
@@ -60,7 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
       name="minilm", task="classification", num_labels=0, dtype="float32", param_dtype="float32",
       tiny="", tokenizer="", remat=False, config_overrides={},
       # Memory-lean attention and GELU on CPU (models/modeling/fused_ops.py); same maths.
-      fused_layers=True))
+      fused_layers=True,
+      # Frozen Dense kernels stored 'int8' | 'nf4' (doran_jax/quant.py; needs adapter.mode=
+      # 'factored'); double_quant: nf4's block scales in 8 bits (QLoRA's double quantisation).
+      quantize="none", double_quant=False))
   c.adapter = adapter_defaults()
   c.head = config_dict.placeholder(str)   # None -> the task's default head regex
   c.freeze = ()                            # regexes of trainable leaves to keep fixed (logged)

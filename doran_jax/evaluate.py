@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from doran_jax import sharding, tasks
-from doran_jax.trainable import effective_params
+from doran_jax import quant, sharding, tasks
+from doran_jax.adapters.factored import adapted_apply
+from doran_jax.trainable import effective_params, merge_params
 
 _merge = jax.jit(effective_params, static_argnames=("adapter_cfg", "train"))
 
@@ -28,6 +29,29 @@ _merge = jax.jit(effective_params, static_argnames=("adapter_cfg", "train"))
 def merged_params(frozen, trainable, adapter_cfg):
   """W' folded into the backbone once per evaluation (zero inference overhead)."""
   return _merge(frozen, trainable, adapter_cfg, train=False)
+
+
+def factored_apply(apply_fn: Callable, adapter_cfg) -> Callable:
+  """(params={'params': backbone + head, 'adapters': tree}, batch, train=, rng=) -> logits, the
+  adapters applied in factored form (`adapted_apply`)."""
+  def apply(params, batch, *, train=False, rng=None):
+    return adapted_apply(apply_fn, params["params"], params["adapters"], adapter_cfg, batch,
+                         rng=rng, train=train, dropout_rng=rng)
+  return apply
+
+
+def params_and_apply(apply_fn: Callable, frozen, trainable, adapter_cfg):
+  """(params, apply_fn) to evaluate with: the merged W' (zero inference overhead) or, on a
+  quantised base, the factored form (W' would be a full-precision copy of every adapted kernel).
+
+  Example:
+    >>> params, apply = params_and_apply(bb.apply, run.frozen, state.trainable, run.adapter_cfg)
+    >>> evaluate(make_predict_fn(apply, mesh), "classification", params, data, 128, mesh=mesh)
+  """
+  if adapter_cfg.has_adapters and quant.any_quantized(frozen):
+    params = {"params": merge_params(frozen, trainable["params"]), "adapters": trainable["adapters"]}
+    return params, factored_apply(apply_fn, adapter_cfg)
+  return merged_params(frozen, trainable, adapter_cfg), apply_fn
 
 
 def make_predict_fn(apply_fn: Callable, mesh=None) -> Callable:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import types
 from typing import Optional
 
 import jax
 from absl import logging
 
 from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, fingerprint, models,
-                       probe, progress, sharding, trainer)
+                       probe, progress, quant, sharding, trainer)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
@@ -38,9 +39,10 @@ def evaluate_state(run, trainable, adapter_cfg=None) -> dict:
   """Eval-split metrics of a trainable tree with the merged (train=False) weights, sharded on
   the run's mesh."""
   adapter_cfg = adapter_cfg or run.adapter_cfg
-  merged = evaluate.merged_params(run.frozen, trainable, adapter_cfg)
-  predict = evaluate.make_predict_fn(run.backbone.apply, run.mesh)
-  return evaluate.evaluate(predict, run.backbone.task, merged, run.eval_data,
+  # A quantised base is evaluated in factored form (no full-precision W').
+  params, apply_fn = evaluate.params_and_apply(run.backbone.apply, run.frozen, trainable, adapter_cfg)
+  predict = evaluate.make_predict_fn(apply_fn, run.mesh)
+  return evaluate.evaluate(predict, run.backbone.task, params, run.eval_data,
                            run.config.eval_batch_size, mesh=run.mesh)
 
 
@@ -112,8 +114,12 @@ def generation_eval(run, state, generate) -> dict:
     seen[example["task"]] += 1
     if not limit or seen[example["task"]] <= limit:
       examples.append(example)
-  merged = evaluate.merged_params(run.frozen, state.trainable, run.adapter_cfg)
-  generate_fn = commonsense.make_generate_fn(run.backbone, merged, run.tokenizer,
+  params, apply_fn = evaluate.params_and_apply(run.backbone.apply, run.frozen, state.trainable,
+                                               run.adapter_cfg)
+  backbone = run.backbone
+  if quant.any_quantized(run.frozen):   # generate with the factored form
+    backbone = types.SimpleNamespace(task=backbone.task, config=backbone.config, apply=apply_fn)
+  generate_fn = commonsense.make_generate_fn(backbone, params, run.tokenizer,
                                              max_new_tokens=int(generate.max_new_tokens))
   return commonsense.evaluate_commonsense(generate_fn, examples, None,
                                           batch_size=run.config.eval_batch_size)
@@ -128,8 +134,9 @@ def export(run, state, workdir: str) -> None:
   checkpoint.export_adapters(os.path.join(workdir, "export", "adapters"), state.trainable,
                              run.adapter_cfg, extra)
   if run.config.export.merged:
-    merged = jax.jit(lambda f, t: effective_params(f, t, run.adapter_cfg, train=False))(
-        run.frozen, state.trainable)
+    # A quantised base is dequantised for the merged export (its dtype: model.param_dtype).
+    merged = jax.jit(lambda f, t: effective_params(quant.dequantize_params(f), t, run.adapter_cfg,
+                                                   train=False))(run.frozen, state.trainable)
     models.save_pretrained(run.backbone, merged, os.path.join(workdir, "export", "merged"),
                            tokenizer=run.tokenizer)
 

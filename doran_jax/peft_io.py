@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from doran_jax import quant
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
@@ -139,7 +140,8 @@ def peft_tensors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: Ad
     if not t.path.endswith(SEP + "kernel"):
       raise ValueError(f"target {t.path!r} is not a Dense/Conv1D 'kernel'; PEFT export supports "
                        "linear kernels only. Narrow adapter.targets to end with '/kernel'.")
-    w0 = jnp.asarray(flat[t.path], jnp.float32)
+    # A quantised base: PEFT's magnitude is taken against the dequantised W0 we trained on.
+    w0 = quant.as_array(flat[t.path], jnp.float32)
     try:
       a_IxR, b_RxO, m_O = method.peft_factors(w0.T if t.transposed else w0, leaves, a_IxR, b_RxO,
                                               cfg)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from doran_jax import config_lib, data, models, optim, sharding, step
+from doran_jax import config_lib, data, models, optim, quant, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
 from doran_jax.errors import ConfigError
@@ -87,7 +87,8 @@ def load_model(config, num_labels: Optional[int] = None, mesh=None) -> models.Ba
   overrides = dict(mc.config_overrides or {})
   labels = None if mc.task == "causal_lm" else (mc.num_labels or num_labels)
   kw = dict(dtype=mc.dtype, param_dtype=mc.param_dtype, seed=config.seed, remat=mc.remat,
-            num_labels=labels, memory_lean=bool(mc.fused_layers))
+            num_labels=labels, memory_lean=bool(mc.fused_layers), quantize=mc.quantize,
+            double_quant=bool(mc.double_quant))
   if mc.tiny:
     return models.from_config(models.tiny_config(mc.tiny, **overrides), mc.task, **kw)
   return models.load_backbone(mc.name, mc.task, config_overrides=overrides, mesh=mesh,
@@ -105,6 +106,20 @@ def head_regex(config, backbone: models.Backbone, method: method_registry.Method
   if method.trains_backbone:
     return ""
   return backbone.family.head(config.model.task) if config.head is None else config.head
+
+
+def check_quantized(config, method) -> None:
+  """model.quantize needs the factored mode and a method that leaves the backbone frozen."""
+  fmt = quant.check_format(config.model.quantize)
+  if fmt == "none":
+    return
+  if method.trains_backbone:
+    raise ValueError(f"method {method.name!r} trains the backbone, which a quantised base "
+                     f"(model.quantize={fmt!r}) cannot be; use an adapter method or model.quantize='none'.")
+  if method.has_adapters and config.adapter.mode != "factored":
+    raise ValueError(f"model.quantize={fmt!r} needs adapter.mode='factored': the merged mode forms "
+                     "W' = g ⊙ (W0 + s·A·B) in full precision for every adapted kernel, which "
+                     "defeats the quantised base.")
 
 
 def check_fresh_params(backbone: models.Backbone, trainable_params, method) -> None:
@@ -141,6 +156,7 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   sharding.maybe_initialize_distributed(config.distributed)
   method = method_registry.get(config.adapter.method)
   mesh = sharding.make_mesh(config.mesh)
+  check_quantized(config, method)
   train_data = eval_data = None
   if with_data:
     if tokenizer is None:
@@ -166,8 +182,8 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   param_specs = sharding.param_specs(backbone.params, mesh, rules, backbone.transposed)
   frozen_specs = sharding.param_specs(frozen, mesh, rules, backbone.transposed)
   head_specs = sharding.param_specs(trainable_params, mesh, rules, backbone.transposed)
-  frozen = jax.device_put(frozen, sharding.named(mesh, frozen_specs))
-  params = jax.device_put(backbone.params, sharding.named(mesh, param_specs))
+  frozen = jax.device_put(frozen, sharding.named(mesh, frozen_specs, like=frozen))
+  params = jax.device_put(backbone.params, sharding.named(mesh, param_specs, like=backbone.params))
 
   key_init, key_run = _run_keys(config.seed)
   init = functools.partial(init_adapters, cfg=adapter_cfg)

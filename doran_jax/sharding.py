@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from doran_jax import quant
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.core import targets_for
 from doran_jax.targets import SEP, flatten, unflatten
@@ -174,7 +175,32 @@ def abstract(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-def named(mesh: Mesh, specs):
+def quantized_specs(q, spec, mesh: Mesh, path: str = ""):
+  """Per-array specs of a quant.QuantizedKernel from its logical (in, out) kernel spec.
+
+  2-D arrays (codes, nf4 block absmax: rows along the input axis) take the kernel's spec, (out,)
+  arrays (int8 scales, ‖W0‖²) its output axis; double quantisation's flat arrays are replicated.
+  """
+  spec = tuple(spec) + (None, None)
+
+  def one(x):
+    shape = np.shape(x)
+    if len(shape) == 2:
+      return _fit_spec(spec[:2], shape, mesh, path)
+    if len(shape) == 1 and shape[0] == q.shape[1]:
+      return _fit_spec(spec[1:2], shape, mesh, path)
+    return P()
+
+  return jax.tree_util.tree_map(one, q)
+
+
+def named(mesh: Mesh, specs, like=None):
+  """NamedShardings for a spec tree; with `like` (the params the specs are for), a quantised
+  kernel's one logical spec becomes one spec per stored array (`quantized_specs`)."""
+  if like is not None and quant.any_quantized(like):
+    flat_like, flat_specs = flatten(like), flatten(specs)
+    specs = unflatten({p: quantized_specs(flat_like[p], s, mesh, p) if quant.is_quantized(
+        flat_like.get(p)) else s for p, s in flat_specs.items()})
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                 is_leaf=lambda x: isinstance(x, P))
 

@@ -2,6 +2,7 @@ r"""Loading memory of a LLaMA-shaped checkpoint: host RSS and bytes per device, 
 
   python scripts/load_memory.py --size 7b        # writes runs/llama7b_random (13.5 GB), then loads it
   python scripts/load_memory.py --size 1b --devices 8 --out docs/results/load_memory_1b.json
+  python scripts/load_memory.py --size 1b --quantize nf4 --out docs/results/load_memory_1b_nf4.json
 
 Step 1 writes a checkpoint of random bf16 weights in transformers' names, in shards of about
 2 GB, one shard in memory at a time (no model is ever built for it). Step 2, in a fresh process
@@ -9,6 +10,11 @@ with `--devices` simulated CPU devices, loads it with `models.load_backbone(...,
 "bfloat16", mesh=fsdp:N, sharding_rules="fsdp")` and reports the peak host RSS, the bytes each
 device holds and the analytic sizes. Simulated CPU devices live in host memory, so the RSS
 includes the placed model itself; on accelerators that part is on the devices.
+
+`--quantize int8|nf4` (`--double-quant` for nf4's 8-bit block scales) loads with
+`model.quantize`: every frozen Dense kernel but lm_head quantised on the host as it is read. The
+analytic bytes are kernels x bits/8 (doran_jax.quant.analytic_bits: codes, scales and the kept
+column norms) plus the other tensors in bf16.
 """
 
 from __future__ import annotations
@@ -83,25 +89,56 @@ def write_checkpoint(cfg: dict, folder: str, shard_bytes: float = 2e9, seed: int
   return total
 
 
-def load_and_measure(folder: str, devices: int) -> dict:
+def analytic_bytes(folder: str, quantize: str, double_quant: bool) -> tuple[int, int]:
+  """(parameter count, analytic resident bytes) from the checkpoint's shapes alone."""
+  import re
+  from doran_jax import quant
+  from doran_jax.models import KEEP_FLOAT
+  with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+    names = json.load(f)["weight_map"]
+  from safetensors import safe_open
+  n, total = 0, 0.0
+  for file in sorted(set(names.values())):
+    with safe_open(os.path.join(folder, file), framework="np") as f:
+      for name in f.keys():
+        shape = f.get_slice(name).get_shape()
+        size = int(np.prod(shape))
+        n += size
+        ours = name.replace(".", "/").replace("/weight", "/kernel")
+        dense = len(shape) == 2 and "embed_tokens" not in name and not re.fullmatch(KEEP_FLOAT, ours)
+        if quantize != "none" and dense:
+          total += size * quant.analytic_bits(quantize, double_quant=double_quant,
+                                              d_in=shape[1], d_out=shape[0]) / 8
+        else:
+          total += 2 * size
+  return n, int(total)
+
+
+def load_and_measure(folder: str, devices: int, quantize: str = "none",
+                     double_quant: bool = False) -> dict:
   import jax
-  from doran_jax import models, sharding
+  from doran_jax import models, quant, sharding
   t0 = time.time()
   mesh = sharding.make_mesh(f"data:1,fsdp:{devices},model:1")
   bb = models.load_backbone(folder, "causal_lm", param_dtype="bfloat16", mesh=mesh,
-                            sharding_rules="fsdp")
+                            sharding_rules="fsdp", quantize=quantize, double_quant=double_quant)
   jax.block_until_ready(bb.params)
+  load_s = time.time() - t0
   per_device = {}
   total = 0
   for leaf in jax.tree_util.tree_leaves(bb.params):
     total += leaf.nbytes
     for s in leaf.addressable_shards:
       per_device[str(s.device)] = per_device.get(str(s.device), 0) + s.data.nbytes
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(bb.params))
-  return {"devices": devices, "params": int(n_params), "load_s": time.time() - t0,
-          "param_bytes_bf16": int(total), "float32_bytes": int(4 * n_params),
+  n_params, analytic = analytic_bytes(folder, quantize, double_quant)
+  return {"devices": devices, "quantize": quantize, "double_quant": double_quant,
+          "params": int(n_params), "load_s": load_s,
+          "param_bytes": int(total), "analytic_param_bytes": analytic,
+          "bf16_bytes": int(2 * n_params), "float32_bytes": int(4 * n_params),
           "max_device_bytes": max(per_device.values()), "min_device_bytes": min(per_device.values()),
           "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "quantized_kernels": sum(quant.is_quantized(x) for x in jax.tree_util.tree_leaves(
+              bb.params, is_leaf=quant.is_quantized)),
           "dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(bb.params)})}
 
 
@@ -111,11 +148,15 @@ def main(argv=None):
   p.add_argument("--folder", default=None, help="checkpoint folder (default runs/llama<size>_random)")
   p.add_argument("--devices", type=int, default=8)
   p.add_argument("--out", default=None, help="write the JSON result here")
+  p.add_argument("--quantize", choices=["none", "int8", "nf4"], default="none",
+                 help="store the frozen Dense kernels quantised (model.quantize)")
+  p.add_argument("--double-quant", action="store_true", help="nf4: 8-bit block scales")
   p.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   folder = args.folder or os.path.join("runs", f"llama{args.size}_random")
   if args.load_only:
-    print("RESULT " + json.dumps(load_and_measure(folder, args.devices)))
+    print("RESULT " + json.dumps(load_and_measure(folder, args.devices, args.quantize,
+                                                  args.double_quant)))
     return
   if not os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
     t = time.time()
@@ -124,17 +165,20 @@ def main(argv=None):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}",
          "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, __file__, "--size", args.size, "--folder", folder,
-                         "--devices", str(args.devices), "--load-only"], env=env,
+                         "--devices", str(args.devices), "--quantize", args.quantize, "--load-only"]
+                        + (["--double-quant"] if args.double_quant else []), env=env,
                         capture_output=True, text=True)
   if proc.returncode:
     raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
   result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
   result["size"] = args.size
   gib = 2.0**30
-  print(f"{args.size}: {result['params'] / 1e9:.2f} B params; bf16 {result['param_bytes_bf16'] / gib:.2f} GiB "
-        f"(float32 would be {result['float32_bytes'] / gib:.2f} GiB); per device "
-        f"{result['max_device_bytes'] / gib:.3f} GiB max over {args.devices} "
-        f"(1/{args.devices} = {result['param_bytes_bf16'] / args.devices / gib:.3f}); peak host RSS "
+  print(f"{args.size} ({args.quantize}{'+dq' if args.double_quant else ''}): "
+        f"{result['params'] / 1e9:.2f} B params; resident {result['param_bytes'] / gib:.3f} GiB "
+        f"(analytic {result['analytic_param_bytes'] / gib:.3f}; bf16 would be "
+        f"{result['bf16_bytes'] / gib:.2f} GiB); per device {result['max_device_bytes'] / gib:.3f} "
+        f"GiB max over {args.devices} (1/{args.devices} = "
+        f"{result['param_bytes'] / args.devices / gib:.3f}); peak host RSS "
         f"{result['peak_host_rss_bytes'] / gib:.2f} GiB; load {result['load_s']:.0f} s")
   if args.out:
     with open(args.out, "w") as f:

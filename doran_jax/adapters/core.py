@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from doran_jax import quant
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.adapters.norms import column_norm
@@ -167,6 +168,12 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   flat = flatten(params)
   for i, (t, leaves, a_IxR, b_RxO) in enumerate(target_factors(params, adapters, cfg)):
     w0 = flat[t.path]
+    if quant.is_quantized(w0):
+      raise ValueError(
+          f"merged mode cannot adapt the quantised ({w0.fmt}) kernel {t.path!r}: forming "
+          "W' = g ⊙ (W0 + s·A·B) needs a full-precision copy of every adapted kernel, which "
+          "defeats the quantised base. Use adapter.mode='factored' (adapted_apply), or for an "
+          "export dequantise first: apply_adapters(doran_jax.quant.dequantize_params(params), ...).")
     v_IxO = _logical(w0, t).astype(jnp.float32) + cfg.scale * (
         a_IxR.astype(jnp.float32) @ b_RxO.astype(jnp.float32))
     if method.needs_norm:

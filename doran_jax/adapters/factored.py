@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from doran_jax import quant
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
@@ -31,12 +32,20 @@ DROPOUT_STREAM = 2**31 - 1
 
 
 def column_norm_factored(w0_IxO, a_IxR, b_RxO, scale: float, eps: float):
-  """‖W0 + s·A·B‖ per output unit without materialising the sum (float32)."""
-  w0 = w0_IxO.astype(jnp.float32)
+  """‖W0 + s·A·B‖ per output unit without materialising the sum (float32).
+
+  A quantised W0 (quant.QuantizedKernel) contributes its dequantised values: ‖W0‖² kept since
+  load, and the cross term AᵀW0 through quant.matmul (dequantised in float32, no copy kept).
+  """
   a = a_IxR.astype(jnp.float32)
   b = b_RxO.astype(jnp.float32)
-  w0_sq_O = jnp.sum(w0 * w0, axis=0)
-  cross_O = jnp.sum((w0.T @ a) * b.T, axis=1)
+  if quant.is_quantized(w0_IxO):
+    w0_sq_O = jnp.asarray(w0_IxO.col_sq_norm, jnp.float32)
+    cross_O = jnp.sum(quant.matmul(a.T, w0_IxO) * b, axis=0)
+  else:
+    w0 = w0_IxO.astype(jnp.float32)
+    w0_sq_O = jnp.sum(w0 * w0, axis=0)
+    cross_O = jnp.sum((w0.T @ a) * b.T, axis=1)
   gram_RxR = a.T @ a
   ab_sq_O = jnp.sum(b * (gram_RxR @ b), axis=0)
   sq_O = w0_sq_O + 2.0 * scale * cross_O + scale**2 * ab_sq_O
@@ -65,10 +74,16 @@ def layer_factors(params, adapters, cfg: AdapterConfig, *, rng=None, train=False
 def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: bool):
   a_IxR, b_RxO, g_O, transposed, _ = factors
   dtype = getattr(module, "dtype", None) or x.dtype
-  kernel = jnp.asarray(module.get_variable("params", "kernel"), dtype)
+  kernel = module.get_variable("params", "kernel")
   x = jnp.asarray(x, dtype)
-  w0 = kernel.T if transposed else kernel
-  base = x @ w0
+  if quant.is_quantized(kernel):
+    # Dequantised on the fly in the compute dtype; the backward pass dequantises again.
+    times_w0 = lambda v: quant.matmul(v, kernel)  # noqa: E731
+  else:
+    kernel = jnp.asarray(kernel, dtype)
+    w0 = kernel.T if transposed else kernel
+    times_w0 = lambda v: v @ w0  # noqa: E731
+  base = times_w0(x)
   dropped = train and cfg.dropout > 0
   x_lora = x
   if dropped:
@@ -83,7 +98,7 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
     y = base + low
   elif dropped:
     g = g_O.astype(dtype)
-    y = base + (g - 1) * (x_lora @ w0) + g * low
+    y = base + (g - 1) * times_w0(x_lora) + g * low
   else:
     y = (base + low) * g_O.astype(dtype)
   if module.has_variable("params", "bias"):

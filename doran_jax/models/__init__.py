@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from doran_jax import sharding
+from doran_jax import quant, sharding
 from doran_jax.models import hf_io, registry
 # Each family module registers its record on import.
 from doran_jax.models import bert, gpt2, llama, vit  # noqa: F401  pylint: disable=unused-import
@@ -34,6 +35,9 @@ from doran_jax.models.registry import TASKS, Family
 from doran_jax.targets import SEP, flatten, unflatten
 
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# The LM output projection stays in param_dtype under model.quantize, as bitsandbytes' QLoRA keeps
+# it (transformers skips `lm_head` when quantising): it is the task head of a causal LM.
+KEEP_FLOAT = r"(.*/)?lm_head/kernel"
 
 
 class HFConfig(dict):
@@ -164,26 +168,60 @@ def _fresh_leaf(path: str, spec, rng: np.random.Generator, std: float, dtype):
 
 
 def _placer(mesh, rules, family, abstract):
-  """(path, host array) -> device array in its final sharding (just one device without a mesh).
+  """(path, host array or QuantizedKernel) -> device array(s) in their final sharding (just
+  one device without a mesh).
 
   jax.make_array_from_callback hands each device only its slice, so no device ever holds a
   whole tensor it does not own.
   """
   if mesh is None:
-    return lambda path, x: jnp.asarray(x)
+    return lambda path, x: jax.tree_util.tree_map(jnp.asarray, x)
   specs = flatten(sharding.param_specs(abstract, mesh, sharding.rules_for(rules, family)))
 
-  def place(path, x):
-    target = jax.sharding.NamedSharding(mesh, specs[path])
+  def put(x, spec):
+    target = jax.sharding.NamedSharding(mesh, spec)
     return jax.make_array_from_callback(x.shape, target, lambda idx: x[idx])
 
+  def place(path, x):
+    if quant.is_quantized(x):
+      return jax.tree_util.tree_map(put, x, sharding.quantized_specs(x, specs[path], mesh, path))
+    return put(x, specs[path])
+
   return place
+
+
+def quantized_paths(abstract, family: Family, task: str) -> set[str]:
+  """The kernels model.quantize stores quantised: every 2-D Dense kernel except the task head
+  (and a causal LM's lm_head); embeddings, norms, biases and conv kernels are not Dense kernels."""
+  head = family.head(task)
+  out = set()
+  for path, spec in flatten(abstract).items():
+    if path.rsplit("/", 1)[-1] != "kernel" or len(spec.shape) != 2:
+      continue
+    if (head and re.fullmatch(head, path)) or re.fullmatch(KEEP_FLOAT, path):
+      continue
+    out.add(path)
+  return out
+
+
+def _quantizer(quantize: str, double_quant: bool, paths: set[str], param_dtype):
+  """(path, host array) -> QuantizedKernel for `paths`, else the array cast to param_dtype."""
+  quant.check_format(quantize)
+  dtype = hf_io.as_numpy_dtype(jnp.dtype(param_dtype))
+
+  def convert(path, x):
+    if quantize != "none" and path in paths:
+      return quant.quantize(x, quantize, double_quant=double_quant, dtype=dtype)
+    return hf_io.cast(x, dtype)
+
+  return convert
 
 
 def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = None,
                   dtype="float32", param_dtype="float32", mesh=None,
                   sharding_rules="replicated", config_overrides: Optional[dict] = None,
-                  seed: int = 0, remat: bool = False, memory_lean: bool = True) -> Backbone:
+                  seed: int = 0, remat: bool = False, memory_lean: bool = True,
+                  quantize: str = "none", double_quant: bool = False) -> Backbone:
   """Loads a Hugging Face checkpoint folder (or hub name) into our Flax family for `task`.
 
   The weights are read with `safetensors` (one file, or shards with their index), cast to
@@ -192,10 +230,16 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
   initialised from `seed` and listed in `bb.fresh`. `memory_lean` selects the custom-VJP
   attention and GELU on CPU (modeling/fused_ops.py; same maths, less memory kept for the backward).
 
+  `quantize` 'int8' | 'nf4' (`double_quant`: nf4's block scales in 8 bits) stores every frozen
+  Dense kernel (`quantized_paths`) as a `doran_jax.quant.QuantizedKernel`, quantised on the host
+  from the checkpoint's own precision as each tensor is read, then placed; our Dense layers
+  dequantise it on the fly. Embeddings, norms, biases and the task head stay in `param_dtype`.
+
   Example:
     >>> bb = load_backbone("minilm", "classification", num_labels=3)
     >>> bb.fresh
     ('classifier/bias', 'classifier/kernel')
+    >>> bb = load_backbone("ckpt/", "causal_lm", param_dtype="bfloat16", quantize="nf4")
   """
   _check_task(task)
   path = resolve(name_or_path)
@@ -203,10 +247,13 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
   family = family_of(cfg)
   family.check_task(task)
   module, abstract = _build(family, cfg, task, dtype, remat, memory_lean)
-  place = _placer(mesh, sharding_rules, family, abstract)
-  # Read lazily: each tensor is cast on the host, placed, and its host copy dropped.
+  placer = _placer(mesh, sharding_rules, family, abstract)
+  convert = _quantizer(quantize, double_quant, quantized_paths(abstract, family, task), param_dtype)
+  place = lambda p, x: placer(p, convert(p, x))  # noqa: E731
+  # Read lazily: each tensor is cast (or quantised) on the host, placed, and its host copy
+  # dropped. Quantised kernels are read in the checkpoint's precision, the rest cast on read.
   params, missing, unused = hf_io.to_flax(
-      hf_io.lazy_state(path, dtype=jnp.dtype(param_dtype)), abstract,
+      hf_io.lazy_state(path, dtype=None if quantize != "none" else jnp.dtype(param_dtype)), abstract,
       no_transpose=family.no_transpose, renames=family.renames,
       tied=family.tied_params(cfg, task), prefix=family.prefix(cfg), place=place)
   flat = flatten(params)
@@ -228,8 +275,12 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
 
 def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_dtype="float32",
                 num_labels: Optional[int] = None, remat: bool = False,
-                memory_lean: bool = True) -> Backbone:
-  """A randomly initialised backbone from a transformers config or config dict (tests, benchmarks)."""
+                memory_lean: bool = True, quantize: str = "none",
+                double_quant: bool = False) -> Backbone:
+  """A randomly initialised backbone from a transformers config or config dict (tests, benchmarks).
+
+  `quantize` / `double_quant` as in `load_backbone` (each kernel quantised on the host in turn).
+  """
   _check_task(task)
   cfg = _config_dict(hf_config, num_labels)
   family = family_of(cfg)
@@ -239,6 +290,10 @@ def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_d
   key = jax.random.key(seed)
   params = jax.jit(lambda k: module.init({"params": k, "dropout": k}, batch, train=False)["params"])(key)
   params = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
+  if quantize != "none":
+    convert = _quantizer(quantize, double_quant, quantized_paths(params, family, task), param_dtype)
+    params = unflatten({p: jax.tree_util.tree_map(jnp.asarray, convert(p, np.asarray(x)))
+                        if p.endswith("kernel") else x for p, x in flatten(params).items()})
   return Backbone(model=module, params=params, task=task, family=family, config=cfg)
 
 
@@ -246,12 +301,13 @@ def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None) ->
   """Writes `config.json` + `model.safetensors` in transformers' PyTorch names and layouts.
 
   `transformers.AutoModelFor*.from_pretrained(path)` loads it (the merged-export path for
-  serving stacks: pass `apply_adapters(..., train=False)`'s params).
+  serving stacks: pass `apply_adapters(..., train=False)`'s params). Quantised kernels are written
+  dequantised, in the dtype they stand for.
 
   Example:
     >>> save_pretrained(bb, dj.apply_adapters(bb.params, adapters, cfg), "out/merged")
   """
-  host = jax.device_get(params)
+  host = jax.device_get(quant.dequantize_params(params))
   tied = [p for p, _ in backbone.family.tied_params(backbone.config, backbone.task)]
   hf_io.save_pretrained(host, dict(backbone.config), path,
                         no_transpose=backbone.family.no_transpose, drop=tied)

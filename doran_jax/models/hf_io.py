@@ -128,13 +128,19 @@ def _is_float(dtype) -> bool:
   return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name.startswith(("bfloat", "float"))
 
 
+def cast(x, dtype):
+  """A floating host array cast to `dtype` (None: as is); integer buffers keep their type."""
+  dtype = as_numpy_dtype(dtype)
+  if dtype is not None and _is_float(x.dtype) and x.dtype != dtype:
+    return x.astype(dtype)
+  return x
+
+
 def _read_one(file: str, name: str, dtype):
   from safetensors import safe_open
   with safe_open(file, framework="np") as f:
     x = f.get_tensor(name)
-  if dtype is not None and _is_float(x.dtype) and x.dtype != dtype:
-    x = x.astype(dtype)
-  return x
+  return cast(x, dtype)
 
 
 def lazy_state(path: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:

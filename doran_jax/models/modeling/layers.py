@@ -1,8 +1,9 @@
 """Pieces shared by our Flax model families: attention, norms, projections, activations.
 
 Conventions every family keeps (the adapters and the checkpoint loader rely on them):
-  * every projection an adapter may target is a `flax.linen.Dense` (kernel (in, out)) created
-    with an explicit name, so `module.scope.path` is its param path without the leaf
+  * every projection an adapter may target is a `flax.linen.Dense` (our subclass `Dense`, which
+    also takes a quantised kernel, doran_jax.quant) with kernel (in, out) created with an
+    explicit name, so `module.scope.path` is its param path without the leaf
     (doran_jax.adapters.factored intercepts `nn.Dense.__call__` by that path);
   * norms keep their weight as `scale` (and `bias`), embeddings as `embedding`, so
     doran_jax.models.hf_io maps them to torch's `weight`;
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from doran_jax import quant
 from doran_jax.models.modeling import fused_ops
 
 Array = Any
@@ -234,14 +236,42 @@ def normal_init(std: float = 0.02):
   return nn.initializers.normal(stddev=std)
 
 
+class Dense(nn.Dense):
+  """`flax.linen.Dense` whose stored kernel may be a `doran_jax.quant.QuantizedKernel`.
+
+  A quantised kernel (a frozen base loaded with model.quantize) is dequantised on the fly in the
+  compute dtype inside `quant.matmul`; a float kernel takes flax's own path unchanged.
+
+  Example:
+    >>> y = Dense(3, name="query", dtype=jnp.bfloat16).apply({"params": {"kernel": q}}, x)
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+    if not quant.is_quantized(kernel):
+      return super().__call__(inputs)
+    # Read, not declared with self.param: flax would compare the codes' shape with (in, out).
+    if kernel.shape[0] != jnp.shape(inputs)[-1] or kernel.shape[1] != self.features:
+      raise ValueError(f"quantised kernel {'/'.join(self.scope.path)} has shape {kernel.shape}; "
+                       f"this layer takes {jnp.shape(inputs)[-1]} -> {self.features} features.")
+    dtype = self.dtype or jnp.promote_types(inputs.dtype, jnp.dtype(kernel.dtype))
+    y = quant.matmul(jnp.asarray(inputs, dtype), kernel)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + jnp.asarray(bias, dtype)
+    return y
+
+
 def dense(features: int, *, name: str, use_bias: bool = True, dtype: Optional[Dtype] = None,
           param_dtype: Dtype = jnp.float32, std: float = 0.02) -> nn.Dense:
-  """A `flax.linen.Dense` in our convention: explicit name, kernel (in, out), bias zeros.
+  """A Dense (flax's, taking quantised kernels too) in our convention: explicit name, kernel
+  (in, out), bias zeros.
 
   Example:
     >>> y = dense(3, name="classifier", dtype=jnp.float32)(x)
   """
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=normal_init(std), bias_init=nn.initializers.zeros, name=name)
 
 
