@@ -25,7 +25,7 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from doran_jax import data, fingerprint, optim, sharding
+from doran_jax import data, fingerprint, optim, quant, sharding
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.errors import ConfigError
@@ -323,6 +323,9 @@ def _model_problems(mc, with_model: bool) -> list[str]:
   for key in ("dtype", "param_dtype"):
     if mc.get(key, "float32") not in DTYPES:
       p.append(f"model.{key}={mc.get(key)!r} unknown; choose one of {', '.join(DTYPES)}.")
+  if mc.get("quantize", "none") not in quant.FORMATS:
+    p.append(f"model.quantize={mc.get('quantize')!r} unknown; choose one of "
+             f"{', '.join(quant.FORMATS)}.")
   labels = mc.get("num_labels", 0)
   if not _int(labels) or labels < 0:
     p.append(f"model.num_labels={labels!r} must be an integer >= 0 (0: from the data).")

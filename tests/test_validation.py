@@ -46,6 +46,10 @@ INVALID = [
     ({"data.format": "glue"}, "data.format='glue' is not a TSV format"),
     ({"data.max_length": 1}, "data.max_length=1 must be an integer > 1"),
     ({"dyndora.prune_end": 2.0, "adapter.method": "dyndora"}, "dyndora: dyndora needs 0 <= prune_start"),
+    ({"model.quantize": "int4"}, "model.quantize='int4' unknown; choose one of none, int8, nf4"),
+    ({"optim.warmup_ratio": 1.5}, "optim.warmup_ratio=1.5 must lie in [0, 1)"),
+    ({"optim.lr": None, "adapter.method": "dora"},
+     "optim.lr is unset and optim.lr_by_method has no entry for method 'dora'"),
 ]
 
 
