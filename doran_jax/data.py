@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import importlib
 import math
@@ -54,9 +55,6 @@ SOURCE_TASKS = {
     "chatterbot": ("classification",), "tsv": ("classification",), "tfds": ("classification",),
     "tfds_image": ("image_classification",), "commonsense": ("causal_lm",),
 }
-# ViT's image processor: x in [0, 1] -> (x - 0.5) / 0.5.
-IMAGE_MEAN = 0.5
-IMAGE_STD = 0.5
 
 
 @dataclasses.dataclass
@@ -383,9 +381,12 @@ def subset_indices(n: int, limit: Optional[int], seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_dataset(data_cfg, split: str, *, tokenizer=None, image_size: Optional[int] = None
-                 ) -> Dataset:
+def load_dataset(data_cfg, split: str, *, tokenizer=None, image_size: Optional[int] = None,
+                 image_norm: Optional[tuple[float, float]] = None) -> Dataset:
   """Loads the 'train' or 'eval' split described by `data_cfg` (see default_data_config).
+
+  Images need `image_size` and `image_norm`, the model family's (image_mean, image_std)
+  (`(bb.family.image_mean, bb.family.image_std)`; run.setup passes them).
 
   Example:
     >>> tok = transformers.AutoTokenizer.from_pretrained(models.minilm_path())
@@ -394,7 +395,8 @@ def load_dataset(data_cfg, split: str, *, tokenizer=None, image_size: Optional[i
   name = split_name(data_cfg, split)
   source = data_cfg.source
   if source == "tfds_image":
-    return _load_tfds_image(data_cfg, split, name, image_size or data_cfg.get("image_size", None))
+    return _load_tfds_image(data_cfg, split, name, image_size or data_cfg.get("image_size", None),
+                            image_norm)
   if tokenizer is None:
     raise DataError(f"data source {source!r} needs a tokenizer: pass tokenizer="
                      "transformers.AutoTokenizer.from_pretrained(...).")
@@ -726,22 +728,26 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(pil.resize((size, size), Image.BILINEAR), np.uint8)
 
 
-def normalize_pixels(batch: dict) -> dict:
-  """uint8 NCHW pixel_values -> float32 in [-1, 1]: ViT's (x / 255 - 0.5) / 0.5.
+def normalize_pixels(batch: dict, mean: float, std: float) -> dict:
+  """uint8 NCHW pixel_values -> float32 (x / 255 - mean) / std, the family's image processor.
 
   Example:
-    >>> normalize_pixels({"pixel_values": np.full((1, 3, 2, 2), 255, np.uint8)})
+    >>> normalize_pixels({"pixel_values": np.full((1, 3, 2, 2), 255, np.uint8)}, 0.5, 0.5)
   """
   out = dict(batch)
   pixels = batch["pixel_values"].astype(np.float32) / 255.0
-  out["pixel_values"] = (pixels - IMAGE_MEAN) / IMAGE_STD
+  out["pixel_values"] = (pixels - mean) / std
   return out
 
 
-def _load_tfds_image(data_cfg, split, name, image_size) -> Dataset:
+def _load_tfds_image(data_cfg, split, name, image_size, image_norm) -> Dataset:
   if not isinstance(image_size, int) or image_size <= 0:
     raise DataError(f"tfds_image needs a positive integer image size, got {image_size!r}: pass "
                      "image_size= (the model's config.image_size) or set data.image_size.")
+  if image_norm is None or len(image_norm) != 2 or None in image_norm:
+    raise DataError(f"tfds_image needs image_norm=(mean, std), the model family's image "
+                    f"constants (bb.family.image_mean, bb.family.image_std), got {image_norm!r}; "
+                    "is the model an image model?")
   records, features = _tfds_read(data_cfg, split, name)
   key = data_cfg.get("image_key", "image")
   if records and key not in records[0]:
@@ -751,7 +757,8 @@ def _load_tfds_image(data_cfg, split, name, image_size) -> Dataset:
   # Stored as uint8 NCHW (4x smaller than float32); normalize_pixels runs per batch.
   pixels = np.stack([resize_image(r[key], image_size) for r in records]).transpose(0, 3, 1, 2)
   return Dataset({"pixel_values": np.ascontiguousarray(pixels), "labels": labels}, num_classes,
-                 names, transform=normalize_pixels)
+                 names, transform=functools.partial(normalize_pixels, mean=float(image_norm[0]),
+                                                    std=float(image_norm[1])))
 
 
 # ----------------------------------------------------------------------------- commonsense

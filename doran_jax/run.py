@@ -25,6 +25,7 @@ from doran_jax import config_lib, data, models, optim, quant, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
 from doran_jax.errors import ConfigError
+from doran_jax.models import hf_io, registry
 from doran_jax.targets import flatten
 from doran_jax.trainable import split_params
 
@@ -95,6 +96,25 @@ def load_model(config, num_labels: Optional[int] = None, mesh=None) -> models.Ba
                               sharding_rules=config.sharding_rules, **kw)
 
 
+def model_family(config) -> registry.Family:
+  """The family of config.model, from its config.json alone (no weights are read)."""
+  mc = config.model
+  if mc.tiny:
+    return registry.get(mc.tiny)
+  return models.family_of(hf_io.read_config(models.resolve(mc.name)))
+
+
+def image_norm(config, backbone: Optional[models.Backbone] = None):
+  """The model family's (image_mean, image_std) for image data (None for other data)."""
+  if config.data.get("source", None) != "tfds_image":
+    return None
+  family = backbone.family if backbone is not None else model_family(config)
+  if family.image_mean is None:
+    raise ConfigError(f"data.source='tfds_image' needs an image model; model family "
+                      f"{family.name!r} has no image preprocessing (image_mean/image_std).")
+  return family.image_mean, family.image_std
+
+
 def num_train_steps(config, n_train: int) -> int:
   if config.num_steps:
     return int(config.num_steps)
@@ -161,9 +181,10 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   if with_data:
     if tokenizer is None:
       tokenizer = load_tokenizer(config)
-    image_size = config.data.get("image_size", None)
-    train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, image_size=image_size)
-    eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, image_size=image_size)
+    images = dict(image_size=config.data.get("image_size", None),
+                  image_norm=image_norm(config, backbone))
+    train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, **images)
+    eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, **images)
     if config.model.task != "causal_lm":
       data.check_eval_labels(train_data, eval_data,
                              config.model.num_labels or train_data.num_classes)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from doran_jax import data, models
+from doran_jax.models import registry
 
 
 @pytest.fixture(scope="module")
@@ -221,12 +222,17 @@ def test_tfds_text_under_mock(tfds, tokenizer):
 
 def test_tfds_image_under_mock(tfds):
   cfg = data.default_data_config("tfds_image", name="cifar100", limit=6, eval_limit=4)
+  vit = registry.get("vit")
+  norm = (vit.image_mean, vit.image_std)   # the family record's image processor
   with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
-    train = data.load_dataset(cfg, "train", image_size=16)
-    evals = data.load_dataset(cfg, "eval", image_size=16)
+    train = data.load_dataset(cfg, "train", image_size=16, image_norm=norm)
+    evals = data.load_dataset(cfg, "eval", image_size=16, image_norm=norm)
     raw = data.tfds_source("cifar100", "train")[int(data.subset_indices(10, 6, 0)[0])]["image"]
     cfg.name = "oxford_flowers102"   # mock images of varied sizes
-    flowers = data.load_dataset(cfg, "train", image_size=8)
+    flowers = data.load_dataset(cfg, "train", image_size=8, image_norm=norm)
+    other = data.load_dataset(cfg, "train", image_size=8, image_norm=(0.25, 2.0))
+    with pytest.raises(ValueError, match="image_norm"):
+      data.load_dataset(cfg, "train", image_size=8)
   assert len(train) == 6 and len(evals) == 4 and train.num_classes == 100
   assert train.arrays["pixel_values"].shape == (6, 3, 16, 16)
   assert train.arrays["pixel_values"].dtype == np.uint8
@@ -237,8 +243,12 @@ def test_tfds_image_under_mock(tfds):
   expected = (data.resize_image(raw, 16).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
   np.testing.assert_allclose(next(train.eval_batches(6))["pixel_values"][0], expected, atol=1e-6)
   assert flowers.arrays["pixel_values"].shape == (6, 3, 8, 8)
+  # Another family's constants give another normalisation of the same pixels.
+  raw8 = flowers.arrays["pixel_values"][:2].astype(np.float32) / 255.0
+  np.testing.assert_allclose(next(other.eval_batches(2))["pixel_values"], (raw8 - 0.25) / 2.0,
+                             atol=1e-6)
   with pytest.raises(ValueError, match="image size"):
-    data.load_dataset(cfg, "train")
+    data.load_dataset(cfg, "train", image_norm=norm)
 
 
 def test_resize_and_normalize_values():
@@ -246,8 +256,8 @@ def test_resize_and_normalize_values():
   np.testing.assert_array_equal(data.resize_image(img, 4), np.full((4, 4, 3), 200, np.uint8))
   grey = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
   assert data.resize_image(grey, 4).shape == (4, 4, 3)
-  px = data.normalize_pixels({"pixel_values": np.array([0, 255], np.uint8)})["pixel_values"]
-  np.testing.assert_allclose(px, [-1.0, 1.0])
+  px = data.normalize_pixels({"pixel_values": np.array([0, 255], np.uint8)}, 0.5, 0.5)
+  np.testing.assert_allclose(px["pixel_values"], [-1.0, 1.0])
 
 
 def test_tfds_not_prepared_is_a_clear_error_and_never_downloads(tfds, tmp_path, tokenizer):
