@@ -411,7 +411,7 @@ def _optim_problems(oc, batch, steps, method=None) -> list[str]:
   warmup = oc.get("warmup_steps", 0)
   if not _int(warmup) or warmup < 0:
     p.append(f"optim.warmup_steps={warmup!r} must be an integer >= 0.")
-  elif _int(steps) and steps > 0 and warmup > steps:
+  elif ratio is None and _int(steps) and steps > 0 and warmup > steps:  # a ratio replaces it
     p.append(f"optim.warmup_steps={warmup} is more than num_steps={steps}; the learning rate "
              "would never reach optim.lr. Lower warmup_steps.")
   for key, lo, hi in (("b1", 0.0, 1.0), ("b2", 0.0, 1.0)):

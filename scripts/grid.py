@@ -96,6 +96,10 @@ def point_config(module, variant: Variant, lr: float, seed: int, args):
     config.optim.lr = float(lr)
     if args.steps:
       config.num_steps = args.steps
+      if config.optim.get("warmup_ratio", None) is None and config.optim.warmup_steps > args.steps:
+        # A point shorter than the config's warm-up (a smoke run) warms up over a tenth of its
+        # steps: validation rejects a warm-up longer than the run.
+        config.optim.warmup_steps = args.steps // 10
     if args.epochs:
       config.num_epochs = args.epochs
     if args.batch:
