@@ -6,18 +6,22 @@ Each probe is a small function registered with `@probe(name)` that returns (verd
 'clear error' (one of our UserErrors, naming the problem, with nothing damaged), 'handled'
 (the right outcome without an error), or an upper-case failure verdict ('WRONG', 'UNCLEAR',
 'LATE' for an error raised only after data or model had loaded). Add a probe by writing one more
-function. The run needs ../shared/data (the SST-2 TSV files) and trains three tiny runs.
-Exit status 1 when any probe fails.
+function. The run needs ../shared/data (the SST-2 TSV files) and trains a dozen tiny runs (2-6 steps
+each), 2-4 minutes on two CPU cores. Exit status 1 when any probe fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +35,13 @@ os.environ.setdefault("USE_TORCH", "0")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from doran_jax import checkpoint, data, errors, experiment, peft_io  # noqa: E402
+from doran_jax import checkpoint, data, errors, experiment, fingerprint, peft_io  # noqa: E402
+from doran_jax import sharding, trainer  # noqa: E402
 from doran_jax import run as run_lib  # noqa: E402
 from doran_jax.adapters import AdapterConfig  # noqa: E402
 
@@ -112,6 +119,22 @@ def snapshot(folder) -> dict:
   folder = pathlib.Path(folder)
   return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
           if p.is_file()}
+
+
+@contextlib.contextmanager
+def logged(level=logging.WARNING):
+  """The messages of log records at `level` or above (absl's and jax's too) during the block."""
+  lines = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      lines.append(record.getMessage())
+  handler = Keep(level)
+  logging.getLogger().addHandler(handler)
+  try:
+    yield lines
+  finally:
+    logging.getLogger().removeHandler(handler)
 
 
 # ------------------------------------------------------------------------------ shared runs
@@ -307,6 +330,237 @@ def _(runs, tmp):
   return out if snapshot(folder) == before else ("LOSSY", "our adapter_config.json was overwritten")
 
 
+# ------------------------------------------------------------------------ damaged checkpoints
+
+
+def _data_files(step_dir) -> list:
+  """The state's array data files, largest first: those of `state/d/`, the ones its merged OCDBT
+  manifest reads (the copies under `state/ocdbt.process_0/d/` are not read on restore)."""
+  found = [p for p in pathlib.Path(step_dir, "state", "d").iterdir() if p.is_file()]
+  return sorted(found, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _orbax_reads(step_dir) -> bool:
+  """Whether orbax alone (no checksum check) restores the step's state without an error."""
+  mngr = checkpoint.manager(os.path.dirname(step_dir))
+  try:
+    mngr.restore(int(os.path.basename(step_dir)),
+                 args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+  finally:
+    mngr.close()
+
+
+def _zero_all(step_dir):
+  for p in pathlib.Path(step_dir).rglob("*"):
+    if p.is_file():
+      p.write_bytes(b"\0" * p.stat().st_size)
+
+
+def _flip_400_bytes(step_dir):
+  """Inverts 400 bytes of the array data file, where orbax alone still reads it if such a place
+  exists (the silent corruption the issue met; only the checksum can catch it)."""
+  path = _data_files(step_dir)[0]
+  clean = path.read_bytes()
+  if len(clean) < 400:
+    raise AssertionError(f"{path} has only {len(clean)} bytes")
+  for frac in (0.5, 0.1, 0.3, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8):
+    at = int((len(clean) - 400) * frac)
+    blob = bytearray(clean)
+    blob[at:at + 400] = bytes(b ^ 0xFF for b in blob[at:at + 400])
+    path.write_bytes(bytes(blob))
+    if _orbax_reads(str(step_dir)):
+      return
+  # No silent place: the last one tried stays inverted (orbax then fails to read it).
+
+
+DAMAGE = {
+    "truncated array file": lambda d: os.truncate(_data_files(d)[0], 100),
+    "zeroed files": _zero_all,
+    "missing metadata file": lambda d: os.remove(pathlib.Path(d, "state", "_METADATA")),
+    "400 flipped bytes in an array file": _flip_400_bytes,
+}
+
+
+def _stopped_copy(runs) -> pathlib.Path:
+  """A copy of the trained run as if it had stopped right after its last save (no results.json)."""
+  workdir = runs.copy()
+  os.remove(workdir / "results.json")
+  return workdir
+
+
+def _damaged_latest(damage):
+  def run(runs, tmp):
+    workdir = _stopped_copy(runs)
+    ckpts = workdir / "checkpoints"
+    DAMAGE[damage](ckpts / "4")
+    before = snapshot(ckpts)
+    out_text = io.StringIO()
+    with logged() as lines, contextlib.redirect_stdout(out_text):
+      out = experiment.train(config(workdir))
+    warned = [line for line in lines if "is damaged" in line]
+    if (len(warned) != 1 or "\n" in warned[0]
+        or f"checkpoint step 4 at {ckpts / '4'} is damaged" not in warned[0]
+        or "falling back to step 2 (nothing deleted)" not in warned[0]):
+      return "UNCLEAR", f"{len(warned)} 'is damaged' log line(s): {warned[:2]}"
+    steps = [h["step"] for h in out["history"]]
+    if out["status"] != "done" or steps != [3, 4] or "resumed from step 2" not in out_text.getvalue():
+      return "WRONG", f"status {out['status']}, trained steps {steps}"
+    # Step 2 untouched; step 4's damaged files moved (byte for byte) to checkpoints/damaged/4.
+    after = snapshot(ckpts)
+    lost = [k for k, v in before.items()
+            if after.get(f"{checkpoint.DAMAGED_DIR}/{k}" if k.startswith("4/") else k) != v]
+    if lost:
+      return "LOSSY", f"{len(lost)} file(s) of the old checkpoints changed or gone, e.g. {lost[:2]}"
+    return "handled", (f"{warned[0]} Then trained steps 3-4; the damaged step's {len(before)} "
+                       "files are all kept (moved to checkpoints/damaged/4 when step 4 was saved "
+                       "again)")
+  return run
+
+
+for _damage in DAMAGE:
+  probe(f"damaged latest checkpoint: {_damage}")(_damaged_latest(_damage))
+
+
+@probe("no intact checkpoint at all")
+def _(runs, tmp):
+  workdir = _stopped_copy(runs)
+  DAMAGE["truncated array file"](workdir / "checkpoints" / "4")
+  DAMAGE["missing metadata file"](workdir / "checkpoints" / "2")
+  before = snapshot(workdir)
+  out = expect_error(lambda: experiment.train(config(workdir)), errors.CheckpointError,
+                     "no intact checkpoint", "step 4 (", "step 2 (", "Nothing was deleted",
+                     "--workdir", loads=True)
+  return out if snapshot(workdir) == before else ("LOSSY", "files in the workdir changed")
+
+
+@probe("checkpoint.max_to_keep=1 with the newest save damaged")
+def _(runs, tmp):
+  workdir = _stopped_copy(runs)
+  ckpts = workdir / "checkpoints"
+  DAMAGE["truncated array file"](ckpts / "4")  # an interrupted write, found only on restore
+  damaged_files = snapshot(ckpts / "4")
+  keep1 = config(workdir, **{"checkpoint.max_to_keep": 1})
+  first = experiment.train(keep1, max_steps=1)  # from step 2: trains step 3, saves it, pauses
+  steps = fingerprint.checkpoint_steps(str(workdir))
+  if first["status"] != "paused" or steps != [3, 4]:
+    return "WRONG", f"status {first['status']}, checkpoints left {steps} (want [3, 4])"
+  if snapshot(ckpts / "4") != damaged_files:
+    return "LOSSY", "the damaged step's files changed"
+  rest = experiment.train(keep1)  # resumes from step 3, the newest intact one
+  steps, trained = fingerprint.checkpoint_steps(str(workdir)), [h["step"] for h in rest["history"]]
+  if rest["status"] != "done" or trained != [4] or steps != [4]:
+    return "WRONG", f"rerun: status {rest['status']}, trained {trained}, checkpoints {steps}"
+  if snapshot(ckpts / checkpoint.DAMAGED_DIR / "4") != damaged_files:
+    return "LOSSY", "the damaged step was deleted, not set aside"
+  return "handled", ("the damaged step 4 was not counted: step 2 kept until step 3 was saved, "
+                     "then [3, 4] on disk; the rerun resumed from 3 and kept only the new step 4 "
+                     "(the damaged one moved to checkpoints/damaged/4)")
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _with_optim(run, **optim):
+  """`run` with its optimizer rebuilt from changed optim values, past config validation (as
+  tests/test_trainer.py does), resuming by force since lr is part of the run's identity."""
+  from doran_jax import optim as optim_lib
+  from doran_jax import step as step_lib
+  c = run.config.copy_and_resolve_references()
+  with c.unlocked():
+    c.optim.update(optim)
+    c.resume = "force"
+  tx, schedule = optim_lib.make_optimizer(c.optim, run.num_steps, run.state.trainable, c.freeze,
+                                          after=run.training.transform)
+  train_step = step_lib.make_train_step(
+      run.backbone, run.adapter_cfg, tx, run.training, mesh=run.mesh,
+      state_shardings=run.state_shardings, frozen_shardings=run.frozen_shardings)
+  return run.replace(config=c, tx=tx, schedule=schedule, train_step=train_step)
+
+
+@probe("lr=nan reaching the train step (validation bypassed)")
+def _(runs, tmp):
+  workdir = pathlib.Path(tmp) / "nan_lr"
+  run = run_lib.setup(config(workdir))
+  trainer.fit(run, str(workdir), max_steps=2)  # a good checkpoint at step 2
+  ckpts = workdir / "checkpoints"
+  before = snapshot(ckpts)
+  out = expect_error(lambda: trainer.fit(_with_optim(run, lr=float("nan")), str(workdir)),
+                     trainer.NonFiniteLossError, "non-finite update norm at step 3",
+                     "Suspicious config: optim.lr=nan", f"Last good checkpoint: step 2 in {ckpts}",
+                     loads=True)
+  if out[0] == "clear error" and "clip_norm" in out[1]:
+    return "UNCLEAR", f"suggests clip_norm, which is on: {out[1]}"
+  if snapshot(ckpts) != before:
+    return "LOSSY", "the checkpoints changed"
+  mngr = checkpoint.manager(str(ckpts))
+  try:
+    state, _ = checkpoint.restore(mngr, sharding.abstract(run.state))
+  finally:
+    mngr.close()
+  if int(state.step) != 2:
+    return "WRONG", f"the newest intact checkpoint is step {int(state.step)}, not 2"
+  return out
+
+
+@probe("Ctrl-C (SIGINT) during training")
+def _(runs, tmp):
+  workdir = pathlib.Path(tmp) / "ctrl_c"
+  run = run_lib.setup(config(workdir, num_steps=6, **{"checkpoint.every": 100}))
+  clean = run.train_data.batch
+
+  def batch(step, batch_size, **kw):
+    if step == 2:  # a real SIGINT to this process while step 3 is being prepared
+      os.kill(os.getpid(), signal.SIGINT)
+    return clean(step, batch_size, **kw)
+  interrupted = copy.copy(run.train_data)
+  interrupted.batch = batch
+  text = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(text):
+      first = trainer.fit(run.replace(train_data=interrupted), str(workdir))
+  except KeyboardInterrupt:
+    return "LOSSY", "Ctrl-C aborted the run without a checkpoint"
+  steps = fingerprint.checkpoint_steps(str(workdir))
+  if first["status"] != "preempted" or steps != [3]:
+    return "WRONG", f"status {first['status']}, checkpoints {steps}"
+  if "Ctrl-C received: saving a checkpoint" not in text.getvalue():
+    return "UNCLEAR", "no 'Ctrl-C received' line"
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    return "WRONG", "the SIGINT handler was not given back"
+  rest = trainer.fit(run, str(workdir))
+  trained = [h["step"] for h in rest["history"]]
+  if rest["status"] != "done" or trained != [4, 5, 6]:
+    return "WRONG", f"rerun: status {rest['status']}, trained {trained}"
+  return "handled", ("Ctrl-C at step 3: 'Ctrl-C received: saving a checkpoint after this step', "
+                     "checkpoint 3 saved, status 'preempted'; the rerun resumed at 3 and trained "
+                     "4-6")
+
+
+@probe("train step compiles once per run, also across a resume")
+def _(runs, tmp):
+  workdir = pathlib.Path(tmp) / "compiles"
+  run = run_lib.setup(config(workdir, num_steps=3))
+  prefix = "Finished XLA compilation of "
+  text = io.StringIO()
+  with jax.log_compiles(), logged() as lines, contextlib.redirect_stdout(text):
+    first = trainer.fit(run, str(workdir), max_steps=2)  # steps 1-2, checkpoint at 2
+    rest = trainer.fit(run, str(workdir))                # restored, step 3
+  compiled = [m[len(prefix):].split(" in ")[0] for m in lines if m.startswith(prefix)]
+  again = [m for m in lines if "compiled again" in m]
+  trained = [h["step"] for h in first["history"] + rest["history"]]
+  if trained != [1, 2, 3]:
+    return "WRONG", f"trained steps {trained}"
+  if compiled.count("jit(step)") != 1 or run.train_step._cache_size() != 1 or again:
+    return "WRONG", (f"jit(step) compiled {compiled.count('jit(step)')} time(s), cache size "
+                     f"{run.train_step._cache_size()}; {again[:1]}")
+  first_step = re.search(r"first step after [\d.]+ s \(compile [\d.]+ s\)", text.getvalue())
+  return "handled", ("jit(step) compiled once for steps 1-2 and the resumed step 3 (cache size "
+                     f"1, no 'compiled again'); {first_step.group(0) if first_step else ''}")
+
+
 # ------------------------------------------------------------------------------ entry points
 
 
@@ -326,6 +580,8 @@ def _(runs, tmp):
 def main():
   t0 = time.time()
   failed = 0
+  print(f"# scripts/probe_bad_inputs.py on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"(jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPU cores)", flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     with contextlib.redirect_stdout(io.StringIO()):
       runs = Runs(tmp)
