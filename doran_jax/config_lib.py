@@ -115,10 +115,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg, aliases=None) -> ml_collec
                          f"{', '.join(sorted(names))}")
       key, value = (s.strip() for s in item.split("=", 1))
       path = names.get(key, key)
-      parent = config
-      for part in path.split(".")[:-1]:
-        parent = parent[part]
-      leaf = path.split(".")[-1]
+      parent, leaf = _parent(config, path)
       if leaf not in parent:
         raise ConfigError(f"unknown config argument {key!r}; known names: {', '.join(sorted(names))}")
       current = parent[leaf]
@@ -143,13 +140,28 @@ def apply_recipe(config: ml_collections.ConfigDict, skip=()) -> ml_collections.C
   recipe = method_registry.get(config.adapter.method).recipe
   with config.unlocked() if config.is_locked else contextlib.nullcontext():
     for path, value in recipe.items():
-      if path in skip:
-        continue
-      parent = config
-      for part in path.split(".")[:-1]:
-        parent = parent[part]
-      parent[path.split(".")[-1]] = value
+      if path not in skip:
+        set_path(config, path, value)
   return config
+
+
+def set_path(config, path: str, value) -> None:
+  """config['a']['b']['c'] = value for path 'a.b.c' (the config must be unlocked for new keys).
+
+  Example:
+    >>> with c.unlocked():
+    ...   set_path(c, "optim.lr", 3e-4)
+  """
+  parent, leaf = _parent(config, path)
+  parent[leaf] = value
+
+
+def _parent(config, path: str):
+  *parents, leaf = path.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  return node, leaf
 
 
 def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -163,17 +175,19 @@ def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   out = config.copy_and_resolve_references()
   if out.optim.lr is not None:
     return out
-  method = out.adapter.method
-  table = out.optim.get("lr_by_method", None)
-  table = table.to_dict() if hasattr(table, "to_dict") else dict(table or {})
-  if method not in table:
-    raise ConfigError(f"optim.lr is unset and optim.lr_by_method has no entry for method "
-                     f"{method!r} (it has {sorted(table)}); pass lr=... or add the method to "
-                     "the config's table.")
+  lr = optim.method_lr(out.optim, out.adapter.method)
+  if lr is None:
+    raise ConfigError(_no_lr_message(out.optim, out.adapter.method))
   with out.unlocked():
-    out.optim.lr = float(table[method])
+    out.optim.lr = float(lr)
   out.lock()
   return out
+
+
+def _no_lr_message(optim_cfg, method) -> str:
+  return (f"optim.lr is unset and optim.lr_by_method has no entry for method {method!r} (it has "
+          f"{sorted(optim_cfg.get('lr_by_method', None) or {})}); pass lr=... or add the method "
+          "to the config's table.")
 
 
 def _placeholder_default(parent, leaf):
@@ -301,6 +315,7 @@ def config_problems(config, *, with_data: bool = True, with_model: bool = True) 
   p += _optim_problems(config.optim, batch, steps, config.adapter.get("method"))
   if adapter_cfg is not None:
     method = method_registry.get(adapter_cfg.method)
+    p += _quantized_base_problems(config.model.get("quantize", "none"), method, adapter_cfg)
     if method.training is not None:
       # The method's own section (e.g. config.dyndora) is checked by the method itself.
       try:
@@ -353,6 +368,20 @@ def _model_problems(mc, with_model: bool) -> list[str]:
   return p
 
 
+def _quantized_base_problems(fmt, method, adapter_cfg) -> list[str]:
+  """model.quantize needs a frozen backbone and, with adapters, the factored mode."""
+  if fmt == "none" or fmt not in quant.FORMATS:
+    return []
+  if method.trains_backbone:
+    return [f"method {method.name!r} trains the backbone, which a quantised base "
+            f"(model.quantize={fmt!r}) cannot be; use an adapter method or model.quantize='none'."]
+  if method.has_adapters and adapter_cfg.mode != "factored":
+    return [f"model.quantize={fmt!r} needs adapter.mode='factored': the merged mode forms "
+            "W' = g ⊙ (W0 + s·A·B) in full precision for every adapted kernel, which defeats the "
+            "quantised base."]
+  return []
+
+
 def _adapter_problems(section, p: list[str]):
   """Each adapter field through AdapterConfig's own checks; the AdapterConfig, or None."""
   values = section.to_dict()
@@ -393,18 +422,12 @@ def _optim_problems(oc, batch, steps, method=None) -> list[str]:
   if oc.get("schedule", "linear") not in optim.SCHEDULES:
     p.append(f"optim.schedule={oc.get('schedule')!r} unknown; choose one of "
              f"{', '.join(optim.SCHEDULES)}.")
-  lr = oc.get("lr")
-  table = oc.get("lr_by_method", None)
-  table = table.to_dict() if hasattr(table, "to_dict") else dict(table or {})
-  if lr is None and method not in table:
-    p.append(f"optim.lr is unset and optim.lr_by_method has no entry for method {method!r} (it "
-             f"has {sorted(table)}); pass lr=... or add the method to the config's table.")
-  elif lr is None:
-    lr = table[method]
-    if not _number(lr) or lr <= 0:
-      p.append(f"optim.lr_by_method[{method!r}]={lr!r} must be a finite number > 0.")
+  lr = optim.method_lr(oc, method)
+  if lr is None:
+    p.append(_no_lr_message(oc, method))
   elif not _number(lr) or lr <= 0:
-    p.append(f"optim.lr={lr!r} must be a finite number > 0 (e.g. --config.optim.lr=1e-3).")
+    name = "optim.lr" if oc.get("lr") is not None else f"optim.lr_by_method[{method!r}]"
+    p.append(f"{name}={lr!r} must be a finite number > 0 (e.g. --config.optim.lr=1e-3).")
   ratio = oc.get("warmup_ratio", None)
   if ratio is not None and (not _number(ratio) or not 0 <= ratio < 1):
     p.append(f"optim.warmup_ratio={ratio!r} must lie in [0, 1) (a fraction of num_steps).")

@@ -168,8 +168,8 @@ def run_experiment(config, workdir: Optional[str] = None) -> dict:
       frozen_config.adapter.method = method_registry.get("frozen").name
       frozen_config.num_steps = run.num_steps
       # The baseline at its own lr: an lr given for the method is not the head's.
-      table = frozen_config.optim.get("lr_by_method", None)
-      if table is not None and "frozen" in table:
+      table = frozen_config.optim.get("lr_by_method", None) or {}
+      if "frozen" in table:
         frozen_config.optim.lr = float(table["frozen"])
     frozen_results = train(frozen_config, os.path.join(workdir, "baseline_frozen"))
     baselines["frozen"] = {**frozen_results["eval"], "train_minutes": frozen_results["train_minutes"],

@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+from doran_jax import optim
 from doran_jax.errors import RunMismatchError
 
 RECORD = "run.json"
@@ -70,14 +71,12 @@ def _normal_path(value):
 def identity(config) -> dict[str, Any]:
   """The config keys that define the run, flattened ('optim.lr': 0.001, ...), JSON-ready."""
   tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  flat = _flatten(tree)
-  # An unset lr is the method's entry of the lr table (config_lib.resolved): the run trains at
-  # that value, so it, not the whole table, is what identifies the run.
-  table = flat.pop("optim.lr_by_method", None) or {}
-  for k in [k for k in flat if k.startswith("optim.lr_by_method.")]:
-    table[k.split(".", 2)[2]] = flat.pop(k)
-  if flat.get("optim.lr") is None and flat.get("adapter.method") in table:
-    flat["optim.lr"] = float(table[flat["adapter.method"]])
+  flat = {k: v for k, v in _flatten(tree).items()
+          if k != "optim.lr_by_method" and not k.startswith("optim.lr_by_method.")}
+  if "optim" in tree and "adapter" in tree:
+    # The run trains at its effective lr (an unset lr is the method's table entry): that value,
+    # not the whole table, identifies it.
+    flat["optim.lr"] = optim.method_lr(config["optim"], config["adapter"]["method"])
   out = {}
   for key, value in sorted(flat.items()):
     if _excluded(key):

@@ -19,6 +19,18 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 
 
+def method_lr(optim_cfg, method: str) -> Optional[float]:
+  """The lr a method trains at: optim.lr when set, else its optim.lr_by_method entry (or None).
+
+  Example:
+    >>> method_lr(sst2.get_config().optim, "lora")
+  """
+  if optim_cfg.get("lr", None) is not None:
+    return optim_cfg.get("lr")
+  table = optim_cfg.get("lr_by_method", None) or {}
+  return table.get(method, None)
+
+
 def warmup_steps(optim_cfg, num_steps: int) -> int:
   """optim.warmup_ratio · num_steps (truncated, as transformers' schedulers) when the ratio is
   set, else optim.warmup_steps; at most num_steps - 1."""

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from doran_jax import config_lib, data, models, optim, quant, sharding, step
+from doran_jax import config_lib, data, models, optim, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
 from doran_jax.errors import ConfigError
@@ -128,20 +128,6 @@ def head_regex(config, backbone: models.Backbone, method: method_registry.Method
   return backbone.family.head(config.model.task) if config.head is None else config.head
 
 
-def check_quantized(config, method) -> None:
-  """model.quantize needs the factored mode and a method that leaves the backbone frozen."""
-  fmt = quant.check_format(config.model.quantize)
-  if fmt == "none":
-    return
-  if method.trains_backbone:
-    raise ValueError(f"method {method.name!r} trains the backbone, which a quantised base "
-                     f"(model.quantize={fmt!r}) cannot be; use an adapter method or model.quantize='none'.")
-  if method.has_adapters and config.adapter.mode != "factored":
-    raise ValueError(f"model.quantize={fmt!r} needs adapter.mode='factored': the merged mode forms "
-                     "W' = g ⊙ (W0 + s·A·B) in full precision for every adapted kernel, which "
-                     "defeats the quantised base.")
-
-
 def check_fresh_params(backbone: models.Backbone, trainable_params, method) -> None:
   """A parameter initialised at load (not in the checkpoint) must be trained, or it stays random."""
   if method.trains_backbone:
@@ -176,7 +162,6 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   sharding.maybe_initialize_distributed(config.distributed)
   method = method_registry.get(config.adapter.method)
   mesh = sharding.make_mesh(config.mesh)
-  check_quantized(config, method)
   train_data = eval_data = None
   if with_data:
     if tokenizer is None:
@@ -241,6 +226,28 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
              train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
              num_steps=num_steps, state_shardings=state_shardings,
              frozen_shardings=frozen_shardings, train_step=train_step)
+
+
+def with_optimizer(run: Run, **optim_changes) -> Run:
+  """`run` with its optimizer, schedule and compiled step rebuilt under changed optim values.
+
+  The state keeps its shapes, so `run.state` and the workdir's checkpoints still fit. The
+  changed values are not validated: tests and the probe script use it to feed a value such as
+  lr=nan past validation into the step.
+
+  Example:
+    >>> run = with_optimizer(setup(config), lr=float("nan"))
+  """
+  config = run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.optim.update(optim_changes)
+  tx, schedule = optim.make_optimizer(config.optim, run.num_steps, run.state.trainable,
+                                      config.freeze, after=run.training.transform)
+  train_step = step.make_train_step(
+      run.backbone, run.adapter_cfg, tx, run.training, mesh=run.mesh,
+      state_shardings=run.state_shardings, frozen_shardings=run.frozen_shardings,
+      accum_steps=int(config.optim.accum_steps))
+  return run.replace(config=config, tx=tx, schedule=schedule, train_step=train_step)
 
 
 def optimizer_shardings(tx, trainable, mesh):

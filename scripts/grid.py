@@ -26,7 +26,7 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "text")
 
 import numpy as np  # noqa: E402
 
-from doran_jax import analysis, data  # noqa: E402
+from doran_jax import analysis, config_lib, data  # noqa: E402
 from doran_jax import run as run_lib  # noqa: E402
 from scripts.study_stability import ModelCache, enable_compile_cache  # noqa: E402
 
@@ -88,10 +88,7 @@ def point_config(module, variant: Variant, lr: float, seed: int, args):
   config = module.get_config(f"method={variant.method}")
   with config.unlocked():
     for path, value in variant.overrides.items():
-      parent = config
-      for part in path.split(".")[:-1]:
-        parent = parent[part]
-      parent[path.split(".")[-1]] = value
+      config_lib.set_path(config, path, value)
     config.seed = seed
     config.optim.lr = float(lr)
     if args.steps:

@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from doran_jax import checkpoint, data, errors, experiment, fingerprint, peft_io  # noqa: E402
+from doran_jax import checkpoint, config_lib, data, errors, experiment, fingerprint  # noqa: E402
+from doran_jax import peft_io  # noqa: E402
 from doran_jax import sharding, trainer  # noqa: E402
 from doran_jax import run as run_lib  # noqa: E402
 from doran_jax.adapters import AdapterConfig  # noqa: E402
@@ -65,11 +66,7 @@ def config(workdir, **overrides):
     c.progress_bar = False
     c.checkpoint.max_to_keep = None
     for key, value in overrides.items():
-      node = c
-      *parents, leaf = key.split(".")
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+      config_lib.set_path(c, key, value)
   return c
 
 
@@ -464,20 +461,13 @@ def _(runs, tmp):
 
 
 def _with_optim(run, **optim):
-  """`run` with its optimizer rebuilt from changed optim values, past config validation (as
-  tests/test_trainer.py does), resuming by force since lr is part of the run's identity."""
-  from doran_jax import optim as optim_lib
-  from doran_jax import step as step_lib
+  """`run` with its optimizer rebuilt from changed optim values, past config validation
+  (run.with_optimizer), resuming by force since lr is part of the run's identity."""
+  run = run_lib.with_optimizer(run, **optim)
   c = run.config.copy_and_resolve_references()
   with c.unlocked():
-    c.optim.update(optim)
     c.resume = "force"
-  tx, schedule = optim_lib.make_optimizer(c.optim, run.num_steps, run.state.trainable, c.freeze,
-                                          after=run.training.transform)
-  train_step = step_lib.make_train_step(
-      run.backbone, run.adapter_cfg, tx, run.training, mesh=run.mesh,
-      state_shardings=run.state_shardings, frozen_shardings=run.frozen_shardings)
-  return run.replace(config=c, tx=tx, schedule=schedule, train_step=train_step)
+  return run.replace(config=c)
 
 
 @probe("lr=nan reaching the train step (validation bypassed)")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from doran_jax import checkpoint, errors, evaluate, experiment, trainer
+from doran_jax import checkpoint, config_lib, errors, evaluate, experiment, trainer
 from doran_jax import run as run_lib
 from doran_jax.trainable import merge_params
 
@@ -32,11 +32,7 @@ def tiny_config(shared_data, workdir, arg="", **overrides):
     elif c.data.source == "commonsense":
       c.data.path = str(shared_data / "commonsense")
     for key, value in overrides.items():
-      node = c
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+      config_lib.set_path(c, key, value)
   return c
 
 
@@ -216,25 +212,9 @@ def test_nonfinite_message_names_what_became_nonfinite_and_the_suspects(tmp_path
   assert "its gradient was not" in trainer.nonfinite_message(grad_only, 1, c, None, "/w")
 
 
-def _with_optim(run, **optim):
-  """`run` with its optimizer rebuilt from changed optim values (past config validation, as a
-  value that passes it but still blows up would be)."""
-  from doran_jax import optim as optim_lib
-  from doran_jax import step as step_lib
-  config = run.config.copy_and_resolve_references()
-  with config.unlocked():
-    config.optim.update(optim)
-  tx, schedule = optim_lib.make_optimizer(config.optim, run.num_steps, run.state.trainable,
-                                          config.freeze, after=run.training.transform)
-  train_step = step_lib.make_train_step(
-      run.backbone, run.adapter_cfg, tx, run.training, mesh=run.mesh,
-      state_shardings=run.state_shardings, frozen_shardings=run.frozen_shardings)
-  return run.replace(config=config, tx=tx, schedule=schedule, train_step=train_step)
-
-
 def test_nan_lr_is_named_as_the_cause(shared_data, tmp_path):
-  run = _with_optim(run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text,method=lora")),
-                    lr=float("nan"))
+  run = run_lib.with_optimizer(
+      run_lib.setup(tiny_config(shared_data, tmp_path, "kind=text,method=lora")), lr=float("nan"))
   with pytest.raises(trainer.NonFiniteLossError) as info:
     trainer.fit(run, str(tmp_path))
   msg = str(info.value)

@@ -47,6 +47,8 @@ INVALID = [
     ({"data.max_length": 1}, "data.max_length=1 must be an integer > 1"),
     ({"dyndora.prune_end": 2.0, "adapter.method": "dyndora"}, "dyndora: dyndora needs 0 <= prune_start"),
     ({"model.quantize": "int4"}, "model.quantize='int4' unknown; choose one of none, int8, nf4"),
+    ({"model.quantize": "nf4", "adapter.method": "dora"}, "needs adapter.mode='factored'"),
+    ({"model.quantize": "int8", "adapter.method": "full"}, "trains the backbone"),
     ({"optim.warmup_ratio": 1.5}, "optim.warmup_ratio=1.5 must lie in [0, 1)"),
     ({"optim.lr": None, "adapter.method": "dora"},
      "optim.lr is unset and optim.lr_by_method has no entry for method 'dora'"),
