@@ -41,5 +41,11 @@ def get_config(arg=None):
   c.optim.lr_by_method = LR
   c.optim.warmup_steps = 60
   c.checkpoint.every = 200
+  # Trained in full with the head: the pooler (dense + tanh on [CLS]). It is BERT's counterpart
+  # of the dense layer of RoBERTa's classification head, which the official DynDoRA code (and
+  # PEFT's SEQ_CLS task) trains in full. Frozen, it starved every method: LoRA at lr 1e-3 for 2
+  # epochs predicted the majority class (dev MCC 0.000, 2026-12-02); all-MiniLM-L6-v2 was
+  # trained for mean pooling, so its pooler was never tuned for this.
+  c.head = r"(classifier|bert/pooler)/.*"
   c.baselines = ("majority", "linear_probe")
   return config_lib.apply_arg(c, arg)

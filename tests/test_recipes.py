@@ -1,6 +1,8 @@
 """Per-method learning rates, DynDoRA's official recipe as config defaults, warm-up ratio, and the
 linear-probe baseline (toy data against scikit-free NumPy facts, then a tiny end-to-end run)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,24 @@ def test_run_experiment_reports_the_linear_probe_and_the_frozen_baseline_at_its_
     c2.optim.lr_by_method = {"frozen": 5e-2}
   results = experiment.run_experiment(c2, str(tmp_path / "explicit"))
   assert results["lr"] == 2e-3 and results["baselines"]["frozen"]["lr"] == 5e-2
+
+
+@pytest.mark.parametrize("method", ["lora", "dyndora", "frozen"])
+def test_cola_trains_the_pooler_in_full_with_the_head(method):
+  """configs/cola.py's head is BERT's counterpart of RoBERTa's classification head (pooler dense
+  + classifier), trained in full for every method; the adapters' targets stay the block linears."""
+  from doran_jax import models
+  from doran_jax.adapters import method as method_registry
+  from doran_jax.targets import flatten
+  from doran_jax.trainable import split_params
+  c = cola.get_config(f"method={method}")
+  bb = models.from_config(models.tiny_config("bert"), "classification")
+  m = method_registry.get(method)
+  head, frozen = split_params(bb.params, m.trains_backbone, run_lib.head_regex(c, bb, m))
+  trained = set(flatten(head))
+  assert trained and all(p.startswith(("bert/pooler/", "classifier/")) for p in trained), trained
+  assert {"bert/pooler/dense/kernel", "bert/pooler/dense/bias"} <= trained
+  assert not any("pooler" in p for p in flatten(frozen))
+  targets = re.compile(bb.family.targets(c.adapter.targets))
+  adapted = {p for p in flatten(bb.params) if targets.fullmatch(p)}
+  assert adapted and not any("pooler" in p or "classifier" in p for p in adapted)

@@ -21,7 +21,9 @@ What still departs from the official code:
     100 with ~8,000 steps, 15 epochs at batch 16): our runs are shorter;
   - the learning rate comes from the config's per-method table (the official grid is
     {1.00e-4, 1.48e-4, 2.19e-4} for RoBERTa-base at batch 16);
-  - the backbone is MiniLM (BERT family), not RoBERTa-base; its pooler is not adapted.
+  - the backbone is MiniLM (BERT family), not RoBERTa-base; configs/cola.py trains its pooler
+    in full with the classifier (the counterpart of RoBERTa's classification-head dense layer,
+    which the official code trains in full) and does not adapt it.
 
 Example:
   >>> cfg = AdapterConfig(method="dyndora", rank=8, alpha=8.0, targets=r".*/encoder/.*/kernel")
