@@ -70,6 +70,8 @@ def add_flags(p: argparse.ArgumentParser, *, config: str, lrs: str, seeds: str, 
   p.add_argument("--name", default=name, help="file stem of the CSV / markdown / PNG")
   p.add_argument("--runs", default=None, help="scratch workdirs (default runs/<name>)")
   p.add_argument("--resume", action="store_true", help="skip the points already in the CSV")
+  p.add_argument("--report-only", action="store_true",
+                 help="train nothing: write the tables from the CSV's rows (a grid cut short)")
 
 
 def finish_flags(args) -> None:
@@ -123,11 +125,15 @@ def points(variants: Sequence[Variant], lrs: Sequence[float], seeds: Sequence[in
 
 def run_points(todo: Sequence[tuple], args, csv_path: str, *,
                inspect: Optional[Callable[[Variant, float, int, Any, dict], dict]] = None) -> list[dict]:
-  """Runs every (variant, lr, seed) not yet in the CSV (with --resume); the CSV grows run by run."""
+  """Runs every (variant, lr, seed) not yet in the CSV (with --resume); the CSV grows run by run.
+  With --report-only, runs nothing and returns the CSV's rows."""
   module = load_config_module(args.config)
-  rows = analysis.read_csv(csv_path) if args.resume and os.path.exists(csv_path) else []
+  report_only = getattr(args, "report_only", False)
+  if report_only and not os.path.exists(csv_path):
+    raise FileNotFoundError(f"--report-only: no {csv_path} to report; run the grid first.")
+  rows = analysis.read_csv(csv_path) if (args.resume or report_only) and os.path.exists(csv_path) else []
   done = {(r["variant"], float(r["lr"]), int(r["seed"])) for r in rows}
-  todo = [p for p in todo if (p[0].name, float(p[1]), int(p[2])) not in done]
+  todo = [] if report_only else [p for p in todo if (p[0].name, float(p[1]), int(p[2])) not in done]
   os.makedirs(args.runs, exist_ok=True)
   enable_compile_cache(os.path.join(args.runs, "jax_cache"))
   cache = None

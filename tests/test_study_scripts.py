@@ -44,6 +44,14 @@ def test_lr_sweep_smoke_writes_csv_and_the_lr_table(tmp_path):
   text = (tmp_path / "out" / "lr_sweep_sst2.md").read_text()
   best = max(rows, key=lambda r: r["accuracy"])["lr"]
   assert f'LR = {{"lora": {best:g}}}' in text
+  # --report-only trains nothing, even for points the CSV lacks, and rewrites the tables.
+  (tmp_path / "out" / "lr_sweep_sst2.md").unlink()
+  lr_sweep.main(["--methods", "lora", "--lrs", "1e-3,1e-2,3e-2", "--seeds", "0,1", "--report-only"]
+                + _common(tmp_path))
+  assert analysis.read_csv(str(tmp_path / "out" / "lr_sweep_sst2.csv")) == rows
+  assert f'LR = {{"lora": {best:g}}}' in (tmp_path / "out" / "lr_sweep_sst2.md").read_text()
+  with pytest.raises(FileNotFoundError, match="run the grid first"):
+    lr_sweep.main(["--report-only", "--name", "never_run"] + _common(tmp_path))
 
 
 @pytest.mark.slow  # real MiniLM: 20-40 s idle, 1.5-2.5 min on a loaded machine
