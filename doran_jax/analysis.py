@@ -351,14 +351,30 @@ def stability_stats(history: Sequence[dict], factor: float = SPIKE_FACTOR,
           "grad_norm_mean": float(grads.mean()) if len(grads) else float("nan")}
 
 
+def at_chance(accuracy: float, majority: float, mcc: float = float("nan"),
+              margin: float = 0.05) -> bool:
+  """Whether a run did no better than a constant prediction: accuracy below the eval set's
+  largest class fraction + `margin`, unless its MCC (0 for every constant prediction) reaches
+  2·`margin`. On an imbalanced set (CoLA: 69% one class) accuracy hardly leaves the majority
+  fraction while MCC shows the classes are told apart.
+
+  Example:
+    >>> at_chance(0.70, 0.686, mcc=0.17), at_chance(0.69, 0.686, mcc=0.0)
+    (False, True)
+  """
+  if accuracy >= majority + margin:
+    return False
+  return not (np.isfinite(mcc) and mcc >= 2 * margin)
+
+
 def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
                     keep: bool = False, backbone=None, tokenizer=None,
                     inspect: Optional[Callable[[Any, dict], dict]] = None) -> dict:
   """One study point: trains `config` from scratch and returns a flat result row.
 
   A NaN/Inf loss (`trainer.NonFiniteLossError`) is a result here, not an error: the row gets
-  status 'nan' and accuracy NaN. 'chance' marks a finished run whose accuracy is below the eval
-  set's largest class fraction (what a constant prediction can reach) plus `chance_margin`.
+  status 'nan' and accuracy NaN. 'chance' marks a finished run that did not beat a constant
+  prediction (`at_chance`).
   `backbone` and `tokenizer` pass to `run.setup` (a grid reuses one loaded model; the
   backbone is consumed, so give each call its own copy). The row also has the eval MCC and
   `stability_stats` of the run; `inspect(run, results)` may add more keys (e.g. live ranks).
@@ -389,9 +405,9 @@ def train_and_score(config, workdir: str, *, chance_margin: float = 0.05,
     losses = [h["loss"] for h in results["history"]]
     tail = losses[-max(len(losses) // 10, 1):]
     acc = float(results["eval"]["accuracy"])
-    row.update(status="chance" if acc < majority + chance_margin else "ok", accuracy=acc,
-               macro_f1=float(results["eval"].get("macro_f1", float("nan"))),
-               mcc=float(results["eval"].get("mcc", float("nan"))),
+    mcc = float(results["eval"].get("mcc", float("nan")))
+    row.update(status="chance" if at_chance(acc, majority, mcc, chance_margin) else "ok",
+               accuracy=acc, macro_f1=float(results["eval"].get("macro_f1", float("nan"))), mcc=mcc,
                final_loss=float(np.mean(tail)), error="", **stability_stats(results["history"]))
     if inspect is not None:
       row.update(inspect(run, results))

@@ -204,6 +204,15 @@ def test_csv_and_plots(tmp_path):
   assert png2.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_at_chance_is_a_constant_predictions_score_unless_mcc_shows_learning():
+  assert analysis.at_chance(0.52, 0.50) and not analysis.at_chance(0.56, 0.50)
+  assert analysis.at_chance(0.69, 0.686, mcc=0.0)          # CoLA, majority class everywhere
+  assert analysis.at_chance(0.69, 0.686, mcc=0.08)         # below 2 x margin
+  assert not analysis.at_chance(0.70, 0.686, mcc=0.17)     # CoLA: accuracy barely moves, MCC does
+  assert analysis.at_chance(0.70, 0.686, mcc=float("nan"))  # no MCC: the accuracy rule alone
+  assert analysis.at_chance(0.70, 0.686, mcc=0.17, margin=1.0)
+
+
 def test_aggregate_counts_nan_and_chance_runs():
   rows = [
       {"method": "lora", "lr": 1e-3, "status": "ok", "accuracy": 0.80},
