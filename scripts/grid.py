@@ -127,13 +127,14 @@ def run_points(todo: Sequence[tuple], args, csv_path: str, *,
                inspect: Optional[Callable[[Variant, float, int, Any, dict], dict]] = None) -> list[dict]:
   """Runs every (variant, lr, seed) not yet in the CSV (with --resume); the CSV grows run by run.
   With --report-only, runs nothing and returns the CSV's rows."""
+  if args.report_only:   # nothing to load or compile
+    if not os.path.exists(csv_path):
+      raise FileNotFoundError(f"--report-only: no {csv_path} to report; run the grid first.")
+    return analysis.read_csv(csv_path)
   module = load_config_module(args.config)
-  report_only = getattr(args, "report_only", False)
-  if report_only and not os.path.exists(csv_path):
-    raise FileNotFoundError(f"--report-only: no {csv_path} to report; run the grid first.")
-  rows = analysis.read_csv(csv_path) if (args.resume or report_only) and os.path.exists(csv_path) else []
+  rows = analysis.read_csv(csv_path) if args.resume and os.path.exists(csv_path) else []
   done = {(r["variant"], float(r["lr"]), int(r["seed"])) for r in rows}
-  todo = [] if report_only else [p for p in todo if (p[0].name, float(p[1]), int(p[2])) not in done]
+  todo = [p for p in todo if (p[0].name, float(p[1]), int(p[2])) not in done]
   os.makedirs(args.runs, exist_ok=True)
   enable_compile_cache(os.path.join(args.runs, "jax_cache"))
   cache = None

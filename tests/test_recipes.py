@@ -8,9 +8,12 @@ import pytest
 
 import doran_jax as dj
 from configs import cola, default, sst2, tiny
-from doran_jax import config_lib, experiment, optim, probe
+from doran_jax import config_lib, experiment, models, optim, probe
 from doran_jax import run as run_lib
+from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.dyndora import RECIPE
+from doran_jax.targets import flatten
+from doran_jax.trainable import split_params
 
 
 @pytest.mark.parametrize("module", [sst2, cola, default])
@@ -147,10 +150,6 @@ def test_run_experiment_reports_the_linear_probe_and_the_frozen_baseline_at_its_
 def test_cola_trains_the_pooler_in_full_with_the_head(method):
   """configs/cola.py's head is BERT's counterpart of RoBERTa's classification head (pooler dense
   + classifier), trained in full for every method; the adapters' targets stay the block linears."""
-  from doran_jax import models
-  from doran_jax.adapters import method as method_registry
-  from doran_jax.targets import flatten
-  from doran_jax.trainable import split_params
   c = cola.get_config(f"method={method}")
   bb = models.from_config(models.tiny_config("bert"), "classification")
   m = method_registry.get(method)
