@@ -443,6 +443,17 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str], value: str = "accuracy"
   return out
 
 
+def mean_std_text(mean: float, std: float, finished: int) -> str:
+  """'0.812 ± 0.010'; one finished run has no spread, so it reads '0.812 (1 run)', not '± 0.000'.
+
+  >>> mean_std_text(0.8123, 0.0, 1)
+  '0.812 (1 run)'
+  """
+  if np.isnan(mean):
+    return "—"
+  return f"{mean:.3f} (1 run)" if finished == 1 else f"{mean:.3f} ± {std:.3f}"
+
+
 def _failed_label(a: dict) -> str:
   label = f"{a['chance']}/{a['runs']} at chance"
   return label + (f", {a['nan']} NaN" if a["nan"] else "")
@@ -467,7 +478,7 @@ def markdown_grid(agg: Sequence[dict], row_key: str, col_key: str, *, row_label:
       if a is None:
         items.append("")
         continue
-      text = "—" if np.isnan(a["mean"]) else f"{a['mean']:.3f} ± {a['std']:.3f}"
+      text = mean_std_text(a["mean"], a["std"], a["runs"] - a["nan"])
       if show_failed:
         text += f" ({_failed_label(a)})"
       items.append(text)

@@ -186,7 +186,7 @@ def markdown_best(best: Sequence[dict], metric: str) -> str:
            "|---|---|---|---|---|---|---|---|"]
   for b in best:
     grid = ", ".join(f"{lr:g}: {m:.3f}" for lr, m in b["grid"].items())
-    lines.append(f"| {b['variant']} | {b['best_lr']:g} | {b['mean']:.3f} ± {b['std']:.3f} | "
+    lines.append(f"| {b['variant']} | {b['best_lr']:g} | {analysis.mean_std_text(b['mean'], b['std'], b['runs'] - b['nan'])} | "
                  f"{b['spread']:.3f} | {b['runs']} ({b['chance']}, {b['nan']}) | "
                  f"{b['loss_spikes']:.1f} | {b['grad_norm_var']:.3g} | {grid} |")
   return "\n".join(lines)

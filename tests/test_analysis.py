@@ -233,7 +233,7 @@ def test_aggregate_counts_nan_and_chance_runs():
   lines = table.splitlines()
   assert lines[0] == "| learning rate | lora | dora |"
   assert lines[2] == "| 0.001 | 0.820 ± 0.028 (0/2 at chance) | — (0/1 at chance, 1 NaN) |"
-  assert lines[3] == "| 0.03 | 0.500 ± 0.000 (1/2 at chance, 1 NaN) |  |"
+  assert lines[3] == "| 0.03 | 0.500 (1 run) (1/2 at chance, 1 NaN) |  |"
 
 
 def test_study_csv_round_trip_and_plot(tmp_path):
@@ -262,3 +262,9 @@ def test_train_and_score_turns_divergence_into_a_row(shared_data, tmp_path):
   assert row["status"] == "chance" and 0.0 <= row["accuracy"] <= 1.0   # everything is 'chance'
   assert row["train_examples"] == row["limit"] == 64 and row["eval_examples"] == 32
   assert row["majority_accuracy"] > 0.4 and np.isfinite(row["final_loss"])
+
+
+def test_mean_std_text_gives_no_spread_for_one_run():
+  assert analysis.mean_std_text(0.8123, 0.0, 1) == "0.812 (1 run)"
+  assert analysis.mean_std_text(0.8123, 0.0104, 3) == "0.812 ± 0.010"
+  assert analysis.mean_std_text(float("nan"), float("nan"), 0) == "—"
