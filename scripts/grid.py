@@ -59,6 +59,9 @@ def add_flags(p: argparse.ArgumentParser, *, config: str, lrs: str, seeds: str, 
   p.add_argument("--config", default=config, help="the config file the points start from")
   p.add_argument("--lrs", default=lrs, help="comma-separated peak learning rates")
   p.add_argument("--seeds", default=seeds)
+  p.add_argument("--tune-seeds", default="",
+                 help="seeds that run the whole lr grid; the other --seeds then run only at each "
+                      "variant's best lr over these (default: every seed at every lr)")
   p.add_argument("--steps", type=int, default=steps, help="0: the config's num_epochs")
   p.add_argument("--epochs", type=float, default=0.0, help="> 0: overrides the config's epochs")
   p.add_argument("--limit", type=int, default=limit, help="training subset (0: all)")
@@ -123,18 +126,46 @@ def points(variants: Sequence[Variant], lrs: Sequence[float], seeds: Sequence[in
   return [(v, lr, s) for v in variants for lr in lrs for s in seeds]
 
 
+def tune_seeds(args) -> list[int]:
+  """The seeds that run every lr: --tune-seeds, or all of --seeds when it is empty."""
+  seeds = parse_list(args.seeds, int)
+  tune = parse_list(args.tune_seeds, int) if args.tune_seeds else seeds
+  if not set(tune) <= set(seeds):
+    raise ValueError(f"--tune-seeds {tune} must be among --seeds {seeds}.")
+  return tune
+
+
+def run_grid(variants: Sequence[Variant], args, csv_path: str, metric: str, *,
+             inspect: Optional[Callable[[Variant, float, int, Any, dict], dict]] = None) -> list[dict]:
+  """The lr grid of every variant on every seed; with --tune-seeds, the grid on those seeds only,
+  then the other seeds at each variant's best lr over them (chosen before they run)."""
+  tune = tune_seeds(args)
+  rows = run_points(points(variants, parse_list(args.lrs), tune), args, csv_path, inspect=inspect)
+  rest = [s for s in parse_list(args.seeds, int) if s not in tune]
+  if rest and not args.report_only:
+    best = best_by_variant(rows, metric, [v.name for v in variants], tune_seeds=tune)
+    best_lr = {b["variant"]: b["best_lr"] for b in best}
+    todo = [(v, best_lr[v.name], s) for v in variants if v.name in best_lr for s in rest]
+    rows = run_points(todo, args, csv_path, inspect=inspect, resume=True)
+  return rows
+
+
 def run_points(todo: Sequence[tuple], args, csv_path: str, *,
-               inspect: Optional[Callable[[Variant, float, int, Any, dict], dict]] = None) -> list[dict]:
-  """Runs every (variant, lr, seed) not yet in the CSV (with --resume); the CSV grows run by run.
-  With --report-only, runs nothing and returns the CSV's rows."""
+               inspect: Optional[Callable[[Variant, float, int, Any, dict], dict]] = None,
+               resume: Optional[bool] = None) -> list[dict]:
+  """Runs every (variant, lr, seed) not yet in the CSV (with --resume, or resume=True); the CSV
+  grows run by run. With --report-only, runs nothing and returns the CSV's rows."""
   if args.report_only:   # nothing to load or compile
     if not os.path.exists(csv_path):
       raise FileNotFoundError(f"--report-only: no {csv_path} to report; run the grid first.")
     return analysis.read_csv(csv_path)
-  module = load_config_module(args.config)
-  rows = analysis.read_csv(csv_path) if args.resume and os.path.exists(csv_path) else []
+  resume = args.resume if resume is None else resume
+  rows = analysis.read_csv(csv_path) if resume and os.path.exists(csv_path) else []
   done = {(r["variant"], float(r["lr"]), int(r["seed"])) for r in rows}
   todo = [p for p in todo if (p[0].name, float(p[1]), int(p[2])) not in done]
+  if not todo:
+    return rows
+  module = load_config_module(args.config)
   os.makedirs(args.runs, exist_ok=True)
   enable_compile_cache(os.path.join(args.runs, "jax_cache"))
   cache = None
@@ -158,34 +189,44 @@ def run_points(todo: Sequence[tuple], args, csv_path: str, *,
   return rows
 
 
-def best_by_variant(rows: Sequence[dict], metric: str, variants: Sequence[str]) -> list[dict]:
-  """Per variant: the lr with the highest mean `metric` over seeds, and that lr's statistics."""
+def best_by_variant(rows: Sequence[dict], metric: str, variants: Sequence[str], *,
+                    tune_seeds: Optional[Sequence[int]] = None) -> list[dict]:
+  """Per variant: the lr with the highest mean `metric` over `tune_seeds` (default: every seed
+  run), and that lr's statistics over every seed run at it. 'grid' maps each lr to its mean over
+  all its seeds and 'grid_runs' to their number."""
   out = []
   for name in variants:
     mine = [r for r in rows if r["variant"] == name]
     if not mine:
       continue
-    agg = analysis.aggregate(mine, ("lr",), value=metric)
+    tuning = mine if tune_seeds is None else [r for r in mine if int(r["seed"]) in set(tune_seeds)]
+    agg = analysis.aggregate(tuning or mine, ("lr",), value=metric)
     finite = [a for a in agg if np.isfinite(a["mean"])]
-    best = max(finite, key=lambda a: a["mean"]) if finite else agg[0]
-    at = [r for r in mine if float(r["lr"]) == float(best["lr"]) and r.get("status") != "nan"]
+    best_lr = float((max(finite, key=lambda a: a["mean"]) if finite else agg[0])["lr"])
+    every = analysis.aggregate(mine, ("lr",), value=metric)
+    (best,) = [a for a in every if float(a["lr"]) == best_lr]
+    at = [r for r in mine if float(r["lr"]) == best_lr and r.get("status") != "nan"]
     vals = np.array([float(r[metric]) for r in at], np.float64)
     mean_of = lambda key: float(np.mean([float(r[key]) for r in at])) if at else float("nan")
-    out.append({"variant": name, "method": mine[0]["method"], "best_lr": float(best["lr"]),
+    out.append({"variant": name, "method": mine[0]["method"], "best_lr": best_lr,
                 "mean": best["mean"], "std": best["std"], "runs": best["runs"], "nan": best["nan"],
                 "chance": best["chance"],
                 "spread": float(vals.max() - vals.min()) if len(vals) else float("nan"),
                 "loss_spikes": mean_of("loss_spikes"), "grad_norm_var": mean_of("grad_norm_var"),
-                "grid": {float(a["lr"]): a["mean"] for a in agg}})
+                "grid": {float(a["lr"]): a["mean"] for a in every},
+                "grid_runs": {float(a["lr"]): a["runs"] for a in every}})
   return out
 
 
 def markdown_best(best: Sequence[dict], metric: str) -> str:
   lines = [f"| variant | best lr | {metric} mean ± std | seed spread (max − min) | runs (at chance, NaN) "
-           f"| loss spikes / run | grad-norm variance | mean {metric} at each lr of the grid |",
+           f"| loss spikes / run | grad-norm variance | mean {metric} at each lr of the grid (runs, where they differ) |",
            "|---|---|---|---|---|---|---|---|"]
   for b in best:
-    grid = ", ".join(f"{lr:g}: {m:.3f}" for lr, m in b["grid"].items())
+    counts = b["grid_runs"]
+    per_lr = len(set(counts.values())) > 1   # say how many seeds stand behind each mean
+    grid = ", ".join(f"{lr:g}: {m:.3f}" + (f" ({counts[lr]})" if per_lr else "")
+                     for lr, m in b["grid"].items())
     lines.append(f"| {b['variant']} | {b['best_lr']:g} | {analysis.mean_std_text(b['mean'], b['std'], b['runs'] - b['nan'])} | "
                  f"{b['spread']:.3f} | {b['runs']} ({b['chance']}, {b['nan']}) | "
                  f"{b['loss_spikes']:.1f} | {b['grad_norm_var']:.3g} | {grid} |")
@@ -217,7 +258,9 @@ def plot_best(best: Sequence[dict], path_png: str, *, ylabel: str, title: str,
 
 
 def settings_line(args, module_name: str) -> str:
-  return (f"config {module_name}, lrs {args.lrs}, seeds {args.seeds}, "
+  seeds = (f"lrs {args.lrs} on seeds {args.tune_seeds}, then seeds {args.seeds} at each variant's "
+           f"best lr over those" if args.tune_seeds else f"lrs {args.lrs}, seeds {args.seeds}")
+  return (f"config {module_name}, {seeds}, "
           + (f"{args.steps} steps" if args.steps else
              (f"{args.epochs:g} epochs" if args.epochs else "the config's epochs"))
           + (f", batch {args.batch}" if args.batch else "")

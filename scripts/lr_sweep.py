@@ -44,10 +44,9 @@ def main(argv=None):
   experiment.quiet_third_party_logs()
   methods = grid.parse_list(args.methods, str)
   variants = [grid.Variant(m, m) for m in methods]
-  todo = grid.points(variants, grid.parse_list(args.lrs), grid.parse_list(args.seeds, int))
   csv_path = os.path.join(args.out, f"{args.name}.csv")
-  rows = grid.run_points(todo, args, csv_path)
-  best = grid.best_by_variant(rows, args.metric, methods)
+  rows = grid.run_grid(variants, args, csv_path, args.metric)
+  best = grid.best_by_variant(rows, args.metric, methods, tune_seeds=grid.tune_seeds(args))
   agg = analysis.aggregate(rows, ("lr", "variant"), value=args.metric)
   table = analysis.markdown_grid(agg, "lr", "variant", row_label="learning rate")
   lr_line = "LR = {" + ", ".join(f'"{b["variant"]}": {b["best_lr"]:g}' for b in best) + "}"

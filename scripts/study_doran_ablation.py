@@ -27,14 +27,16 @@ batch 16, max_length 32, dev subset 512, the config's targets. Cost measured 202
 between seeds); so a task takes roughly 1-1.5 h at the defaults, both tasks 2-3 h (an estimate).
 Use --tasks, --variants, --seeds, --targets attention or fewer --steps to fit a budget, and say so.
 
-Writes <out>/study_doran_ablation.csv (one row per run), .md (one table per task) and
-study_doran_ablation_<task>.png (mean ± std per variant at its best lr).
+Writes <out>/study_doran_ablation_<task>.{csv,md,png} (one row per run; the table; mean ± std per
+variant at its best lr) and the combined study_doran_ablation.{csv,md} over every task run into
+<out> so far, so the tasks may run as separate commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -84,24 +86,30 @@ def main(argv=None):
   variants = [VARIANTS[n] for n in names]
   if args.targets:
     variants = [V(v.name, v.method, {**v.overrides, "adapter.targets": args.targets}) for v in variants]
-  base_runs, sections = args.runs, []
-  csv_all = []
+  base_runs, csv_all = args.runs, []
   for task in tasks:
     config_file, metric = TASKS[task]
     args.config = os.path.join(grid.REPO, "configs", config_file)
     args.runs = os.path.join(base_runs, task)
-    todo = grid.points(variants, grid.parse_list(args.lrs), grid.parse_list(args.seeds, int))
-    rows = grid.run_points(todo, args, os.path.join(args.out, f"{args.name}_{task}.csv"))
-    best = grid.best_by_variant(rows, metric, names)
+    rows = grid.run_grid(variants, args, os.path.join(args.out, f"{args.name}_{task}.csv"), metric)
+    best = grid.best_by_variant(rows, metric, names, tune_seeds=grid.tune_seeds(args))
     chance = rows[0]["majority_accuracy"] if metric == "accuracy" else 0.0
     png = f"{args.name}_{task}.png"
     grid.plot_best(best, os.path.join(args.out, png), ylabel=f"{task} eval {metric}",
                    title=f"DoRAN ablation, {task}: mean ± std over seeds {args.seeds} at each "
                          "variant's best lr", chance=chance)
     where = f" Targets: {args.targets}." if args.targets else ""
-    sections.append(f"### {task} (eval {metric})\n\n{grid.settings_line(args, config_file)}{where}\n\n"
-                    f"{grid.markdown_best(best, metric)}\n\n![]({png})\n")
-    csv_all += [{**r, "task": task} for r in rows]
+    with open(os.path.join(args.out, f"{args.name}_{task}.md"), "w") as f:
+      f.write(f"### {task} (eval {metric})\n\n{grid.settings_line(args, config_file)}{where}\n\n"
+              f"{grid.markdown_best(best, metric)}\n\n![]({png})\n")
+  # The combined files hold every task run into --out so far, each with its own settings (the
+  # tasks may be run by separate commands).
+  sections = []
+  for task in TASKS:
+    stem = os.path.join(args.out, f"{args.name}_{task}")
+    if os.path.exists(stem + ".md") and os.path.exists(stem + ".csv"):
+      sections.append(pathlib.Path(stem + ".md").read_text())
+      csv_all += [{**r, "task": task} for r in analysis.read_csv(stem + ".csv")]
   analysis.write_csv(csv_all, os.path.join(args.out, f"{args.name}.csv"), ("task",) + grid.FIELDS)
   text = (f"DoRAN ablation, all-MiniLM-L6-v2. Loss spike: a step whose loss exceeds "
           f"{analysis.SPIKE_FACTOR:g}× the median of the {analysis.SPIKE_WINDOW} steps before it. "

@@ -104,9 +104,9 @@ def main(argv=None):
   experiment.quiet_third_party_logs()
   variants = [V(v.name, v.method, {**v.overrides, "adapter.rank": args.rank}) for v in
               (VARIANTS[n] for n in names)]
-  todo = grid.points(variants, grid.parse_list(args.lrs), grid.parse_list(args.seeds, int))
-  rows = grid.run_points(todo, args, os.path.join(args.out, f"{args.name}.csv"), inspect=inspect(args))
-  best = grid.best_by_variant(rows, "mcc", names)
+  rows = grid.run_grid(variants, args, os.path.join(args.out, f"{args.name}.csv"), "mcc",
+                       inspect=inspect(args))
+  best = grid.best_by_variant(rows, "mcc", names, tune_seeds=grid.tune_seeds(args))
   grid.plot_best(best, os.path.join(args.out, f"{args.name}.png"), ylabel="CoLA dev MCC",
                  title=f"CoLA, rank {args.rank}: mean ± std over seeds {args.seeds} at each best lr",
                  chance=0.0)

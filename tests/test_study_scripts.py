@@ -30,6 +30,43 @@ def test_best_lr_per_variant_is_the_highest_mean():
   assert best["grid"] == {1e-3: pytest.approx(0.3), 3e-3: pytest.approx(0.25)}
 
 
+def test_tune_seeds_pick_the_lr_then_the_other_seeds_run_only_there(monkeypatch, tmp_path):
+  """--tune-seeds 0: the whole grid on seed 0, then seeds 1, 2 at each variant's best lr over
+  seed 0 alone, even where the extra seeds pull that lr's mean below another lr's."""
+  score = {("a", 1e-3, 0): 0.5, ("a", 3e-3, 0): 0.4, ("a", 1e-3, 1): 0.1, ("a", 1e-3, 2): 0.2,
+           ("b", 1e-3, 0): 0.1, ("b", 3e-3, 0): 0.3, ("b", 3e-3, 1): 0.3, ("b", 3e-3, 2): 0.4}
+  calls = []
+
+  def fake_run_points(todo, args, csv_path, *, inspect=None, resume=None):
+    calls.append(([(v.name, lr, s) for v, lr, s in todo], resume))
+    done = [] if not resume else [r for c in calls[:-1] for r in c[2]]
+    new = [{"variant": v.name, "method": v.method, "lr": lr, "seed": s, "status": "ok",
+            "mcc": score[(v.name, lr, s)], "loss_spikes": 0, "grad_norm_var": 0.0}
+           for v, lr, s in todo]
+    calls[-1] += (new,)
+    return done + new
+
+  monkeypatch.setattr(grid, "run_points", fake_run_points)
+  args = grid.argparse.Namespace(lrs="1e-3,3e-3", seeds="0,1,2", tune_seeds="0", report_only=False)
+  variants = [grid.Variant("a", "lora"), grid.Variant("b", "dora")]
+  rows = grid.run_grid(variants, args, str(tmp_path / "x.csv"), "mcc")
+  assert calls[0][0] == [("a", 1e-3, 0), ("a", 3e-3, 0), ("b", 1e-3, 0), ("b", 3e-3, 0)]
+  assert calls[1][0] == [("a", 1e-3, 1), ("a", 1e-3, 2), ("b", 3e-3, 1), ("b", 3e-3, 2)]
+  assert calls[1][1] is True and len(rows) == 8
+  best = {b["variant"]: b for b in grid.best_by_variant(rows, "mcc", ["a", "b"], tune_seeds=[0])}
+  # a: 1e-3 won on seed 0 (0.5 > 0.4) and stays chosen at a 3-seed mean of 0.267 < 0.4.
+  assert best["a"]["best_lr"] == 1e-3 and best["a"]["mean"] == pytest.approx(0.8 / 3)
+  assert best["a"]["runs"] == 3 and best["a"]["grid_runs"] == {1e-3: 3, 3e-3: 1}
+  assert best["b"]["best_lr"] == 3e-3 and best["b"]["spread"] == pytest.approx(0.1)
+  # Without tune_seeds the mean over every seed decides, and 'a' would move to 3e-3.
+  assert {b["variant"]: b["best_lr"] for b in grid.best_by_variant(rows, "mcc", ["a", "b"])} == {
+      "a": 3e-3, "b": 3e-3}
+  table = grid.markdown_best(list(best.values()), "mcc")
+  assert "0.001: 0.267 (3), 0.003: 0.400 (1)" in table
+  with pytest.raises(ValueError, match="must be among --seeds"):
+    grid.tune_seeds(grid.argparse.Namespace(seeds="0,1", tune_seeds="5"))
+
+
 def _common(tmp_path):
   return ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--steps", "2",
           "--limit", "16", "--eval-limit", "16", "--max-length", "16", "--batch", "8"]
