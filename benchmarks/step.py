@@ -108,13 +108,15 @@ def build(args):
       overrides["attention_probs_dropout_prob"] = args.attention_dropout
     bb = models.load_backbone("minilm", task, num_labels=2, dtype=dtype, config_overrides=overrides,
                               param_dtype=args.param_dtype, quantize=args.quantize,
-                              double_quant=args.double_quant)
+                              double_quant=args.double_quant, remat=args.remat,
+                              memory_lean=not args.no_fused)
   else:
     cfg = hf_config(args.model, args.model_dropout, args.attention_dropout)
     if cfg is None:
       raise SystemExit(f"--model: unknown {args.model!r}")
     bb = models.from_config(cfg, task, dtype=dtype, param_dtype=args.param_dtype,
-                            quantize=args.quantize, double_quant=args.double_quant)
+                            quantize=args.quantize, double_quant=args.double_quant,
+                            remat=args.remat, memory_lean=not args.no_fused)
   run = run_lib.setup(c, backbone=bb, with_data=False)
   return run, fam
 

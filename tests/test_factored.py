@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 import doran_jax as dj
-from doran_jax import models
+from doran_jax import dropout, models
 from doran_jax.adapters import factored
 from test_core_math import FAMILIES, METHODS, perturb
 
@@ -109,7 +109,7 @@ def test_dropout_follows_peft_semantics(method):
   rng = jax.random.key(11)
   # The mask of target 0 for this key: the contract a user can reproduce (see factored.py).
   key0 = jax.random.fold_in(jax.random.fold_in(rng, factored.DROPOUT_STREAM), 0)
-  keep = np.asarray(jax.random.bernoulli(key0, 1.0 - cfg.dropout, x.shape), np.float64)
+  keep = np.asarray(dropout.keep_mask(key0, 1.0 - cfg.dropout, x.shape), np.float64)
   assert 0 < keep.mean() < 1
   ours = factored.adapted_apply(model, params, adapters, cfg, x, rng=rng, train=True)
   ref = _reference(method, x, params, adapters, cfg, keep)

@@ -11,19 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from doran_jax import models
+from doran_jax import dropout, models
 from doran_jax.models import registry
 from doran_jax.models.modeling import decoder, fused_ops, layers
 from test_core_math import perturb
 from test_factored import assert_close
 
 TASKS = {"bert": "classification", "roberta": "classification", "vit": "image_classification"}
-
-
-def _key(seed):
-  # XLA:CPU compiles threefry bits slowly per dropout shape; the RngBitGenerator key compiles in
-  # a fraction and drives the same make_rng('dropout') / bernoulli path.
-  return jax.random.key(seed, impl="rbg")
 
 
 def _erf(x):
@@ -77,11 +71,14 @@ def test_lean_attention_matches_float64_reference_forward_and_backward():
   q, k, v, mask, w = _case()
   b, t, h, d = q.shape
   kv, rate = k.shape[2], 0.2
-  keep = np.random.default_rng(9).uniform(size=(b, kv, h // kv, t, t)) < 1 - rate
+  drop_seed = dropout.seed(jax.random.key(9))
+  keep = np.asarray(dropout.keep_mask_from_seed(drop_seed, 1 - rate, (b, kv, h // kv, t, t)))
+  assert 0 < keep.mean() < 1
 
   def lean(q, k, v):
     out = fused_ops.attention(q.reshape(b, t, kv, h // kv, d), k, v, None,
-                              mask[:, None, None, None, :], keep, 1 / math.sqrt(d), None, rate)
+                              mask[:, None, None, None, :], drop_seed, 1 / math.sqrt(d), None,
+                              rate)
     return out.reshape(b, t, h, d)
 
   keep_bhts = keep.reshape(b, h, t, t)
@@ -129,11 +126,11 @@ def test_lean_attention_equals_plain_attention(case):
     _compare({}, impls=("lean", "jax"))
   elif case == "dropout":
     # Both paths draw the same per-element mask from the same rng: equal outputs.
-    _compare({"dropout_rate": 0.3, "dropout_rng": _key(5)})
+    _compare({"dropout_rate": 0.3, "dropout_rng": jax.random.key(5)})
   else:
     bias = jnp.asarray(np.random.default_rng(6).normal(size=(1, 6, 6, 6)), jnp.float32)
     _compare({"causal": True, "window": 3, "logit_softcap": 2.0, "bias": bias,
-              "dropout_rate": 0.2, "dropout_rng": _key(7)}, argnums=(0, 1, 2, 3))
+              "dropout_rate": 0.2, "dropout_rng": jax.random.key(7)}, argnums=(0, 1, 2, 3))
 
 
 def test_lean_attention_fully_masked_rows_and_jax_path_masks():
@@ -203,7 +200,7 @@ def _logits_and_grads(bb, batch, params):
   w = jax.random.normal(jax.random.key(4), (3, 3))
 
   def loss(p):
-    logits = bb.apply(p, batch, train=True, rng=_key(3))
+    logits = bb.apply(p, batch, train=True, rng=jax.random.key(3))
     return jnp.sum(logits * w), logits
   (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return logits, grads
@@ -225,7 +222,7 @@ def test_lean_model_equals_plain_model_outputs_and_gradients(family):
   params = perturb(lean.params, jax.random.key(1), scale=0.05)
   n_layers = lean.config.num_hidden_layers
   # The lean path is really taken: one custom VJP per attention and per GELU in every layer.
-  apply = lambda bb: lambda p: bb.apply(p, batch, train=True, rng=_key(3))  # noqa: E731
+  apply = lambda bb: lambda p: bb.apply(p, batch, train=True, rng=jax.random.key(3))  # noqa: E731
   assert _custom_vjp_calls(apply(lean), params) == 2 * n_layers
   assert _custom_vjp_calls(apply(plain), params) == 0
   ours, g_ours = _logits_and_grads(lean, batch, params)
@@ -238,7 +235,7 @@ def test_lean_layers_inside_rematerialised_blocks():
   """model.remat wraps each block in nn.remat; the lean path is still taken there and agrees."""
   lean, plain, batch = _tiny("bert", remat=True)
   params = perturb(lean.params, jax.random.key(1), scale=0.05)
-  assert _custom_vjp_calls(lambda p: lean.apply(p, batch, train=True, rng=_key(3)), params) == 4
+  assert _custom_vjp_calls(lambda p: lean.apply(p, batch, train=True, rng=jax.random.key(3)), params) == 4
   ours, g_ours = _logits_and_grads(lean, batch, params)
   ref, g_ref = _logits_and_grads(plain, batch, params)
   assert_close(ours, ref, 1e-5, "logits under remat")
@@ -249,7 +246,7 @@ def test_lean_layers_inside_rematerialised_blocks():
   vit = fam.build(cfg, "image_classification", remat=True)
   pixels = fam.dummy_batch(cfg, "image_classification")
   params = jax.eval_shape(functools.partial(vit.init, train=False), jax.random.key(0), pixels)
-  assert _custom_vjp_calls(lambda v: vit.apply(v, pixels, train=True, rngs={"dropout": _key(3)}),
+  assert _custom_vjp_calls(lambda v: vit.apply(v, pixels, train=True, rngs={"dropout": jax.random.key(3)}),
                            params) == 4
 
 
@@ -258,7 +255,7 @@ def test_causal_models_keep_plain_attention_on_cpu():
   bb = models.from_config(models.tiny_config("gpt2"), "causal_lm")
   ids = np.random.default_rng(0).integers(0, 128, (2, 8)).astype(np.int32)
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-  assert _custom_vjp_calls(lambda p: bb.apply(p, batch, train=True, rng=_key(0)), bb.params) == 0
+  assert _custom_vjp_calls(lambda p: bb.apply(p, batch, train=True, rng=jax.random.key(0)), bb.params) == 0
   plain = bb.replace(model=bb.family.build(bb.config, "causal_lm", memory_lean=False))
   # Same jaxpr either way on CPU: the switch only changes encoder attention and exact GELU.
   assert (str(jax.make_jaxpr(lambda p: bb.apply(p, batch))(bb.params))
@@ -267,9 +264,10 @@ def test_causal_models_keep_plain_attention_on_cpu():
 
 def test_lean_training_step_keeps_less_memory():
   """The compiled backward of a BERT layer stack keeps far less with the lean layers: XLA's own
-  buffer assignment for the step, not a timing."""
-  cfg = models.tiny_config("bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=256, max_position_embeddings=128, num_labels=2)
+  buffer assignment for the step, not a timing. Six layers, so what each layer keeps for the
+  backward pass (plain: its (B, H, T, S) probabilities) outweighs one layer's working set."""
+  cfg = models.tiny_config("bert", hidden_size=64, num_hidden_layers=6, num_attention_heads=8,
+                           intermediate_size=128, max_position_embeddings=128, num_labels=2)
   ids = np.random.default_rng(0).integers(1, 128, (8, 128)).astype(np.int32)
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
@@ -279,7 +277,7 @@ def test_lean_training_step_keeps_less_memory():
     bb = lean if memory_lean else _plain(lean)
 
     def loss(p):
-      return jnp.sum(bb.apply(p, batch, train=True, rng=_key(0)))
+      return jnp.sum(bb.apply(p, batch, train=True, rng=jax.random.key(0)))
     compiled = jax.jit(jax.grad(loss)).lower(bb.params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

@@ -215,12 +215,6 @@ def test_missing_attention_mask_means_all_ones(tmp_path):
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def _dropout_key():
-  # XLA:CPU takes seconds to compile threefry bits per dropout shape; the RngBitGenerator key
-  # compiles in a fraction and exercises the same make_rng('dropout') path.
-  return jax.random.key(1, impl="rbg")
-
-
 @pytest.mark.parametrize("name,task", [("bert", "classification"), ("gpt2", "causal_lm"),
                                        ("vit", "image_classification")])
 def test_dropout_in_train_mode_only(tmp_path, name, task):
@@ -233,7 +227,7 @@ def test_dropout_in_train_mode_only(tmp_path, name, task):
   run = module.apply
   eval_out = run(v, batch)
   np.testing.assert_array_equal(eval_out, run(v, batch, train=False))
-  key = {"dropout": _dropout_key()}
+  key = {"dropout": jax.random.key(1)}
   t1 = run(v, batch, train=True, rngs=key)
   np.testing.assert_array_equal(t1, run(v, batch, train=True, rngs=key))
   assert not np.allclose(t1, eval_out)
@@ -248,7 +242,7 @@ def test_remat_keeps_params_and_outputs(tmp_path):
   remat_module, remat_params, _, _ = load(bert, tmp_path, "classification", remat=True)
   assert jax.tree_util.tree_structure(remat_params) == jax.tree_util.tree_structure(params)
   batch = text_batch(0, token_types=True)
-  key = {"dropout": _dropout_key()}
+  key = {"dropout": jax.random.key(1)}
   # Train mode (`train` static under remat): the same dropout stream, so the same values.
   run = lambda m: jax.jit(functools.partial(m.apply, train=True))({"params": params}, batch, rngs=key)
   np.testing.assert_allclose(run(remat_module), run(module), rtol=1e-6, atol=1e-6)

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 import transformers  # noqa: E402
 
-from doran_jax import models, peft_io  # noqa: E402
+from doran_jax import dropout, models, peft_io  # noqa: E402
 from doran_jax.models import hf_io  # noqa: E402
 from doran_jax.adapters import AdapterConfig, apply_adapters, init_adapters  # noqa: E402
 from doran_jax.adapters.core import targets_for  # noqa: E402
@@ -583,7 +583,7 @@ def test_factored_dropout_equals_peft_train_mode(method):
   ours = factored.adapted_apply(lambda params, x, **_: OneDense().apply({"params": params}, x),
                                 params, adapters, cfg, x, rng=rng, train=True)
   key0 = jax.random.fold_in(jax.random.fold_in(rng, factored.DROPOUT_STREAM), 0)
-  keep = torch.tensor(np.asarray(jax.random.bernoulli(key0, 0.5, x.shape), np.float32))
+  keep = torch.tensor(np.asarray(dropout.keep_mask(key0, 0.5, x.shape), np.float32))
 
   class OneLinear(torch.nn.Module):
     def __init__(self):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from doran_jax import dropout as dropout_lib
 from doran_jax import quant
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
@@ -89,8 +90,7 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
   if dropped:
     if dropout_key is None:
       raise ValueError("adapter dropout > 0 in train mode needs an rng: adapted_apply(..., rng=key).")
-    keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, x.shape)
-    x_lora = jnp.where(keep, x / (1.0 - cfg.dropout), 0).astype(x.dtype)
+    x_lora = dropout_lib.apply(x, dropout_key, cfg.dropout)
   # Adapter weights, norms and gains are float32; activation-sized tensors stay in the compute
   # dtype (bf16 on accelerators), as the base path does.
   low = ((x_lora @ a_IxR.astype(dtype)) @ b_RxO.astype(dtype)) * jnp.asarray(cfg.scale, dtype)

@@ -6,9 +6,10 @@ GELU keeps its erf pieces at (B, T, 4d): on MiniLM at batch 32 x 128 tokens that
 CPU training step's memory. Here
 
   attention:  keeps q, k, v, the output, the row max and row sum of the softmax (B, K, G, T, 1),
-              the (small, broadcast) boolean masks and the boolean dropout mask, and recomputes
-              the probabilities in the backward pass (FlashAttention's recomputation, untiled:
-              encoder sequences fit), with D = rowsum(dO ∘ O) for the softmax backward;
+              the (small, broadcast) boolean masks and the dropout mask's 64-bit seed, and
+              recomputes the probabilities and the dropout mask (doran_jax.dropout) in the
+              backward pass (FlashAttention's recomputation, untiled: encoder sequences fit),
+              with D = rowsum(dO ∘ O) for the softmax backward;
   gelu:       x·Φ(x) with Φ from erf (PyTorch's form), keeping only x.
 
 The forward ops are those of `layers.dot_product_attention`'s plain path in the same order, so
@@ -26,6 +27,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from doran_jax import dropout as dropout_lib
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -101,22 +104,14 @@ def _unbroadcast(x, shape):
   return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
 
 
-def _pack(keep):
-  """The dropout mask as 8 keys per byte for the backward pass.
-
-  Kept as bools, XLA fuses the comparison that makes them into both passes and stores the 32-bit
-  random bits instead: as much as a float32 probability tensor. Packed bits materialise, 1/32
-  of that.
-  """
-  return None if keep is None else jnp.packbits(keep, axis=-1)
-
-
-def _unpack(packed, s):
-  return None if packed is None else jnp.unpackbits(packed, axis=-1, count=s).astype(bool)
+def _keep(drop_seed, shape, rate):
+  """The dropout mask (True = kept) for a seed, or None without dropout."""
+  return None if drop_seed is None else dropout_lib.keep_mask_from_seed(drop_seed, 1.0 - rate,
+                                                                         shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, keep, scale, softcap, rate):
+def attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, drop_seed, scale, softcap, rate):
   """softmax(cap·tanh(q·kᵀ·scale / cap) + bias, masked) with dropout, times v; grouped heads.
 
   Args:
@@ -124,7 +119,8 @@ def attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, keep, scale, softca
     k_BxSxKxD, v_BxSxKxD: keys and values.
     bias: float, broadcastable to (B, K, G, T, S), or None.
     mask: bool, broadcastable to (B, K, G, T, S), True = attend; or None.
-    keep: bool dropout mask (B, K, G, T, S) (True = kept), or None for no dropout.
+    drop_seed: `doran_jax.dropout.seed(key)` of the dropout mask over (B, K, G, T, S), or None
+      for no dropout.
     scale: score scale (static).
     softcap: logit soft cap or None (static).
     rate: dropout rate the kept probabilities are rescaled by (static).
@@ -132,12 +128,13 @@ def attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, keep, scale, softca
   Returns:
     (B, T, K, G, D) outputs in v's dtype.
   """
-  return _attention_fwd(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, keep, scale, softcap,
-                        rate)[0]
+  return _attention_fwd(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias, mask, drop_seed, scale,
+                        softcap, rate)[0]
 
 
-def _attention_fwd(q, k, v, bias, mask, keep, scale, softcap, rate):
+def _attention_fwd(q, k, v, bias, mask, drop_seed, scale, softcap, rate):
   s, _ = _scores(q, k, bias, mask, scale, softcap)
+  keep = _keep(drop_seed, s.shape, rate)
   # jax.nn.softmax's ops: exp(s - max) / sum.
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
@@ -146,13 +143,15 @@ def _attention_fwd(q, k, v, bias, mask, keep, scale, softcap, rate):
   o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
   # m and l rather than their log-sum-exp: m + log(l) loses log(l) next to a masked row's
   # -3.4e38, and the recomputed e / l is then bit-identical to the forward's.
-  return o, (q, k, v, bias, mask, _pack(keep), o, m, l)
+  return o, (q, k, v, bias, mask, drop_seed, o, m, l)
 
 
 def _attention_bwd(scale, softcap, rate, res, do):
-  q, k, v, bias, mask, packed, o, m, l = res
-  keep = _unpack(packed, k.shape[1])
+  q, k, v, bias, mask, drop_seed, o, m, l = res
   s, tanh = _scores(_after(q, do), k, bias, mask, scale, softcap)
+  # Tied to the cotangent like the scores, so XLA recomputes the mask here rather than keeping
+  # the forward's.
+  keep = _keep(None if drop_seed is None else _after(drop_seed, do), s.shape, rate)
   p = jnp.exp(s - m) / l
   dv = jnp.einsum("bkgts,btkgd->bskd", _dropped(p, keep, rate).astype(v.dtype), do,
                   preferred_element_type=jnp.float32)

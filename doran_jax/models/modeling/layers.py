@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from doran_jax import dropout as dropout_lib
 from doran_jax import quant
 from doran_jax.models.modeling import fused_ops
 
@@ -135,7 +136,8 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
     bias: added to the scaled scores, broadcastable to (B, H, T, S) (head axis 1 or H).
     dropout_rate, dropout_rng: dropout on the probabilities (PyTorch's: per element, scaled by
       1 / (1 - rate)); applied only when both rate > 0 and an rng are given. The 'xla' and
-      'lean' paths draw the same mask from the same rng.
+      'lean' paths draw the same mask from the same rng (`doran_jax.dropout.keep_mask` of
+      shape (B, K, G, T, S)).
     scale: score scale; 1 / sqrt(D) when None.
     logit_softcap: scores -> cap * tanh(scores / cap) before masking (Gemma 2).
     window: sliding window: a query also only sees keys s > t + (S - T) - window.
@@ -196,12 +198,12 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   if causal or window is not None:
     allowed_TxS = _allowed(t, s, causal, window)
     keep = allowed_TxS if keep is None else keep & allowed_TxS
-  kept = None
-  if dropout:
-    kept = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, kv, g, t, s))
+  # The dropout mask is a keyed hash of each element's index (doran_jax.dropout): both paths
+  # draw the same mask, and the lean path recomputes it in the backward pass from the seed.
+  drop_seed = dropout_lib.seed(dropout_rng) if dropout else None
 
   if implementation == "lean":
-    out = fused_ops.attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, kept, scale,
+    out = fused_ops.attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, drop_seed, scale,
                               logit_softcap, float(dropout_rate))
     return out.reshape(b, t, h, d).astype(out_dtype)
 
@@ -215,7 +217,8 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   if keep is not None:
     scores = jnp.where(keep, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1)
-  if kept is not None:
+  if dropout:
+    kept = dropout_lib.keep_mask_from_seed(drop_seed, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(kept, probs / (1.0 - dropout_rate), 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
   return out.reshape(b, t, h, d).astype(out_dtype)
@@ -387,5 +390,4 @@ def dropout(rate: float, x, module: nn.Module, train: bool):
   """Dropout on `x` from the module's 'dropout' rng stream in train mode; identity otherwise."""
   if not train or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+  return dropout_lib.apply(x, module.make_rng("dropout"), rate)
