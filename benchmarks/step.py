@@ -4,6 +4,7 @@ r"""Times complete jitted training steps (forward, backward, AdamW) and prints o
   python benchmarks/step.py --method dora --model minilm --batch 32 --seq 128 --rank 8 --steps 30
   python benchmarks/step.py --method doran --model bert-base --mode factored
   python benchmarks/step.py --method dora --model minilm --quantize nf4      # QDoRA (factored)
+  python benchmarks/step.py --method dora --profile 3    # + where the step's time goes
 
 Models: minilm (the real all-MiniLM-L6-v2), bert-base (BERT-base sizes, random weights),
 vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-1b (LLaMA-shaped, random). Inputs are random
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 from doran_jax import config_lib, models, quant, sharding  # noqa: E402
 from doran_jax.adapters import count_params  # noqa: E402
 
-from benchmarks import matmul_probe  # noqa: E402
+from benchmarks import matmul_probe, thunk_profile  # noqa: E402
 
 from doran_jax import run as run_lib  # noqa: E402
 
@@ -194,6 +195,9 @@ def main(argv=None):
   p.add_argument("--peak-gflops", type=float, default=None, help="machine peak to report the fraction")
   p.add_argument("--matmul-probe", action="store_true",
                  help="also time the step's own matmul shapes alone (matmul_gflops, fraction_of_matmul)")
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="after timing, trace N more steps and print where the time goes "
+                      "(benchmarks/thunk_profile.py)")
   p.add_argument("--tag", default=None)
   args = p.parse_args(argv)
 
@@ -243,6 +247,9 @@ def main(argv=None):
   if args.peak_gflops:
     result["fraction_of_peak"] = result["achieved_gflops"] / args.peak_gflops
   print(json.dumps(result), flush=True)
+  if args.profile:
+    prof = thunk_profile.profile(compiled, (state, run.frozen, device_batches[0]), args.profile)
+    print(thunk_profile.markdown(prof), flush=True)
 
 
 if __name__ == "__main__":

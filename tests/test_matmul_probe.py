@@ -51,3 +51,28 @@ def test_matmul_rate_times_what_it_found():
 
 def test_cpu_model_is_named():
   assert matmul_probe.cpu_model().strip()
+
+
+def test_thunk_profile_groups_a_train_step_by_pass_scope_and_kind():
+  """benchmarks/thunk_profile.py on a tiny donated 'train step' with a named scope."""
+  from benchmarks import thunk_profile
+
+  def step(w_DxD, x_BxD):
+    def loss(w):
+      with jax.named_scope("block"):
+        return jnp.sum(jnp.tanh(x_BxD @ w) ** 2)
+    g = jax.grad(loss)(w_DxD)
+    return w_DxD - 0.1 * g, loss(w_DxD)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 128)), jnp.float32)
+  w = jnp.eye(128, dtype=jnp.float32)
+  compiled = jax.jit(step, donate_argnums=(0,)).lower(w, x).compile()
+  result = thunk_profile.profile(compiled, (w, x), steps=2)
+  assert result["wall_s"] > 0 and 0 < result["thunk_s"]
+  passes = {r[0] for r in result["rows"]}
+  assert {"forward", "backward"} <= passes
+  assert any("block" in r[1] for r in result["rows"])
+  assert all(r[3] >= 0 for r in result["rows"])
+  assert result["rows"] == sorted(result["rows"], key=lambda r: -r[3])
+  table = thunk_profile.markdown(result)
+  assert table.count("\n|") >= 3 and "ms / step" in table
