@@ -30,20 +30,57 @@ _SKIP = ("$", "Pjit", "Common", "end:", "Slinky", "Thunk", "Threadpool", "Python
          "Handle", "Parse", "Wait")
 
 
+def _scope(op_name: str) -> tuple[str, str]:
+  """(pass, module scope) of an op_name: 'jit(step)/transpose(jvp(M))/bert/encoder/layer/4/
+  attention/self/jit(_where)/select_n' -> ('backward', 'attention/self')."""
+  backward = "transpose(" in op_name
+  parts = [p for p in re.sub(r"\w+\(|\)", "", op_name).split("/")
+           if p and not p.startswith("_") and p not in ("step", "closed_call")]
+  parts = parts[:-1] or parts   # the op itself
+  if "layer" in parts:          # per-layer ops fold into one row: the path inside the block
+    i = parts.index("layer")
+    parts = parts[i + 2:] or parts[i:i + 1]
+  return ("backward" if backward else "forward", "/".join(parts[-3:]) or "?")
+
+
 def _scopes(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """instruction name -> (pass, scope) from the compiled HLO's op_name metadata."""
-  out = {}
+  """instruction name -> (pass, scope), from its op_name or, for a fusion without one, from the
+  first op_name inside the computations it calls (`calls=`, `to_apply=`)."""
+  first_op, callees, computation, out, calls = {}, {}, None, {}, {}
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+    head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+    if head and line.rstrip().endswith("{"):
+      computation = head.group(1)
+      continue
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
     if not m:
       continue
-    name, op = m.groups()
-    backward = "transpose(" in op
-    op = re.sub(r"jit\([^)]*\)/|jvp\(|transpose\(|\)", "", op)
-    op = re.sub(r"/\d+/", "/N/", op)
-    parts = [p for p in op.split("/") if p and not p.startswith(("jit", "closed_call"))]
-    scope = "/".join(parts[-4:-1]) if len(parts) > 1 else (parts[0] if parts else "?")
-    out[name] = ("backward" if backward else "forward", scope)
+    op = re.search(r'op_name="([^"]+)"', line)
+    called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line)
+    if computation:
+      callees.setdefault(computation, []).extend(called)
+    if op and "/" in op.group(1):
+      out[m.group(1)] = _scope(op.group(1))
+      if computation:
+        first_op.setdefault(computation, out[m.group(1)])
+    elif called:
+      calls[m.group(1)] = called
+
+  def resolve(comp, depth=0):
+    if comp in first_op or depth > 8:
+      return first_op.get(comp)
+    for c in callees.get(comp, []):
+      found = resolve(c, depth + 1)
+      if found:
+        return found
+    return None
+
+  for name, called in calls.items():
+    for c in called:
+      found = resolve(c)
+      if found:
+        out.setdefault(name, found)
+        break
   return out
 
 
