@@ -10,6 +10,8 @@ config file otherwise unchanged):
   generator_fixed_tau   the shared generator, τ held at tau_init (learn_tau=False, noise_std=0)
   doran_model           DoRAN as shipped (generator share='model', learnable τ, noise 0.1)
   doran_block           DoRAN with share='block' (the paper's figure: q and v of a block share)
+  dora_tau0.5_noise     dora_tau_noise with tau_init 0.5 instead of 0.01: a τ large enough to
+                        change the denominator (MiniLM's column norms are 0.5-8)
 Scores: eval accuracy (SST-2) / MCC (CoLA) mean ± std over seeds; stability as the paper frames
 it: seed-to-seed spread (max − min), loss spikes (steps whose loss exceeds 2× the median of the
 20 steps before; analysis.SPIKE_FACTOR / SPIKE_WINDOW), and the gradient-norm variance over
@@ -55,6 +57,12 @@ VARIANTS = {
                              {"adapter.learn_tau": False, "adapter.noise_std": 0.0}),
     "doran_model": V("doran_model", "doran", {"adapter.share": "model"}),
     "doran_block": V("doran_block", "doran", {"adapter.share": "block"}),
+    # τ = 0.01 is about 1% of MiniLM's column norms (0.5-8), so the variants above barely move
+    # DoRA's denominator; τ0 = 0.5 is a third to a half of them: the gain m / (n + τ) then sits
+    # between DoRA's (τ -> 0) and LoRA's (τ -> ∞, gain -> 1), and the noise on it is ~3%.
+    "dora_tau0.5_noise": V("dora_tau0.5_noise", "doran", {"adapter.generator": False,
+                                                          "adapter.tau_init": 0.5,
+                                                          "adapter.noise_std": 0.1}),
 }
 TASKS = {"sst2": ("sst2.py", "accuracy"), "cola": ("cola.py", "mcc")}
 
