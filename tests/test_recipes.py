@@ -146,11 +146,13 @@ def test_run_experiment_reports_the_linear_probe_and_the_frozen_baseline_at_its_
   assert results["lr"] == 2e-3 and results["baselines"]["frozen"]["lr"] == 5e-2
 
 
+@pytest.mark.parametrize("config_module", [cola, default], ids=["cola", "default"])
 @pytest.mark.parametrize("method", ["lora", "dyndora", "frozen"])
-def test_cola_trains_the_pooler_in_full_with_the_head(method):
-  """configs/cola.py's head is BERT's counterpart of RoBERTa's classification head (pooler dense
-  + classifier), trained in full for every method; the adapters' targets stay the block linears."""
-  c = cola.get_config(f"method={method}")
+def test_head_trains_the_pooler_in_full(config_module, method):
+  """configs/cola.py's and configs/default.py's head is BERT's counterpart of RoBERTa's
+  classification head (pooler dense + classifier), trained in full for every method; the
+  adapters' targets stay the block linears."""
+  c = config_module.get_config(f"method={method}")
   bb = models.from_config(models.tiny_config("bert"), "classification")
   m = method_registry.get(method)
   head, frozen = split_params(bb.params, m.trains_backbone, run_lib.head_regex(c, bb, m))
