@@ -63,7 +63,8 @@ def add_flags(p: argparse.ArgumentParser, *, config: str, lrs: str, seeds: str, 
                  help="seeds that run the whole lr grid; the other --seeds then run only at each "
                       "variant's best lr over these (default: every seed at every lr)")
   p.add_argument("--steps", type=int, default=steps, help="0: the config's num_epochs")
-  p.add_argument("--epochs", type=float, default=0.0, help="> 0: overrides the config's epochs")
+  p.add_argument("--epochs", type=float, default=0.0,
+                 help="> 0: train this many epochs (overrides --steps and the config's epochs)")
   p.add_argument("--limit", type=int, default=limit, help="training subset (0: all)")
   p.add_argument("--eval-limit", type=int, default=eval_limit, help="eval subset (0: all)")
   p.add_argument("--batch", type=int, default=0, help="0: the config's batch size")
@@ -96,14 +97,15 @@ def point_config(module, variant: Variant, lr: float, seed: int, args):
       config_lib.set_path(config, path, value)
     config.seed = seed
     config.optim.lr = float(lr)
-    if args.steps:
+    if args.epochs:   # wins over --steps, which some scripts default to a step count
+      config.num_epochs = args.epochs
+      config.num_steps = 0
+    elif args.steps:
       config.num_steps = args.steps
       if config.optim.get("warmup_ratio", None) is None and config.optim.warmup_steps > args.steps:
         # A point shorter than the config's warm-up (a smoke run) warms up over a tenth of its
         # steps: validation rejects a warm-up longer than the run.
         config.optim.warmup_steps = args.steps // 10
-    if args.epochs:
-      config.num_epochs = args.epochs
     if args.batch:
       config.batch_size = args.batch
     if args.max_length:
@@ -261,8 +263,8 @@ def settings_line(args, module_name: str) -> str:
   seeds = (f"lrs {args.lrs} on seeds {args.tune_seeds}, then seeds {args.seeds} at each variant's "
            f"best lr over those" if args.tune_seeds else f"lrs {args.lrs}, seeds {args.seeds}")
   return (f"config {module_name}, {seeds}, "
-          + (f"{args.steps} steps" if args.steps else
-             (f"{args.epochs:g} epochs" if args.epochs else "the config's epochs"))
+          + (f"{args.epochs:g} epochs" if args.epochs else
+             (f"{args.steps} steps" if args.steps else "the config's epochs"))
           + (f", batch {args.batch}" if args.batch else "")
           + (f", max_length {args.max_length}" if args.max_length else "")
           + f", train subset {args.limit or 'all'}, eval subset {args.eval_limit or 'all'}.")

@@ -20,6 +20,23 @@ def test_loss_spikes_against_a_hand_count():
   assert stats["grad_norm_var"] == pytest.approx(np.var(np.linspace(1, 3, len(losses))))
 
 
+def test_epochs_win_over_a_scripts_default_step_count():
+  # study_doran_ablation defaults --steps to 60: '--epochs 2' alone must train 2 epochs, not 60
+  # steps (it silently did).
+  import argparse
+
+  from configs import sst2
+  p = argparse.ArgumentParser()
+  grid.add_flags(p, config="", lrs="1e-3", seeds="0", steps=60, limit=0, eval_limit=0, name="x")
+  variant = grid.Variant("lora", "lora")
+  args = p.parse_args(["--epochs", "2"])
+  config = grid.point_config(sst2, variant, 1e-3, 0, args)
+  assert config.num_epochs == 2.0 and config.num_steps == 0
+  assert "2 epochs" in grid.settings_line(args, "sst2.py")
+  config = grid.point_config(sst2, variant, 1e-3, 0, p.parse_args([]))
+  assert config.num_steps == 60 and "60 steps" in grid.settings_line(p.parse_args([]), "sst2.py")
+
+
 def test_best_lr_per_variant_is_the_highest_mean():
   rows = [{"variant": "a", "method": "lora", "lr": lr, "seed": s, "status": "ok", "mcc": m,
            "loss_spikes": k, "grad_norm_var": 0.1}
