@@ -16,8 +16,12 @@ accuracy; docs/results/lr_sweep_default.md):
       --lrs 3e-3,1e-2,3e-2 --seeds 0,1,2 --tune-seeds 0 --name lr_sweep_default
   doran   3e-3: 0.837 +- 0.004 (1e-2: 0.835, 3e-2: majority class; seed 0)
   frozen  3e-2: 0.772 +- 0.014 (3e-3: 0.768, 1e-2: 0.771, 1e-1: 0.762; seed 0)
-lora, dora and dyndora: seed 0 only (--methods lora,dora,dyndora --seeds 0 --resume; lora and
-dora also at 1e-3 and 3e-4): dyndora 1e-2: 0.857 (3e-3: 0.841, 3e-2: 0.811); dora 1e-3: 0.845
+lora, dora and dyndora, seed 0 only:
+  python scripts/lr_sweep.py --config configs/default.py --methods lora,dora,dyndora \
+      --lrs 3e-3,1e-2,3e-2 --seeds 0 --name lr_sweep_default --resume
+  python scripts/lr_sweep.py --config configs/default.py --methods lora,dora \
+      --lrs 3e-4,1e-3 --seeds 0 --name lr_sweep_default --resume
+dyndora 1e-2: 0.857 (3e-3: 0.841, 3e-2: 0.811); dora 1e-3: 0.845
 (3e-4: 0.738, 3e-3: 0.826, 1e-2: 0.817, 3e-2: 0.466); lora 1e-3: 0.841 (3e-4: 0.735, 3e-3:
 0.811, 1e-2: 0.808, 3e-2: majority class).
 The linear_probe baseline (logistic regression on frozen mean-pooled features, fitted to

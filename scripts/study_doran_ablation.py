@@ -24,7 +24,7 @@ training (global norm before clipping), both averaged over seeds.
   python scripts/study_doran_ablation.py --tasks cola --variants lora,dora_tau --lrs 1e-3 --seeds 0
   python scripts/study_doran_ablation.py --smoke --out /tmp/abl   # 2 variants, 3 steps, 32 examples
 
-Defaults: 63 runs per task (7 variants × lrs 3e-4, 1e-3, 3e-3 × seeds 0, 1, 2) of 60 steps at
+Defaults: 72 runs per task (8 variants × lrs 3e-4, 1e-3, 3e-3 × seeds 0, 1, 2) of 60 steps at
 batch 16, max_length 32, dev subset 512, the config's targets. Cost measured 2026-12-02 on the
 2-core AMD EPYC while other jobs ran (load average ~7-9): one 40-step DoRAN point on SST-2 took
 97 s (0.84 s per step + start-up and compilation, which the on-disk compile cache shares

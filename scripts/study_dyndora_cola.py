@@ -63,6 +63,21 @@ def rank_dir(args) -> str:
   return os.path.join(args.runs, "ranks")
 
 
+def rank_source(best: dict, rows: list[dict], ranks: str):
+  """(seed, file stem) of the rank report to publish for a variant at its best lr: the lowest
+  seed of the CSV whose report is still in the scratch folder (a --resume that adds seeds 3, 4
+  must not pass off seed 3 as the --seeds' first), or None (not pruned, or no report left)."""
+  seeds = sorted({int(r["seed"]) for r in rows
+                  if r["variant"] == best["variant"] and float(r["lr"]) == best["best_lr"]})
+  for seed in seeds:
+    stem = os.path.join(ranks, f"{best['variant']}_lr{best['best_lr']:g}_seed{seed}")
+    if os.path.exists(stem + ".png") and os.path.exists(stem + ".md"):
+      if seed != seeds[0]:
+        print(f"rank report: seed {seeds[0]}'s is no longer in {ranks}; publishing seed {seed}'s")
+      return seed, stem
+  return None
+
+
 def inspect(args):
   """Stored parameters of every run; DynDoRA's live ranks table and plot kept per (lr, seed)."""
   def hook(variant, lr, seed, run, results):
@@ -126,14 +141,13 @@ def main(argv=None):
           f"{grid.settings_line(args, 'configs/cola.py')} The best lr is chosen on the dev "
           f"split it is scored on.\n\n{grid.markdown_best(best, 'mcc')}\n\n"
           + "\n".join(lines) + f"\n\n![]({args.name}.png)\n")
-  seed = grid.parse_list(args.seeds, int)[0]
-  stem_of = lambda b: os.path.join(rank_dir(args), f"{b['variant']}_lr{b['best_lr']:g}_seed{seed}")
-  dyn = [b for b in best if os.path.exists(stem_of(b) + ".png")]   # the pruned variants
+  sources = [(b, rank_source(b, rows, rank_dir(args))) for b in best]
+  dyn = [(b, src) for b, src in sources if src]   # the pruned variants
   if dyn:
-    stem = stem_of(dyn[0])
+    b, (seed, stem) = dyn[0]
     shutil.copyfile(stem + ".png", os.path.join(args.out, f"{args.name}_ranks.png"))
     with open(stem + ".md") as f:
-      text += (f"\n{dyn[0]['variant']} live ranks per adapted kernel (lr {dyn[0]['best_lr']:g}, "
+      text += (f"\n{b['variant']} live ranks per adapted kernel (lr {b['best_lr']:g}, "
                f"seed {seed}; ![]({args.name}_ranks.png)):\n\n" + f.read())
   with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
     f.write(text)

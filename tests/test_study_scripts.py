@@ -1,9 +1,12 @@
 """The lr sweep and the two studies at smoke scale (real MiniLM, a few steps, tiny subsets), and
 the stability measures they report (loss spikes, gradient-norm variance) on hand-made histories."""
 
+import argparse
+
 import numpy as np
 import pytest
 
+from configs import sst2
 from doran_jax import analysis
 from scripts import grid, lr_sweep, study_doran_ablation, study_dyndora_cola
 
@@ -23,9 +26,6 @@ def test_loss_spikes_against_a_hand_count():
 def test_epochs_win_over_a_scripts_default_step_count():
   # study_doran_ablation defaults --steps to 60: '--epochs 2' alone must train 2 epochs, not 60
   # steps (it silently did).
-  import argparse
-
-  from configs import sst2
   p = argparse.ArgumentParser()
   grid.add_flags(p, config="", lrs="1e-3", seeds="0", steps=60, limit=0, eval_limit=0, name="x")
   variant = grid.Variant("lora", "lora")
@@ -35,6 +35,21 @@ def test_epochs_win_over_a_scripts_default_step_count():
   assert "2 epochs" in grid.settings_line(args, "sst2.py")
   config = grid.point_config(sst2, variant, 1e-3, 0, p.parse_args([]))
   assert config.num_steps == 60 and "60 steps" in grid.settings_line(p.parse_args([]), "sst2.py")
+
+
+def test_rank_report_comes_from_the_lowest_seed_still_on_disk(tmp_path):
+  rows = [{"variant": "dyndora", "lr": 1e-3, "seed": s} for s in (4, 3, 0)] + \
+         [{"variant": "dyndora", "lr": 3e-3, "seed": 1}]
+  best = {"variant": "dyndora", "best_lr": 1e-3}
+  assert study_dyndora_cola.rank_source(best, rows, str(tmp_path)) is None
+  for seed in (3, 4):
+    for ext in (".png", ".md"):
+      (tmp_path / f"dyndora_lr0.001_seed{seed}{ext}").write_text("x")
+  assert study_dyndora_cola.rank_source(best, rows, str(tmp_path)) == (
+      3, str(tmp_path / "dyndora_lr0.001_seed3"))
+  for ext in (".png", ".md"):
+    (tmp_path / f"dyndora_lr0.001_seed0{ext}").write_text("x")
+  assert study_dyndora_cola.rank_source(best, rows, str(tmp_path))[0] == 0
 
 
 def test_best_lr_per_variant_is_the_highest_mean():
