@@ -228,7 +228,7 @@ def markdown_best(best: Sequence[dict], metric: str) -> str:
     counts = b["grid_runs"]
     per_lr = len(set(counts.values())) > 1   # say how many seeds stand behind each mean
     grid = ", ".join(f"{lr:g}: {m:.3f}" + (f" ({counts[lr]})" if per_lr else "")
-                     for lr, m in b["grid"].items())
+                     for lr, m in sorted(b["grid"].items()))
     lines.append(f"| {b['variant']} | {b['best_lr']:g} | {analysis.mean_std_text(b['mean'], b['std'], b['runs'] - b['nan'])} | "
                  f"{b['spread']:.3f} | {b['runs']} ({b['chance']}, {b['nan']}) | "
                  f"{b['loss_spikes']:.1f} | {b['grad_norm_var']:.3g} | {grid} |")

@@ -95,6 +95,10 @@ def test_tune_seeds_pick_the_lr_then_the_other_seeds_run_only_there(monkeypatch,
       "a": 3e-3, "b": 3e-3}
   table = grid.markdown_best(list(best.values()), "mcc")
   assert "0.001: 0.267 (3), 0.003: 0.400 (1)" in table
+  # The grid column reads in lr order whatever order the points ran in (--resume adds lrs late).
+  late = [r for r in rows if r["lr"] == 3e-3] + [r for r in rows if r["lr"] == 1e-3]
+  (b_late,) = [b for b in grid.best_by_variant(late, "mcc", ["b"], tune_seeds=[0])]
+  assert "| 0.001: 0.100 (1), 0.003: 0.333 (3) |" in grid.markdown_best([b_late], "mcc")
   with pytest.raises(ValueError, match="must be among --seeds"):
     grid.tune_seeds(grid.argparse.Namespace(seeds="0,1", tune_seeds="5"))
 
