@@ -22,18 +22,19 @@ mean over seeds 0-4 at 1e-3, seed 0 elsewhere):
   lora     3e-4: 0.131 (seed 0)   1e-3: 0.148 ± 0.047   3e-3: 0.000 (seed 0, majority class)
   dyndora  3e-4: 0.000 (seed 0)    1e-3: 0.134 ± 0.038   3e-3: 0.081 (seed 0)
 dora and doran from the DoRAN ablation (docs/results/study_doran_ablation_cola.md, 2026-12-03;
-mean over seeds 0-2 at 3e-4, seed 0 elsewhere), which also re-ran lora on today's code:
+mean over seeds 0-2 at 3e-4 and at doran's 1e-4, seed 0 elsewhere), which also re-ran lora on today's code:
   python scripts/study_doran_ablation.py --tasks cola --epochs 2 --eval-limit 0 \
       --variants lora,dora --lrs 3e-4,1e-3 --seeds 0
   python scripts/study_doran_ablation.py --tasks cola --epochs 2 --eval-limit 0 \
       --variants lora,dora,doran_model --lrs 3e-4 --seeds 0,1,2 --resume
   python scripts/study_doran_ablation.py --tasks cola --epochs 2 --eval-limit 0 \
       --variants doran_model --lrs 1e-4,1e-3 --seeds 0 --resume
+  python scripts/study_doran_ablation.py --tasks cola --epochs 2 --eval-limit 0 \
+      --variants doran_model --lrs 1e-4 --seeds 1,2 --resume
   lora     3e-4: 0.183 ± 0.017   1e-3: 0.182 (seed 0; a tie with 3e-4's 0.183 on seed 0)
   dora     3e-4: 0.178 ± 0.017   1e-3: 0.000 (seed 0, majority class)
-  doran    1e-4: 0.151 (seed 0)   3e-4: 0.142 ± 0.018   1e-3: 0.000 (seed 0, majority class)
-lora keeps 1e-3, the lr its 5-seed comparison with dyndora ran at (on seed 0 the two lrs tie);
-doran takes 1e-4, its best on seed 0 (by less than its seed spread; 1e-4 on seeds 1, 2 not run).
+  doran    1e-4: 0.156 ± 0.020   3e-4: 0.142 ± 0.018   1e-3: 0.000 (seed 0, majority class)
+lora keeps 1e-3, the lr its 5-seed comparison with dyndora ran at (on seed 0 the two lrs tie).
 frozen (the pooler and classifier trained, the backbone frozen), one seed per lr:
   python scripts/lr_sweep.py --config configs/cola.py --metric mcc --methods frozen \
       --lrs 3e-4,3e-3,3e-2,1e-1,3e-1 --seeds 0 --epochs 2 --batch 16 --max-length 32 \
