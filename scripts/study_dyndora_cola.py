@@ -63,6 +63,11 @@ def rank_dir(args) -> str:
   return os.path.join(args.runs, "ranks")
 
 
+def rank_stem(ranks: str, variant: str, lr: float, seed: int) -> str:
+  """Path stem (no extension) of one run's rank table and plot in the scratch folder."""
+  return os.path.join(ranks, f"{variant}_lr{lr:g}_seed{seed}")
+
+
 def rank_source(best: dict, rows: list[dict], ranks: str):
   """(seed, file stem) of the rank report to publish for a variant at its best lr: the lowest
   seed of the CSV whose report is still in the scratch folder (a --resume that adds seeds 3, 4
@@ -70,7 +75,7 @@ def rank_source(best: dict, rows: list[dict], ranks: str):
   seeds = sorted({int(r["seed"]) for r in rows
                   if r["variant"] == best["variant"] and float(r["lr"]) == best["best_lr"]})
   for seed in seeds:
-    stem = os.path.join(ranks, f"{best['variant']}_lr{best['best_lr']:g}_seed{seed}")
+    stem = rank_stem(ranks, best["variant"], best["best_lr"], seed)
     if os.path.exists(stem + ".png") and os.path.exists(stem + ".md"):
       if seed != seeds[0]:
         print(f"rank report: seed {seeds[0]}'s is no longer in {ranks}; publishing seed {seed}'s")
@@ -84,7 +89,7 @@ def inspect(args):
     adapters = jax.device_get(results["state"].trainable["adapters"])
     if "live_ranks" not in results:  # no rank allocation: every stored component is live
       return {"adapter_params_stored": count_params(adapters), "mean_rank": run.adapter_cfg.rank}
-    stem = os.path.join(rank_dir(args), f"{variant.name}_lr{lr:g}_seed{seed}")
+    stem = rank_stem(rank_dir(args), variant.name, lr, seed)
     report = analysis.rank_report(adapters, stem + ".png")
     with open(stem + ".md", "w") as f:
       f.write("\n".join(l for l in report.splitlines() if not l.startswith("plot:")) + "\n")
