@@ -353,7 +353,11 @@ def test_remat_decoder_gives_the_same_logits_and_gradients():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   (l_plain, g_plain), (l_remat, g_remat) = grads(plain), grads(remat)
-  np.testing.assert_allclose(l_remat, l_plain, rtol=1e-6)
+  # The loss is a sum of ~2,000 signed terms that largely cancel: compare it to their magnitude
+  # (float32 rounding of such a sum is ~1e-7 of it).
+  terms = plain.apply(params, batch, train=True, rng=jax.random.key(3)) * w
+  assert abs(float(l_remat) - float(l_plain)) <= 1e-6 * float(jnp.sum(jnp.abs(terms))), (
+      l_remat, l_plain)
   for a, b in zip(jax.tree_util.tree_leaves(g_remat), jax.tree_util.tree_leaves(g_plain)):
     # Recomputation reorders float32 sums: agree to 1e-5 of each gradient's scale.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))

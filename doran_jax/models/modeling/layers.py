@@ -36,9 +36,6 @@ Dtype = Any
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-# Masked scores get the most negative float32 rather than -inf: a row with every key masked
-# (a padded query) then softmaxes to uniform weights instead of NaN, as PyTorch's eager path does.
-_MASKED = float(jnp.finfo(jnp.float32).min)
 IMPLEMENTATIONS = ("xla", "lean", "jax", "cudnn")
 
 
@@ -207,20 +204,12 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
                               logit_softcap, float(dropout_rate))
     return out.reshape(b, t, h, d).astype(out_dtype)
 
-  scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                      preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) * jnp.float32(scale)
-  if logit_softcap:
-    scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-  if bias_5d is not None:
-    scores = scores + bias_5d
-  if keep is not None:
-    scores = jnp.where(keep, scores, _MASKED)
+  scores, _ = fused_ops.scores(q_BxTxKxGxD, k_BxSxKxD, bias_5d, keep, scale, logit_softcap)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout:
     kept = dropout_lib.keep_mask_from_seed(drop_seed, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(kept, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+  out = fused_ops.weighted_values(probs, v_BxSxKxD)
   return out.reshape(b, t, h, d).astype(out_dtype)
 
 
