@@ -92,6 +92,7 @@ def _heads_major(q_BxTxKxGxD):
 
 
 def _kv_major(x_BxSxKxD):
+  """(B, S, K, D) -> (B, K, S, D)."""
   return jnp.transpose(x_BxSxKxD, (0, 2, 1, 3))
 
 
