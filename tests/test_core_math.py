@@ -221,7 +221,9 @@ def test_hypernetwork_gradient_joins_targets_without_padding(tiny_backbones):
 
   def per_target(h):
     gen = {k: v for k, v in h["32x32"].items() if k != "embeddings"}
-    return {t.path: hypernet._generate_one(h["32x32"]["embeddings"][i], gen, 32, 32, 4, jnp.tanh)
+    act = hypernet.ACTIVATIONS[cfg.hyper_activation]
+    return {t.path: hypernet._generate_one(h["32x32"]["embeddings"][i], gen, t.d_in, t.d_out,
+                                           cfg.rank, act)
             for i, t in enumerate(tg)}
 
   grad = jax.jit(jax.grad(lambda h: loss(hypernet.generate(h, tg, cfg))))
