@@ -27,11 +27,13 @@ from doran_jax.errors import RunMismatchError
 RECORD = "run.json"
 RESULTS = "results.json"
 RESUME_MODES = ("auto", "force")
-# Config keys (or whole sections) that do not change what is trained.
+# Config keys (or whole sections) that do not change what is trained. adapter.mode is how the
+# adapted layers are computed (the same values to float rounding), like remat: a run started in
+# one mode resumes in the other (runs from before factored became the default included).
 NOT_IDENTITY = (
     "workdir", "resume", "log_every", "progress_bar", "tensorboard", "checkpoint", "export",
     "baselines", "generate", "eval_batch_size", "mesh", "sharding_rules", "distributed",
-    "model.remat", "model.fused_layers", "data.eval_split", "data.eval_limit",
+    "model.remat", "model.fused_layers", "adapter.mode", "data.eval_split", "data.eval_limit",
 )
 # Values compared as absolute paths, so `../data` and `/work/data` are the same run.
 PATH_KEYS = ("data.path", "data.data_dir", "data.train_file", "model.name", "model.tokenizer")

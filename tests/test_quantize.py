@@ -227,7 +227,7 @@ def test_merged_mode_on_a_quantised_base_is_a_clear_error(nf4_backbones, shared_
   # An export dequantises first.
   merged = dj.apply_adapters(quant.dequantize_params(bb.params), adapters, cfg)
   assert not quant.any_quantized(merged)
-  c = _tiny(shared_data, tmp_path, "kind=text,method=dora,quantize=nf4")
+  c = _tiny(shared_data, tmp_path, "kind=text,method=dora,quantize=nf4,mode=merged")
   with pytest.raises(ValueError, match="needs adapter.mode='factored'"):
     run_lib.setup(c)
   c = _tiny(shared_data, tmp_path, "kind=text,method=full,quantize=int8")

@@ -63,7 +63,7 @@ def test_identity_ignores_logging_eval_and_layout_keys_but_not_training_keys(sha
   for key, value in [("log_every", 7), ("progress_bar", True), ("checkpoint.every", 1),
                      ("checkpoint.max_to_keep", 5), ("export.merged", True),
                      ("eval_batch_size", 4), ("mesh", "data:1"), ("data.eval_limit", 8),
-                     ("resume", "force")]:
+                     ("resume", "force"), ("adapter.mode", "merged")]:
     assert fingerprint.identity(_config(shared_data, tmp_path, **{key: value})) == base, key
   assert fingerprint.identity(_config(shared_data, tmp_path / "elsewhere")) == base
   for key, value in [("optim.lr", 2e-3), ("adapter.alpha", 64.0), ("seed", 1), ("num_steps", 5),

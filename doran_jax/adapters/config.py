@@ -32,7 +32,10 @@ class AdapterConfig:
     targets: regex that must fully match the '/'-joined path of every adapted kernel.
     rslora: rank-stabilised scaling.
     dropout: lora_dropout on the adapter input (factored mode only, train only).
-    mode: 'merged' (build W' then run the model) or 'factored' (never build W'; see adapted_apply).
+    mode: 'factored' (the default: adapted layers run as x·(W0 + s·A·B) with low-rank gradients,
+      W' never built; see adapted_apply) or 'merged' (build W' then run the model; for a model
+      whose adapted kernels are not nn.Dense calls). Same values; factored is the faster step
+      (README, "Benchmarks against PEFT").
     transposed: paths of kernels stored as (out, in) (GPT-2 Conv1D); see
       doran_jax.models.detect_transposed_kernels.
     norm_eps: floor on the per-output-unit norm (real checkpoints have all-zero columns).
@@ -59,7 +62,7 @@ class AdapterConfig:
   targets: str = r".*/(query|value)/kernel"
   rslora: bool = False
   dropout: float = 0.0
-  mode: str = "merged"
+  mode: str = "factored"
   transposed: tuple[str, ...] = ()
   norm_eps: float = 1e-6
   tau_init: float = 1e-2

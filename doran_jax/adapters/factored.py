@@ -4,10 +4,12 @@
   DoRA/DoRAN:  y = g ⊙ (x·W0 + s·(x·A)·B) + bias,   g = m / (n [+ ξ])          (no dropout)
                y = x·W0 + bias + (g − 1) ⊙ (drop(x)·W0) + g ⊙ s·(drop(x)·A)·B   (dropout, train)
 
-W' is never formed, so the backward pass never builds a full-size weight gradient for an adapted
-kernel (the frozen W0 gets none). The norm n comes from the column-norm identity
+The backward pass never builds a full-size weight gradient for an adapted kernel: without
+dropout the layer runs x·(W0 + s·A·B) in one dot whose custom VJP returns A's and B's gradients
+in low-rank form (`_updated_matmul`; merged mode's autodiff builds xᵀ·dy, one (in, out) matmul
+over every token per kernel, and projects it). The norm n comes from the column-norm identity
   n² = ‖W0‖² + 2s·Σ_r (W0ᵀA)∘Bᵀ + s²·diag(Bᵀ(AᵀA)B),
-which needs (out, r) temporaries instead of the (in, out) matrix V. Dropout follows PEFT exactly
+which needs (out, r) temporaries (and works on a quantised W0). Dropout follows PEFT exactly
 (peft.tuners.lora DoRA variant): the base layer's output sees the clean input, DoRA's rescaling
 of it and the low-rank path see the dropped input (one extra x·W0 matmul, as in PEFT). Layers
 are swapped in with `flax.linen.intercept_methods`, so the model code stays untouched and the
@@ -16,6 +18,7 @@ adapters stay a pure pytree input.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -72,11 +75,55 @@ def layer_factors(params, adapters, cfg: AdapterConfig, *, rng=None, train=False
   return out
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _updated_matmul(x, w0_IxO, a_IxR, b_RxO, scale: float):
+  """x·(W0 + s·A·B): one full-size dot forward and one backward (for dx).
+
+  Plain autodiff of the same expression would build the full-size xᵀ·dy for (W0 + s·A·B) and
+  project it onto A and B; here A's and B's gradients stay low-rank, dA = s·xᵀ(dy·Bᵀ) and
+  dB = s·(x·A)ᵀdy. W0's gradient xᵀ·dy is returned too (exact for any caller); XLA drops it
+  when W0 is frozen.
+  """
+  return _updated_matmul_fwd(x, w0_IxO, a_IxR, b_RxO, scale)[0]
+
+
+def _updated_matmul_fwd(x, w0_IxO, a_IxR, b_RxO, scale):
+  v_IxO = w0_IxO + jnp.asarray(scale, w0_IxO.dtype) * (a_IxR @ b_RxO)
+  return x @ v_IxO, (x, v_IxO, a_IxR, b_RxO)
+
+
+def _updated_matmul_bwd(scale, res, dy):
+  x, v_IxO, a_IxR, b_RxO = res
+  lead = tuple(range(x.ndim - 1))
+
+  def over_tokens(u, w):   # uᵀ·w summed over every leading (batch, token) axis
+    return jax.lax.dot_general(u, w, ((lead, lead), ((), ())))
+
+  s = jnp.asarray(scale, dy.dtype)
+  dx = dy @ v_IxO.T
+  da_IxR = over_tokens(x, dy @ b_RxO.T) * s
+  db_RxO = over_tokens(x @ a_IxR, dy) * s
+  return dx, over_tokens(x, dy), da_IxR, db_RxO
+
+
+_updated_matmul.defvjp(_updated_matmul_fwd, _updated_matmul_bwd)
+
+
 def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: bool):
   a_IxR, b_RxO, g_O, transposed, _ = factors
   dtype = getattr(module, "dtype", None) or x.dtype
   kernel = module.get_variable("params", "kernel")
   x = jnp.asarray(x, dtype)
+  dropped = train and cfg.dropout > 0
+  if not dropped and not quant.is_quantized(kernel):
+    kernel = jnp.asarray(kernel, dtype)
+    w0 = kernel.T if transposed else kernel
+    y = _updated_matmul(x, w0, a_IxR.astype(dtype), b_RxO.astype(dtype), cfg.scale)
+    if g_O is not None:
+      y = y * g_O.astype(dtype)
+    if module.has_variable("params", "bias"):
+      y = y + jnp.asarray(module.get_variable("params", "bias"), dtype)
+    return y
   if quant.is_quantized(kernel):
     # Dequantised on the fly in the compute dtype; the backward pass dequantises again.
     times_w0 = lambda v: quant.matmul(v, kernel)  # noqa: E731
@@ -85,7 +132,6 @@ def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: b
     w0 = kernel.T if transposed else kernel
     times_w0 = lambda v: v @ w0  # noqa: E731
   base = times_w0(x)
-  dropped = train and cfg.dropout > 0
   x_lora = x
   if dropped:
     if dropout_key is None:
