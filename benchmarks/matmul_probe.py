@@ -117,13 +117,40 @@ def matmul_rate(stablehlo_text: str, *, repeats: int = 5, min_flops: float = 1e6
           "matmul_flops_per_step": flops, "distinct_dots": len(dots)}
 
 
+def describe_cpu(cpuinfo: str) -> str:
+  """'AMD EPYC (family 25 model 17, avx512)' from /proc/cpuinfo's text.
+
+  The model name alone does not tell machines apart (two EPYC generations both say "AMD
+  EPYC"), and the widest vector unit decides who wins a CPU benchmark: XLA:CPU, PyTorch's
+  oneDNN and YNNPACK each pick kernels by it. Returns '' when the text names no CPU.
+  """
+  fields = {}
+  for line in cpuinfo.splitlines():
+    key, sep, value = line.partition(":")
+    if not sep:
+      if fields:   # the first processor's block is enough
+        break
+      continue
+    fields.setdefault(key.strip().lower(), value.strip())
+  name = fields.get("model name", "")
+  if not name:
+    return ""
+  flags = set(fields.get("flags", "").split())
+  isa = next((i for i in ("amx_tile", "avx512f", "avx2", "avx") if i in flags), None)
+  detail = [f"family {fields['cpu family']} model {fields['model']}"
+            if "cpu family" in fields and "model" in fields else None,
+            {"amx_tile": "avx512+amx", "avx512f": "avx512"}.get(isa, isa)]
+  detail = [d for d in detail if d]
+  return f"{name} ({', '.join(detail)})" if detail else name
+
+
 def cpu_model() -> str:
-  """The CPU's model name as lscpu prints it (/proc/cpuinfo), else platform.processor()."""
+  """The CPU as `describe_cpu` names it from /proc/cpuinfo, else platform.processor()."""
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.lower().startswith("model name"):
-          return line.split(":", 1)[1].strip()
+      named = describe_cpu(f.read())
+    if named:
+      return named
   except OSError:
     pass
   return platform.processor() or platform.machine()

@@ -49,6 +49,33 @@ def test_matmul_rate_times_what_it_found():
   assert np.isnan(matmul_probe.matmul_rate(text, min_flops=1e12)["matmul_gflops"])
 
 
+_CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+cpu family\t: {family}
+model\t\t: {model}
+model name\t: {name}
+flags\t\t: fpu sse2 {flags}
+
+processor\t: 1
+model name\t: a second block that must not be read
+"""
+
+
+def test_cpu_description_tells_generations_and_vector_units_apart():
+  zen2 = _CPUINFO.format(vendor="AuthenticAMD", family=23, model=49, name="AMD EPYC",
+                         flags="avx avx2 fma")
+  zen4 = _CPUINFO.format(vendor="AuthenticAMD", family=25, model=17, name="AMD EPYC",
+                         flags="avx avx2 avx512f avx512bw avx512_bf16")
+  xeon = _CPUINFO.format(vendor="GenuineIntel", family=6, model=143,
+                         name="Intel(R) Xeon(R) Platinum 8480+", flags="avx2 avx512f amx_tile")
+  assert matmul_probe.describe_cpu(zen2) == "AMD EPYC (family 23 model 49, avx2)"
+  assert matmul_probe.describe_cpu(zen4) == "AMD EPYC (family 25 model 17, avx512)"
+  assert matmul_probe.describe_cpu(xeon) == ("Intel(R) Xeon(R) Platinum 8480+ "
+                                             "(family 6 model 143, avx512+amx)")
+  assert matmul_probe.describe_cpu("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"
+  assert matmul_probe.describe_cpu("") == ""
+
+
 def test_cpu_model_is_named():
   assert matmul_probe.cpu_model().strip()
 
