@@ -117,30 +117,32 @@ def matmul_rate(stablehlo_text: str, *, repeats: int = 5, min_flops: float = 1e6
           "matmul_flops_per_step": flops, "distinct_dots": len(dots)}
 
 
+# Widest vector unit first: the /proc/cpuinfo flag and how describe_cpu names it.
+_VECTOR_UNITS = (("amx_tile", "avx512+amx"), ("avx512f", "avx512"), ("avx2", "avx2"),
+                 ("avx", "avx"))
+
+
 def describe_cpu(cpuinfo: str) -> str:
   """'AMD EPYC (family 25 model 17, avx512)' from /proc/cpuinfo's text.
 
   The model name alone does not tell machines apart (two EPYC generations both say "AMD
   EPYC"), and the widest vector unit decides who wins a CPU benchmark: XLA:CPU, PyTorch's
-  oneDNN and YNNPACK each pick kernels by it. Returns '' when the text names no CPU.
+  oneDNN and YNNPACK each pick kernels by it. The first processor's fields win; returns ''
+  when the text names no CPU.
   """
   fields = {}
   for line in cpuinfo.splitlines():
     key, sep, value = line.partition(":")
-    if not sep:
-      if fields:   # the first processor's block is enough
-        break
-      continue
-    fields.setdefault(key.strip().lower(), value.strip())
+    if sep:
+      fields.setdefault(key.strip().lower(), value.strip())
   name = fields.get("model name", "")
   if not name:
     return ""
   flags = set(fields.get("flags", "").split())
-  isa = next((i for i in ("amx_tile", "avx512f", "avx2", "avx") if i in flags), None)
-  detail = [f"family {fields['cpu family']} model {fields['model']}"
-            if "cpu family" in fields and "model" in fields else None,
-            {"amx_tile": "avx512+amx", "avx512f": "avx512"}.get(isa, isa)]
-  detail = [d for d in detail if d]
+  detail = []
+  if "cpu family" in fields and "model" in fields:
+    detail.append(f"family {fields['cpu family']} model {fields['model']}")
+  detail += [label for flag, label in _VECTOR_UNITS if flag in flags][:1]
   return f"{name} ({', '.join(detail)})" if detail else name
 
 

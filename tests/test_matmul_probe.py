@@ -57,7 +57,8 @@ model name\t: {name}
 flags\t\t: fpu sse2 {flags}
 
 processor\t: 1
-model name\t: a second block that must not be read
+model name\t: a second block whose fields must not win
+cpu family\t: 99
 """
 
 
