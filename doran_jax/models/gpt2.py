@@ -19,9 +19,12 @@ GPT2 = register(Family(
                     "all_linear": r".*/h/.*/(c_attn|c_proj|c_fc)/kernel"},
     column_parallel=r"c_attn|c_fc", row_parallel=r"attn/c_proj|mlp/c_proj",
     # GPT-2 adds wte(token_type_ids) when given them, so they are never passed.
-    input_keys={"causal_lm": ("input_ids", "attention_mask", "position_ids"),
+    # segment_ids: packed rows; cache/cache_index: KV-cached decoding (models.generate).
+    input_keys={"causal_lm": ("input_ids", "attention_mask", "position_ids", "segment_ids",
+                              "cache", "cache_index"),
                 "classification": ("input_ids", "attention_mask"),
                 "features": ("input_ids", "attention_mask")},
     tiny_config=tiny_gpt2, build=modeling.build, prefix=modeling.prefix,
+    cache_shape=modeling.cache_shape,
     tied_params=modeling.tied_params, no_transpose=modeling.NO_TRANSPOSE,
     renames=modeling.RENAMES))

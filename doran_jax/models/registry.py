@@ -44,6 +44,8 @@ class Family:
       transformers (5.x) renames when it builds the torch model, '*' standing for a layer
       index. PEFT adapters name the built model's modules, so peft_io maps through these.
     image_mean, image_std: the image processor's normalisation (vision families).
+    cache_shape: config dict -> (layers, key/value heads, head dim) of its KV cache (causal
+      LMs that support cached generation, models.generate); None for the others.
   """
 
   name: str
@@ -63,6 +65,7 @@ class Family:
   torch_modules: tuple[tuple[str, str], ...] = ()
   image_mean: Optional[float] = None
   image_std: Optional[float] = None
+  cache_shape: Optional[Callable[[Mapping[str, Any]], tuple[int, int, int]]] = None
 
   def head(self, task: str) -> str:
     self.check_task(task)
@@ -87,8 +90,10 @@ class Family:
         out[key] = np.zeros((batch, cfg.get("num_channels", 3), size, size), np.float32)
       elif key == "input_ids":
         out[key] = np.full((batch, seq), 1, np.int32)
-      elif key == "attention_mask":
+      elif key in ("attention_mask", "segment_ids"):
         out[key] = np.ones((batch, seq), np.int32)
+      elif key in ("cache", "cache_index"):
+        continue   # decoding state (models.generate), not a model input to initialise from
       else:
         out[key] = np.zeros((batch, seq), np.int32)
     return out

@@ -29,6 +29,13 @@ softmax and norm statistics in float32. Defaults match transformers when it is g
 attention_mask and no position_ids: positions 0..T-1 for every row (so right padding keeps each
 row's real positions), padded keys masked out.
 
+Packed rows: with `segment_ids` (B, T) in the batch, a token attends only to earlier tokens of its
+own non-zero segment (0 = padding), and positions restart per segment (from `position_ids` when
+given). KV-cached decoding: with `cache` (one {'k', 'v'} (B, S, K, D) per layer) and
+`cache_index` in the batch, the call writes its keys and values at slots cache_index .. + T - 1,
+attends over the whole cache (attention_mask then (B, S)) and returns (logits, updated cache);
+`models.generate` drives it.
+
 Example:
   >>> cfg = hf_io.read_config("ckpt/")
   >>> module = build(cfg, "causal_lm", dtype=jnp.bfloat16)
@@ -181,7 +188,12 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, cos_BxTxR, sin_BxTxR, mask_BxT, *, train: bool = False):
+  def __call__(self, x_BxTxD, cos_BxTxR, sin_BxTxR, mask, *, train: bool = False,
+               cache=None, cache_index=None):
+    """Without a cache: `mask` is (B, T) key padding or (B, 1, T, T) (packed rows); causal and
+    window masks are added here. With `cache` ({'k', 'v'}: (B, S, K, D)): this call's keys and
+    values are written at slots cache_index .. + T - 1, `mask` is the full (B, 1, T, S) mask
+    (`layers.cache_mask`), and the updated cache is returned with the output."""
     c = self.config
     b, t, _ = x_BxTxD.shape
     h, k, d = c.num_heads, c.num_kv_heads, c.head_dim
@@ -199,9 +211,16 @@ class Attention(nn.Module):
       k_BxTxKxD = _norm(c, "k_norm", self.dtype)(k_BxTxKxD)
     q_BxTxHxD = rope_lib.rotate(q_BxTxHxD, cos_BxTxR, sin_BxTxR)
     k_BxTxKxD = rope_lib.rotate(k_BxTxKxD, cos_BxTxR, sin_BxTxR)
+    if cache is not None:
+      cache = layers.write_cache(cache, k_BxTxKxD, v_BxTxKxD, cache_index)
+      # The mask already holds causality and the window, aligned to the cache slots.
+      out_BxTxHxD = layers.dot_product_attention(
+          q_BxTxHxD, cache["k"], cache["v"], mask=mask, scale=c.attn_scale,
+          logit_softcap=c.attn_softcap, dtype=self.dtype, implementation="xla")
+      return proj(c.hidden_size, "o_proj", c.o_bias)(out_BxTxHxD.reshape(b, t, h * d)), cache
     rate = c.attention_dropout if train else 0.0
     out_BxTxHxD = layers.dot_product_attention(
-        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask=mask_BxT, causal=True, scale=c.attn_scale,
+        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask=mask, causal=True, scale=c.attn_scale,
         logit_softcap=c.attn_softcap, window=self.window, dropout_rate=rate,
         dropout_rng=self.make_rng("dropout") if rate > 0 else None, dtype=self.dtype,
         implementation=layers.attention_implementation(c.memory_lean))
@@ -238,13 +257,15 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, tables, mask_BxT, train: bool = False):
+  def __call__(self, x_BxTxD, tables, mask, train: bool = False, cache=None, cache_index=None):
     c = self.config
     cos_BxTxR, sin_BxTxR = tables[c.layer_types[self.index]]
     attn = Attention(c, window=c.windows[self.index], dtype=self.dtype,
                      param_dtype=self.param_dtype, name="self_attn")
     a_BxTxD = attn(_norm(c, "input_layernorm", self.dtype)(x_BxTxD), cos_BxTxR, sin_BxTxR,
-                   mask_BxT, train=train)
+                   mask, train=train, cache=cache, cache_index=cache_index)
+    if cache is not None:
+      a_BxTxD, cache = a_BxTxD
     if c.gemma:
       a_BxTxD = _norm(c, "post_attention_layernorm", self.dtype)(a_BxTxD)
     x_BxTxD = x_BxTxD + a_BxTxD
@@ -253,6 +274,8 @@ class DecoderLayer(nn.Module):
         _norm(c, pre, self.dtype)(x_BxTxD))
     if c.gemma:
       m_BxTxD = _norm(c, "post_feedforward_layernorm", self.dtype)(m_BxTxD)
+    if cache is not None:
+      return x_BxTxD + m_BxTxD, cache
     return x_BxTxD + m_BxTxD
 
 
@@ -264,18 +287,33 @@ class _Layers(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, tables, mask_BxT, *, train: bool = False):
+  def __call__(self, x_BxTxD, tables, masks, *, train: bool = False, cache=None,
+               cache_index=None):
+    """`masks`: window (None = full) -> that layer type's mask. With `cache` (one {'k', 'v'}
+    per layer) returns (x, updated cache)."""
+    c = self.config
+    if cache is not None:
+      # Decoding is never differentiated: no remat, and the per-layer caches go in and out.
+      new_cache = []
+      for i in range(c.num_layers):
+        x_BxTxD, layer_cache = DecoderLayer(c, i, dtype=self.dtype, param_dtype=self.param_dtype,
+                                            name=str(i))(x_BxTxD, tables, masks[c.windows[i]],
+                                                         False, cache[i], cache_index)
+        new_cache.append(layer_cache)
+      return x_BxTxD, tuple(new_cache)
     # `train` (arg 4 counting self) is static under remat: it switches dropout.
-    block = nn.remat(DecoderLayer, static_argnums=(4,)) if self.config.remat else DecoderLayer
-    for i in range(self.config.num_layers):
-      x_BxTxD = block(self.config, i, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=str(i))(x_BxTxD, tables, mask_BxT, train)
+    block = nn.remat(DecoderLayer, static_argnums=(4,)) if c.remat else DecoderLayer
+    for i in range(c.num_layers):
+      x_BxTxD = block(c, i, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=str(i))(x_BxTxD, tables, masks[c.windows[i]], train)
     return x_BxTxD
 
 
 def _positions(batch: Mapping[str, Any], b: int, t: int):
   if batch.get("position_ids") is not None:
     return jnp.broadcast_to(jnp.asarray(batch["position_ids"]), (b, t))
+  if batch.get("segment_ids") is not None:
+    return layers.segment_positions(batch["segment_ids"])
   # transformers' default with an attention_mask and no position_ids: 0..T-1 on every row.
   return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
@@ -302,11 +340,26 @@ class DecoderModel(nn.Module):
     self.norm = _norm(c, "norm", self.dtype)
 
   def __call__(self, batch: dict, *, train: bool = False):
+    """Hidden states (B, T, d); (hidden states, updated cache) when the batch has a `cache`.
+
+    Batch keys: input_ids, attention_mask, position_ids, segment_ids (packed rows: attention only
+    within a non-zero segment id; positions then restart per segment unless given), and for
+    cached decoding `cache` (`generate.CacheSpec.init`) with `cache_index` (the slot of
+    input_ids[:, 0]); attention_mask then covers the cache's S slots (1 = a real token, this
+    call's included).
+    """
     c = self.config
     ids_BxT = jnp.asarray(batch["input_ids"])
     b, t = ids_BxT.shape
-    mask_BxT = layers.padding_mask(batch)
+    cache = batch.get("cache")
     positions_BxT = _positions(batch, b, t)
+    if cache is not None:
+      index = jnp.asarray(batch["cache_index"], jnp.int32)
+      key_mask_BxS = layers.cache_keys(batch)
+      masks = {w: layers.cache_mask(key_mask_BxS, index, t, w) for w in set(c.windows)}
+    else:
+      mask = layers.attention_keys(batch)
+      masks = {w: mask for w in set(c.windows)}
     x_BxTxD = self.embed_tokens(ids_BxT)
     if c.gemma:
       x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
@@ -317,7 +370,10 @@ class DecoderModel(nn.Module):
       rp = c.rope(layer_type)
       inv_freq_F, scaling = rope_lib.inv_freq(c.rope_cfg(), rp, seq_len)
       tables[layer_type] = rope_lib.cos_sin(positions_BxT, inv_freq_F, scaling, self.dtype)
-    x_BxTxD = self.layers(x_BxTxD, tables, mask_BxT, train=train)
+    if cache is not None:
+      x_BxTxD, cache = self.layers(x_BxTxD, tables, masks, cache=tuple(cache), cache_index=index)
+      return self.norm(x_BxTxD), cache
+    x_BxTxD = self.layers(x_BxTxD, tables, masks, train=train)
     return self.norm(x_BxTxD)
 
   def attend(self, h_BxTxD):
@@ -326,7 +382,8 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-  """Logits (B, T, V); `lm_head` Dense without bias, or the tied embedding.
+  """Logits (B, T, V); `lm_head` Dense without bias, or the tied embedding. With a `cache` in
+  the batch: (logits, updated cache).
 
   Example:
     >>> logits_BxTxV = DecoderForCausalLM(config).apply(variables, batch)
@@ -341,6 +398,9 @@ class DecoderForCausalLM(nn.Module):
     c = self.config
     model = DecoderModel(c, dtype=self.dtype, param_dtype=self.param_dtype, name="model")
     h_BxTxD = model(batch, train=train)
+    cache = None
+    if batch.get("cache") is not None:
+      h_BxTxD, cache = h_BxTxD
     if c.tie_word_embeddings:
       logits_BxTxV = model.attend(h_BxTxD)
     else:
@@ -349,7 +409,7 @@ class DecoderForCausalLM(nn.Module):
     if c.final_softcap:
       cap = float(c.final_softcap)
       logits_BxTxV = (cap * jnp.tanh(logits_BxTxV.astype(jnp.float32) / cap)).astype(self.dtype)
-    return logits_BxTxV
+    return logits_BxTxV if cache is None else (logits_BxTxV, cache)
 
 
 class DecoderForSequenceClassification(nn.Module):
@@ -415,6 +475,17 @@ def build(hf_config_dict: Mapping[str, Any], task: str, *, dtype=jnp.float32,
   if task == "features":
     return DecoderModel(config, **kw)
   raise ValueError(f"task {task!r} is not supported by the decoder; supported: {', '.join(TASKS)}.")
+
+
+def cache_shape(hf_config_dict: Mapping[str, Any]) -> tuple[int, int, int]:
+  """(layers, key/value heads, head dim): the KV cache's per-layer (B, S, K, D) without B, S.
+
+  Example:
+    >>> cache_shape(hf_io.read_config("smollm2-folder/"))
+    (30, 3, 64)
+  """
+  c = DecoderConfig.from_hf(hf_config_dict)
+  return c.num_layers, c.num_kv_heads, c.head_dim
 
 
 def tied_params(hf_config_dict: Mapping[str, Any], task: str) -> list[tuple[str, str]]:

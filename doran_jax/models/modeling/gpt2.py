@@ -8,9 +8,11 @@ Param paths are transformers' PyTorch names with '.' -> '/':
   features        the bare GPT2Model's names without the prefix: wte/..., h/0/..., ln_f/...
 torch's Conv1D already stores (in, out), so those kernels are not transposed (NO_TRANSPOSE).
 
-Positions are 0..T-1 unless the batch has `position_ids` (transformers' forward does the same; its
-generate() derives them from the mask for left padding). Like transformers, `token_type_ids`, if
-given, are embedded with wte and added.
+Packed rows (`segment_ids`) and KV-cached decoding (`cache`, `cache_index`) take the same batch
+keys as the decoder families (modeling/decoder.py). Positions are 0..T-1 unless the batch has
+`position_ids` (transformers' forward does the same; its generate() derives them from the mask
+for left padding) or `segment_ids` (they restart per segment). Like transformers,
+`token_type_ids`, if given, are embedded with wte and added.
 
 Example:
   >>> model = build(read_config(path), "causal_lm")
@@ -88,7 +90,10 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT, train: bool):
+  def __call__(self, x_BxTxD, mask, train: bool, cache=None, cache_index=None):
+    """`mask`: (B, T) key padding or (B, 1, T, T) (packed rows), causality added here; with
+    `cache` ({'k', 'v'}: (B, S, H, D)) the full (B, 1, T, S) mask (`layers.cache_mask`), and the
+    updated cache is returned with the output."""
     c = self.cfg
     b, t, d = x_BxTxD.shape
     head = d // c.num_heads
@@ -98,9 +103,14 @@ class Attention(nn.Module):
     scale = head ** -0.5 if c.scale_attn_weights else 1.0
     if c.scale_attn_by_inverse_layer_idx:
       scale /= self.layer_idx + 1
+    if cache is not None:
+      cache = layers.write_cache(cache, k, v, cache_index)
+      out = layers.dot_product_attention(q, cache["k"], cache["v"], mask=mask, scale=scale,
+                                         implementation="xla")
+      return layers.dense(d, name="c_proj", **kw)(out.reshape(b, t, d)), cache
     rate = c.attn_dropout if train else 0.0
     out = layers.dot_product_attention(
-        q, k, v, mask=mask_BxT, causal=True, scale=scale, dropout_rate=rate,
+        q, k, v, mask=mask, causal=True, scale=scale, dropout_rate=rate,
         dropout_rng=self.make_rng("dropout") if rate > 0 else None,
         implementation=layers.attention_implementation(c.memory_lean))
     out = layers.dense(d, name="c_proj", **kw)(out.reshape(b, t, d))
@@ -126,11 +136,16 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
+  def __call__(self, x, mask, train: bool, cache=None, cache_index=None):
     c = self.cfg
     ln = lambda name: layers.layer_norm(c.layer_norm_eps, name=name, dtype=self.dtype)
-    x = x + Attention(c, self.layer_idx, self.dtype, name="attn")(ln("ln_1")(x), mask, train)
-    return x + MLP(c, self.dtype, name="mlp")(ln("ln_2")(x), train)
+    a = Attention(c, self.layer_idx, self.dtype, name="attn")(ln("ln_1")(x), mask, train,
+                                                              cache, cache_index)
+    if cache is not None:
+      a, cache = a
+    x = x + a
+    x = x + MLP(c, self.dtype, name="mlp")(ln("ln_2")(x), train)
+    return x if cache is None else (x, cache)
 
 
 class BlockStack(nn.Module):
@@ -140,7 +155,16 @@ class BlockStack(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, train: bool):
+  def __call__(self, x, mask, train: bool, cache=None, cache_index=None):
+    """With `cache` (one {'k', 'v'} per block) returns (x, updated cache)."""
+    if cache is not None:
+      # Decoding is never differentiated: no remat, and the per-block caches go in and out.
+      new_cache = []
+      for i in range(self.cfg.num_layers):
+        x, layer_cache = Block(self.cfg, i, self.dtype, name=str(i))(x, mask, False, cache[i],
+                                                                    cache_index)
+        new_cache.append(layer_cache)
+      return x, tuple(new_cache)
     # `train` (arg 3 counting self) is static under remat: it switches dropout.
     block = nn.remat(Block, static_argnums=(3,)) if self.cfg.remat else Block
     for i in range(self.cfg.num_layers):
@@ -163,14 +187,30 @@ class GPT2Model(nn.Module):
     self.ln_f = layers.layer_norm(c.layer_norm_eps, name="ln_f", dtype=self.dtype)
 
   def __call__(self, batch: dict, *, train: bool = False):
+    """Hidden states (B, T, d); (hidden states, updated cache) when the batch has a `cache`.
+
+    Batch keys as the decoder families' (modeling/decoder.py `DecoderModel`): segment_ids for
+    packed rows, `cache` (`generate.CacheSpec.init`) + `cache_index` for cached decoding,
+    attention_mask then over the cache's slots.
+    """
     ids = jnp.asarray(batch["input_ids"])
     pos = batch.get("position_ids")
-    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape) if pos is None else jnp.asarray(pos)
+    if pos is not None:
+      pos = jnp.asarray(pos)
+    elif batch.get("segment_ids") is not None:
+      pos = layers.segment_positions(batch["segment_ids"])
+    else:
+      pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     x = self.wte(ids) + self.wpe(pos)
     if batch.get("token_type_ids") is not None:
       x = x + self.wte(jnp.asarray(batch["token_type_ids"]))
     x = layers.dropout(self.cfg.embd_dropout, x, self, train)
-    return self.ln_f(self.h(x, layers.padding_mask(batch), train))
+    cache = batch.get("cache")
+    if cache is None:
+      return self.ln_f(self.h(x, layers.attention_keys(batch), train))
+    mask = layers.cache_mask(layers.cache_keys(batch), batch["cache_index"], ids.shape[1])
+    x, cache = self.h(x, mask, False, tuple(cache), jnp.asarray(batch["cache_index"], jnp.int32))
+    return self.ln_f(x), cache
 
   def attend(self, x_BxTxD):
     """x · wteᵀ: logits (B, T, V) of the LM head tied to the word embedding."""
@@ -187,10 +227,15 @@ class LMHeadModel(nn.Module):
   def __call__(self, batch: dict, *, train: bool = False):
     model = GPT2Model(self.cfg, self.dtype, name="transformer")
     x = model(batch, train=train)
+    cache = None
+    if batch.get("cache") is not None:
+      x, cache = x
     if self.cfg.tie_word_embeddings:
-      return model.attend(x)
-    return layers.dense(self.cfg.vocab_size, name="lm_head", use_bias=False, dtype=self.dtype,
-                        std=self.cfg.initializer_range)(x)
+      logits = model.attend(x)
+    else:
+      logits = layers.dense(self.cfg.vocab_size, name="lm_head", use_bias=False, dtype=self.dtype,
+                            std=self.cfg.initializer_range)(x)
+    return logits if cache is None else (logits, cache)
 
 
 def last_token_index(input_ids, pad_token_id: Optional[int]):
@@ -252,6 +297,17 @@ def prefix(hf_config_dict: Mapping[str, Any]) -> str:
   """transformers' base_model_prefix (for hf_io.to_flax(prefix=...))."""
   del hf_config_dict
   return "transformer"
+
+
+def cache_shape(hf_config_dict: Mapping[str, Any]) -> tuple[int, int, int]:
+  """(layers, heads, head dim) of the KV cache (GPT-2 has as many key/value heads as queries).
+
+  Example:
+    >>> cache_shape({"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, ...})
+    (12, 12, 64)
+  """
+  c = GPT2Config.from_hf(hf_config_dict)
+  return c.num_layers, c.num_heads, c.hidden_size // c.num_heads
 
 
 def tied_params(hf_config_dict: Mapping[str, Any], task: str) -> tuple[tuple[str, str], ...]:

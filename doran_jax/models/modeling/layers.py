@@ -213,6 +213,95 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   return out.reshape(b, t, h, d).astype(out_dtype)
 
 
+def segment_mask(segment_ids_BxT: Array, key_mask_BxT: Optional[Array] = None) -> Array:
+  """(B, 1, T, T) bool for packed rows: query and key share a non-zero segment id.
+
+  Segment id 0 marks padding (never attended to). `key_mask_BxT` (an attention_mask) further
+  masks keys. Causality and windows stay `dot_product_attention`'s (`causal`, `window`): within
+  a segment, slot distance is position distance.
+
+  Example:
+    >>> segment_mask(jnp.array([[1, 1, 2, 0]]))[0, 0].astype(int)
+    Array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=int32)
+  """
+  seg_BxT = jnp.asarray(segment_ids_BxT)
+  keep_BxTxT = (seg_BxT[:, :, None] == seg_BxT[:, None, :]) & (seg_BxT[:, None, :] != 0)
+  if key_mask_BxT is not None:
+    keep_BxTxT = keep_BxTxT & jnp.asarray(key_mask_BxT).astype(bool)[:, None, :]
+  return keep_BxTxT[:, None]
+
+
+def segment_positions(segment_ids_BxT: Array) -> Array:
+  """(B, T) int32 positions restarting at 0 where the segment id changes (packed rows).
+
+  Example:
+    >>> segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]]))
+    Array([[0, 1, 2, 0, 1, 0]], dtype=int32)
+  """
+  seg_BxT = jnp.asarray(segment_ids_BxT)
+  t = seg_BxT.shape[1]
+  slots_T = jnp.arange(t, dtype=jnp.int32)
+  starts_BxT = jnp.concatenate([jnp.ones_like(seg_BxT[:, :1], bool),
+                                seg_BxT[:, 1:] != seg_BxT[:, :-1]], axis=1)
+  first_BxT = jax.lax.cummax(jnp.where(starts_BxT, slots_T, 0), axis=1)
+  return slots_T - first_BxT
+
+
+def cache_keys(batch: dict) -> Array:
+  """(B, S) bool: the cache slots holding real tokens (`attention_mask` over the slots of
+  `batch['cache']`; all True when absent).
+
+  Example:
+    >>> cache_keys({"input_ids": ids_Bx1, "cache": cache, "attention_mask": mask_BxS})
+  """
+  if batch.get("attention_mask") is not None:
+    return jnp.asarray(batch["attention_mask"]).astype(bool)
+  return jnp.ones(batch["cache"][0]["k"].shape[:2], bool)
+
+
+def cache_mask(key_mask_BxS: Array, index: Array, t: int, window: Optional[int] = None) -> Array:
+  """(B, 1, T, S) bool for T queries written at cache slots index .. index + T - 1.
+
+  Query slot q sees key slot s when the key is real (`key_mask_BxS`), s <= q (causal) and, with
+  a sliding window, s > q - window. Slots must be contiguous per row (left-padded prompts, then
+  one slot per new token), so slot distance is position distance.
+
+  Example:
+    >>> m = cache_mask(key_mask_BxS, jnp.int32(7), 1, window=4)   # one decode step at slot 7
+  """
+  s = key_mask_BxS.shape[1]
+  q_T = jnp.asarray(index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+  k_S = jnp.arange(s, dtype=jnp.int32)
+  allowed_TxS = k_S[None, :] <= q_T[:, None]
+  if window is not None:
+    allowed_TxS = allowed_TxS & (k_S[None, :] > q_T[:, None] - window)
+  return jnp.asarray(key_mask_BxS).astype(bool)[:, None, None, :] & allowed_TxS[None, None]
+
+
+def write_cache(cache, k_BxTxKxD, v_BxTxKxD, index):
+  """{'k', 'v'} (B, S, K, D) with this call's T keys and values written at slots index ..
+
+  Example:
+    >>> cache = write_cache(cache, k_BxTxKxD, v_BxTxKxD, jnp.int32(5))
+  """
+  at = (0, jnp.asarray(index, jnp.int32), 0, 0)
+  return {"k": jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxD.astype(cache["k"].dtype), at),
+          "v": jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxD.astype(cache["v"].dtype), at)}
+
+
+def attention_keys(batch: dict, key: str = "input_ids") -> Array:
+  """The attention mask of a text batch without a cache: (B, T) key padding, or (B, 1, T, T)
+  when the batch packs several sequences per row (`segment_ids`).
+
+  Example:
+    >>> mask = attention_keys({"input_ids": ids, "segment_ids": seg})     # (B, 1, T, T)
+  """
+  if batch.get("segment_ids") is None:
+    return padding_mask(batch, key)
+  key_mask = batch.get("attention_mask")
+  return segment_mask(batch["segment_ids"], key_mask)
+
+
 def padding_mask(batch: dict, key: str = "input_ids") -> Array:
   """`batch['attention_mask']` as bool (B, T), all True when absent (T from `batch[key]`)."""
   if batch.get("attention_mask") is not None:
