@@ -34,7 +34,11 @@ NOT_IDENTITY = (
     "workdir", "resume", "log_every", "progress_bar", "tensorboard", "checkpoint", "export",
     "baselines", "generate", "eval_batch_size", "mesh", "sharding_rules", "distributed",
     "model.remat", "model.fused_layers", "adapter.mode", "data.eval_split", "data.eval_limit",
+    "data.eval_per_task",
 )
+# Identity keys added after run.json files already existed, with the value every older run
+# implicitly had: a record without the key matches a config at that value.
+ADDED_KEYS = {"data.packing": False, "data.drop_long": False}
 # Values compared as absolute paths, so `../data` and `/work/data` are the same run.
 PATH_KEYS = ("data.path", "data.data_dir", "data.train_file", "model.name", "model.tokenizer")
 
@@ -107,7 +111,7 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   missing = object()
   out = []
   for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, missing), new.get(key, missing)
+    a, b = old.get(key, ADDED_KEYS.get(key, missing)), new.get(key, ADDED_KEYS.get(key, missing))
     if a != b:
       show = lambda v: "(absent)" if v is missing else json.dumps(v)
       out.append(f"{key}: {show(a)} -> {show(b)}")

@@ -74,6 +74,15 @@ def test_identity_ignores_logging_eval_and_layout_keys_but_not_training_keys(sha
         f"{key}: {json.dumps(base[key])} -> {json.dumps(changed[key])}"], key
 
 
+def test_a_record_from_before_a_key_existed_matches_that_keys_old_value(shared_data, tmp_path):
+  now = fingerprint.identity(_config(shared_data, tmp_path))
+  older = {k: v for k, v in now.items() if k not in fingerprint.ADDED_KEYS}
+  assert set(now) - set(older) == {"data.packing", "data.drop_long"}
+  assert fingerprint.differences(older, now) == []
+  packed = fingerprint.identity(_config(shared_data, tmp_path, **{"data.packing": True}))
+  assert fingerprint.differences(older, packed) == ["data.packing: false -> true"]
+
+
 def test_a_relative_and_an_absolute_data_path_are_the_same_run(shared_data, tmp_path, monkeypatch):
   monkeypatch.chdir(shared_data.parent)
   relative = fingerprint.identity(_config(shared_data, tmp_path, **{"data.path": "data/text/sst2"}))
