@@ -7,7 +7,7 @@ r"""Times complete jitted training steps (forward, backward, AdamW) and prints o
   python benchmarks/step.py --method dora --profile 3    # + where the step's time goes
 
 Models: minilm (the real all-MiniLM-L6-v2), bert-base (BERT-base sizes, random weights),
-vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-1b (LLaMA-shaped, random). Inputs are random
+vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-smollm2, llama-1b (LLaMA-shaped, random). Inputs are random
 token ids / pixels from a fixed seed. Timing: after compilation, each step is timed with
 block_until_ready; FLOPs come from XLA's cost analysis of the lowered step (every matmul,
 forward and backward, as the program computes it).
@@ -61,6 +61,12 @@ def hf_config(name: str, model_dropout, attention_dropout=None):
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                    num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                                    max_position_embeddings=2048)
+  elif name == "llama-smollm2":
+    # SmolLM2-135M's shape (random weights): the LLM main job's step, without loading the GGUF.
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                   max_position_embeddings=8192, rope_theta=100000.0,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
   else:
     return None
   if model_dropout is not None:
@@ -170,7 +176,7 @@ def peak_rss_mb() -> float:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--method", default="dora", choices=["frozen", "lora", "dora", "doran", "dyndora", "full"])
-  p.add_argument("--model", default="minilm", help="minilm | bert-base | vit-b16 | llama-tiny | llama-1b")
+  p.add_argument("--model", default="minilm", help="minilm | bert-base | vit-b16 | llama-tiny | llama-smollm2 | llama-1b")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--rank", type=int, default=8)

@@ -88,8 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Apply the method's reference recipe (Method.recipe, e.g. DynDoRA's official settings) over
   # the config file's values; the config argument and flags still win.
   c.method_recipe = True
-  # Commonsense accuracy by greedy generation at the end of causal_lm runs.
-  c.generate = ml_collections.ConfigDict(dict(enabled=False, max_new_tokens=32, limit_per_task=0))
+  # Commonsense accuracy at the end of causal_lm runs, on the eval split's first
+  # limit_per_task records of each task (0: all): by greedy generation with the answer word
+  # extracted (enabled) and by multiple-choice log-likelihood (multiple_choice).
+  c.generate = ml_collections.ConfigDict(dict(enabled=False, max_new_tokens=32, limit_per_task=0,
+                                              multiple_choice=False))
   # DynDoRA's schedule (fractions of num_steps) and variance regulariser weight.
   c.dyndora = ml_collections.ConfigDict(dict(
       prune_start=0.15, prune_end=0.5, prune_interval=10, ema_beta=0.9, eta=0.1))
@@ -210,7 +213,9 @@ def _parse(value: str, current):
 
 # ------------------------------------------------------------------------------ validation
 
-BASELINES = ("majority", "frozen", "linear_probe")   # what experiment.run_experiment runs
+# What experiment.run_experiment runs besides the method: 'zero_shot' scores the causal LM
+# without adapters on the same evaluation (the others are classification baselines).
+BASELINES = ("majority", "frozen", "linear_probe", "zero_shot")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -283,8 +288,14 @@ def config_problems(config, *, with_data: bool = True, with_model: bool = True) 
     need(keep is None or (_int(keep) and keep >= 1),
          f"checkpoint.max_to_keep={keep!r} must be an integer >= 1 (or None: keep all); 0 would "
          "delete every checkpoint.")
-  bad = [b for b in (get("baselines", ()) or ()) if b not in BASELINES]
+  baselines = tuple(get("baselines", ()) or ())
+  bad = [b for b in baselines if b not in BASELINES]
   need(not bad, f"baselines {bad} unknown; choose among {', '.join(BASELINES)}.")
+  task = get("model", {}).get("task", None)
+  if task is not None:
+    wrong = [b for b in baselines if (b == "zero_shot") != (task == "causal_lm")]
+    need(not wrong, f"baselines {wrong} do not apply to model.task={task!r}: 'zero_shot' is for "
+         "causal_lm, 'majority', 'frozen' and 'linear_probe' for classification.")
   gen = get("generate", None)
   if gen is not None and gen.get("enabled", False):
     need(_int(gen.get("max_new_tokens")) and gen.get("max_new_tokens") >= 1,

@@ -77,8 +77,8 @@ def _gather(x) -> np.ndarray:
 
 
 def evaluate(predict_fn: Callable, task: str, params, dataset, batch_size: int, *, mesh=None) -> dict:
-  """Accuracy / macro-F1 / MCC / cross-entropy for classification; loss and token accuracy for
-  causal LM. With `mesh`, each process feeds its rows of every eval batch.
+  """Accuracy / macro-F1 / MCC / cross-entropy for classification; loss, perplexity and token
+  accuracy (over the loss_mask's target tokens) for causal LM. With `mesh`, each process feeds its rows of every eval batch.
 
   Example:
     >>> evaluate(make_predict_fn(bb.apply, mesh), "classification", merged, data, 128, mesh=mesh)
@@ -99,7 +99,10 @@ def evaluate(predict_fn: Callable, task: str, params, dataset, batch_size: int, 
       total += float(loss) * float(aux["tokens"])
       n += float(aux["tokens"])
       correct += float(aux["token_correct"])
-    return {"eval_loss": total / max(n, 1.0), "token_accuracy": correct / max(n, 1.0)}
+    loss = total / max(n, 1.0)
+    # Perplexity over the held-out target tokens: exp of their mean cross-entropy.
+    return {"eval_loss": loss, "perplexity": float(np.exp(min(loss, 700.0))),
+            "token_accuracy": correct / max(n, 1.0)}
   predictions, labels, weights = [], [], []
   total = n = 0.0
   for batch in batches():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 import types
 from typing import Optional
 
@@ -18,11 +19,12 @@ import jax
 from absl import logging
 
 from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, fingerprint, models,
-                       probe, progress, quant, sharding, trainer)
+                       probe, progress, quant, scoring, sharding, trainer)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
-from doran_jax.trainable import effective_params
+from doran_jax.models.generate import cache_spec, eos_ids, generate as generate_tokens
+from doran_jax.trainable import effective_params, merge_params
 
 log = trainer.log
 
@@ -37,13 +39,31 @@ def quiet_third_party_logs() -> None:
 
 def evaluate_state(run, trainable, adapter_cfg=None) -> dict:
   """Eval-split metrics of a trainable tree with the merged (train=False) weights, sharded on
-  the run's mesh."""
+  the run's mesh; for a causal LM also the commonsense scores config.generate asks for."""
   adapter_cfg = adapter_cfg or run.adapter_cfg
   # A quantised base is evaluated in factored form (no full-precision W').
   params, apply_fn = evaluate.params_and_apply(run.backbone.apply, run.frozen, trainable, adapter_cfg)
+  return evaluate_params(run, params, apply_fn)
+
+
+def evaluate_params(run, params, apply_fn) -> dict:
+  """`evaluate.evaluate` on the eval split, plus `lm_eval` for a causal LM."""
   predict = evaluate.make_predict_fn(apply_fn, run.mesh)
-  return evaluate.evaluate(predict, run.backbone.task, params, run.eval_data,
-                           run.config.eval_batch_size, mesh=run.mesh)
+  metrics = evaluate.evaluate(predict, run.backbone.task, params, run.eval_data,
+                              run.config.eval_batch_size, mesh=run.mesh)
+  if run.backbone.task == "causal_lm":
+    metrics.update(lm_eval(run, params, apply_fn))
+  return metrics
+
+
+def zero_shot(run) -> dict:
+  """The 'zero_shot' baseline: the causal LM as loaded (no adapters), on the same evaluation."""
+  params = merge_params(run.frozen, run.state.trainable["params"])
+  start = time.time()
+  out = evaluate_params(run, params, run.backbone.apply)
+  log("baseline zero_shot: " + json.dumps(out))
+  return {**out, "trainable_params": 0, "train_minutes": 0.0,
+          "eval_minutes": (time.time() - start) / 60}
 
 
 def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optional[int] = None) -> dict:
@@ -74,8 +94,6 @@ def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optiona
     log(f"{run.adapter_cfg.method}: " + json.dumps(summary))
     results.update(summary)
   results["eval"] = evaluate_state(run, state.trainable)
-  if run.backbone.task == "causal_lm" and config.generate.enabled:
-    results["eval"]["commonsense"] = generation_eval(run, state, config.generate)
   log(f"eval ({run.adapter_cfg.method}): " + json.dumps(results["eval"]))
   with progress.MetricWriter(workdir, total_steps=run.num_steps, progress_bar=False,
                              tensorboard=bool(config.tensorboard),
@@ -106,23 +124,44 @@ def _write_results(workdir: str, results: dict) -> None:
       json.dump({k: v for k, v in results.items() if k not in ("history", "state")}, f, indent=2)
 
 
-def generation_eval(run, state, generate) -> dict:
-  """Commonsense accuracy: greedy generation with the merged weights, answer word extracted."""
-  limit = int(generate.limit_per_task or 0)
-  seen, examples = collections.Counter(), []
-  for example in run.eval_data.examples or []:
-    seen[example["task"]] += 1
-    if not limit or seen[example["task"]] <= limit:
-      examples.append(example)
-  params, apply_fn = evaluate.params_and_apply(run.backbone.apply, run.frozen, state.trainable,
-                                               run.adapter_cfg)
-  backbone = run.backbone
-  if quant.any_quantized(run.frozen):   # generate with the factored form
-    backbone = types.SimpleNamespace(task=backbone.task, config=backbone.config, apply=apply_fn)
-  generate_fn = commonsense.make_generate_fn(backbone, params, run.tokenizer,
-                                             max_new_tokens=int(generate.max_new_tokens))
-  return commonsense.evaluate_commonsense(generate_fn, examples, None,
-                                          batch_size=run.config.eval_batch_size)
+def _eval_records(run, limit: int) -> list:
+  """The eval split's commonsense records (none for other sources), the first `limit` of each
+  task (0: all)."""
+  if run.config.data.source != "commonsense":
+    return []
+  seen, records = collections.Counter(), []
+  for record in run.eval_data.examples or []:
+    seen[record["task"]] += 1
+    if not limit or seen[record["task"]] <= limit:
+      records.append(record)
+  return records
+
+
+def lm_eval(run, params, apply_fn) -> dict:
+  """Commonsense accuracy as config.generate asks: 'commonsense' from greedy generation (answer
+  word extracted), 'multiple_choice' from log-likelihoods (accuracy and accuracy_norm)."""
+  gen = run.config.generate
+  records = _eval_records(run, int(gen.limit_per_task or 0))
+  out = {}
+  if not records or not (gen.enabled or gen.get("multiple_choice", False)):
+    return out
+  backbone = types.SimpleNamespace(task=run.backbone.task, config=run.backbone.config,
+                                   apply=apply_fn)
+  if gen.enabled:
+    generate_fn = commonsense.make_generate_fn(backbone, params, run.tokenizer,
+                                               max_new_tokens=int(gen.max_new_tokens))
+    out["commonsense"] = commonsense.evaluate_commonsense(generate_fn, records, None,
+                                                          batch_size=run.config.eval_batch_size)
+  if gen.get("multiple_choice", False):
+    ll_fn = scoring.make_loglikelihood_fn(
+        apply_fn, params, pad_id=run.tokenizer.pad_token_id or 0,
+        # GPT-2 names its position count n_positions.
+        max_length=(run.backbone.config.get("max_position_embeddings")
+                    or run.backbone.config.get("n_positions")),
+        batch_size=int(run.config.eval_batch_size), cache=cache_spec(run.backbone))
+    out["multiple_choice"] = scoring.multiple_choice(ll_fn, run.tokenizer,
+                                                     scoring.commonsense_questions(records))
+  return out
 
 
 def export(run, state, workdir: str) -> None:
@@ -142,8 +181,8 @@ def export(run, state, workdir: str) -> None:
 
 
 def run_experiment(config, workdir: Optional[str] = None) -> dict:
-  """train() plus the configured baselines ('majority', 'frozen', 'linear_probe'), with a summary
-  table printed.
+  """train() plus the configured baselines ('majority', 'frozen', 'linear_probe'; 'zero_shot' for a
+  causal LM), with a summary table printed.
 
   The frozen baseline trains only the task head for the same number of steps in
   `<workdir>/baseline_frozen`, at its own lr (optim.lr_by_method['frozen'] unless lr is set);
@@ -154,10 +193,13 @@ def run_experiment(config, workdir: Optional[str] = None) -> dict:
   if finished is not None:
     return finished
   run = run_lib.setup(config)
+  baselines = {}
+  if "zero_shot" in config.baselines:
+    # Before training: the train step donates the initial state's buffers.
+    baselines["zero_shot"] = zero_shot(run)
   results = train(config, workdir, run=run)
   if results["status"] != "done":
     return results
-  baselines = {}
   if "majority" in config.baselines:
     baselines["majority"] = evaluate.majority_baseline(run.train_data, run.eval_data)
   method = method_registry.get(config.adapter.method)
@@ -199,30 +241,41 @@ def linear_probe(config, run) -> dict:
   return {**out, "train_minutes": 0.0}
 
 
+# Summary columns: (name, key path into the eval metrics).
+_SUMMARY_KEYS = (("accuracy", ("accuracy",)), ("macro_f1", ("macro_f1",)), ("mcc", ("mcc",)),
+                 ("mc accuracy", ("multiple_choice", "accuracy")),
+                 ("mc accuracy_norm", ("multiple_choice", "accuracy_norm")),
+                 ("generation accuracy", ("commonsense", "accuracy")),
+                 ("eval_loss", ("eval_loss",)), ("perplexity", ("perplexity",)),
+                 ("token_accuracy", ("token_accuracy",)))
+
+
+def _lookup(metrics: dict, path: tuple):
+  for key in path:
+    if not isinstance(metrics, dict) or key not in metrics:
+      return None
+    metrics = metrics[key]
+  return metrics
+
+
 def summary_table(results: dict) -> str:
   """Markdown table of the run and its baselines."""
   rows = [(results["method"], results["eval"], results["trainable_params"], results["train_minutes"])]
   for name, r in results.get("baselines", {}).items():
     rows.append((f"baseline: {name}", r, r.get("trainable_params", 0), r.get("train_minutes", 0.0)))
-  keys = [k for k in ("accuracy", "macro_f1", "mcc", "eval_loss", "token_accuracy") if k in results["eval"]]
-  lines = ["| run | " + " | ".join(keys) + " | trainable params | train min |",
+  keys = [(k, path) for k, path in _SUMMARY_KEYS if _lookup(results["eval"], path) is not None]
+  lines = ["| run | " + " | ".join(k for k, _ in keys) + " | trainable params | train min |",
            "|---" * (len(keys) + 3) + "|"]
   for name, r, n, minutes in rows:
-    lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "—" for k in keys)
+    values = [_lookup(r, path) for _, path in keys]
+    lines.append(f"| {name} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in values)
                  + f" | {n:,} | {minutes:.1f} |")
   return "\n".join(lines)
 
 
-def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=True) -> dict:
-  """Evaluates a checkpoint (the latest, or `step`) or an adapter-only export on the eval split.
-
-  The metrics get 'step' and 'source' keys and, with `save`, are written as JSON next to what
-  was evaluated: <workdir>/eval_step<N>.json, or <adapters_dir>/eval.json.
-
-  Example:
-    >>> from configs import sst2
-    >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
-  """
+def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
+  """(run, trainable, adapter config, step, source) of a run's checkpoint (the latest, or `step`)
+  or of an adapter-only export; checks the workdir is this config's run."""
   config_lib.validate(config)
   if adapters_dir:
     if step is not None:
@@ -238,35 +291,91 @@ def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=Tru
       raise errors.ConfigError(
           f"export {adapters_dir} holds {cfg.method!r} adapters but the config says "
           f"{run.adapter_cfg.method!r}; pass the matching config.")
-    source, out_path = adapters_dir, os.path.join(adapters_dir, "eval.json")
-    step = extra.get("step")
-  else:
-    workdir = workdir or config.workdir
-    # Never create anything under a workdir that is not a run (orbax would make checkpoints/).
-    if not os.path.isdir(workdir):
-      raise errors.CheckpointError(
-          f"workdir {workdir!r} does not exist; pass the run's folder with --workdir (or "
-          "--config.workdir), or an adapter export with --adapters.")
-    if not fingerprint.checkpoint_steps(workdir):
-      raise errors.CheckpointError(
-          f"workdir {workdir!r} has no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
-          "train it first (train.py) or pass an adapter export with --adapters.")
-    record = fingerprint.check(config, workdir, purpose="eval")
-    run = run_lib.setup(config)
-    if record is not None and not record["differences"]:
-      diffs = fingerprint.differences(record.get("resolved", {}),
-                                      fingerprint.resolved(run.num_steps, run.train_data))
-      if diffs and config.get("resume", "auto") != "force":
-        raise errors.RunMismatchError(
-            f"workdir {workdir} was trained on other data than this config loads ({'; '.join(diffs)}); "
-            "evaluate with the data it was trained on, or pass --config.resume=force.")
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
-    state, _ = checkpoint.restore(mngr, sharding.abstract(run.state), step)
-    mngr.close()
-    trainable, cfg, step = state.trainable, run.adapter_cfg, int(state.step)
-    source, out_path = workdir, os.path.join(workdir, f"eval_step{step}.json")
+    return run, trainable, cfg, extra.get("step"), adapters_dir
+  workdir = workdir or config.workdir
+  # Never create anything under a workdir that is not a run (orbax would make checkpoints/).
+  if not os.path.isdir(workdir):
+    raise errors.CheckpointError(
+        f"workdir {workdir!r} does not exist; pass the run's folder with --workdir (or "
+        "--config.workdir), or an adapter export with --adapters.")
+  if not fingerprint.checkpoint_steps(workdir):
+    raise errors.CheckpointError(
+        f"workdir {workdir!r} has no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+        "train it first (train.py) or pass an adapter export with --adapters.")
+  record = fingerprint.check(config, workdir, purpose="eval")
+  run = run_lib.setup(config)
+  if record is not None and not record["differences"]:
+    diffs = fingerprint.differences(record.get("resolved", {}),
+                                    fingerprint.resolved(run.num_steps, run.train_data))
+    if diffs and config.get("resume", "auto") != "force":
+      raise errors.RunMismatchError(
+          f"workdir {workdir} was trained on other data than this config loads ({'; '.join(diffs)}); "
+          "evaluate with the data it was trained on, or pass --config.resume=force.")
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  state, _ = checkpoint.restore(mngr, sharding.abstract(run.state), step)
+  mngr.close()
+  return run, state.trainable, run.adapter_cfg, int(state.step), workdir
+
+
+def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=True) -> dict:
+  """Evaluates a checkpoint (the latest, or `step`) or an adapter-only export on the eval split.
+
+  The metrics get 'step' and 'source' keys and, with `save`, are written as JSON next to what
+  was evaluated: <workdir>/eval_step<N>.json, or <adapters_dir>/eval.json.
+
+  Example:
+    >>> from configs import sst2
+    >>> evaluate_run(sst2.get_config("method=dora"), workdir="runs/sst2")["accuracy"]
+  """
+  run, trainable, cfg, step, source = _load_trained(config, workdir=workdir,
+                                                    adapters_dir=adapters_dir, step=step)
+  out_path = (os.path.join(adapters_dir, "eval.json") if adapters_dir
+              else os.path.join(source, f"eval_step{step}.json"))
   metrics = {"step": step, "source": source, **evaluate_state(run, trainable, cfg)}
   if save and jax.process_index() == 0:
     with open(out_path, "w") as f:
       json.dump(metrics, f, indent=2)
   return metrics
+
+
+def chat(config, prompt: str, *, workdir=None, adapters_dir=None, step=None, base=False,
+         system: Optional[str] = None, max_new_tokens: int = 128, key=None,
+         temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> str:
+  """The model's reply to `prompt`, rendered with the tokenizer's chat template: from a run's
+  checkpoint, an adapter export, or (`base`) the model as loaded.
+
+  Greedy without `key`; with a key, sampled (temperature, top_p, top_k). Stops at the
+  tokenizer's end-of-turn / EOS token or after max_new_tokens.
+
+  Example:
+    >>> from configs import smollm2
+    >>> chat(smollm2.get_config(), "What is the capital of France?", workdir="runs/smollm2")
+    'The capital of France is Paris.'
+  """
+  if base:
+    run = run_lib.setup(config)
+    params, apply_fn = merge_params(run.frozen, run.state.trainable["params"]), run.backbone.apply
+  else:
+    run, trainable, cfg, _, _ = _load_trained(config, workdir=workdir, adapters_dir=adapters_dir,
+                                              step=step)
+    params, apply_fn = evaluate.params_and_apply(run.backbone.apply, run.frozen, trainable, cfg)
+  if run.backbone.task != "causal_lm":
+    raise errors.ConfigError(f"chat needs a causal LM; this config's model.task is "
+                             f"{run.backbone.task!r}.")
+  tokenizer = run.tokenizer
+  if not getattr(tokenizer, "chat_template", None):
+    raise errors.ConfigError(f"the tokenizer of {config.model.name!r} has no chat template; chat "
+                             "needs an instruct model's tokenizer (e.g. model.name='smollm2').")
+  messages = ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": prompt}]
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+  # The template's end-of-turn token (the tokenizer's EOS) and the model's own EOS ids.
+  stops = set(eos_ids(run.backbone.config.get("eos_token_id")))
+  stops = sorted(stops | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+  new = generate_tokens(run.backbone, params, ids, max_new_tokens=max_new_tokens, key=key,
+                        temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=stops,
+                        pad_token_id=tokenizer.pad_token_id, apply_fn=apply_fn)
+  new = [int(t) for t in new]
+  end = next((i for i, t in enumerate(new) if t in stops), len(new))
+  return tokenizer.decode(new[:end], skip_special_tokens=True).strip()
