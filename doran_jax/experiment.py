@@ -59,6 +59,7 @@ def evaluate_params(run, params, apply_fn) -> dict:
 def zero_shot(run) -> dict:
   """The 'zero_shot' baseline: the causal LM as loaded (no adapters), on the same evaluation."""
   params = merge_params(run.frozen, run.state.trainable["params"])
+  log(f"baseline zero_shot: evaluating {run.config.model.name} as loaded")
   start = time.time()
   out = evaluate_params(run, params, run.backbone.apply)
   log("baseline zero_shot: " + json.dumps(out))
@@ -147,12 +148,17 @@ def lm_eval(run, params, apply_fn) -> dict:
     return out
   backbone = types.SimpleNamespace(task=run.backbone.task, config=run.backbone.config,
                                    apply=apply_fn)
+  tasks = len({r["task"] for r in records})
   if gen.enabled:
+    start = time.time()
     generate_fn = commonsense.make_generate_fn(backbone, params, run.tokenizer,
                                                max_new_tokens=int(gen.max_new_tokens))
     out["commonsense"] = commonsense.evaluate_commonsense(generate_fn, records, None,
                                                           batch_size=run.config.eval_batch_size)
+    log(f"generation: {len(records)} questions of {tasks} tasks, accuracy "
+        f"{out['commonsense']['accuracy']:.4f} ({time.time() - start:.0f} s)")
   if gen.get("multiple_choice", False):
+    start = time.time()
     ll_fn = scoring.make_loglikelihood_fn(
         apply_fn, params, pad_id=run.tokenizer.pad_token_id or 0,
         # GPT-2 names its position count n_positions.
@@ -161,6 +167,8 @@ def lm_eval(run, params, apply_fn) -> dict:
         batch_size=int(run.config.eval_batch_size), cache=cache_spec(run.backbone))
     out["multiple_choice"] = scoring.multiple_choice(ll_fn, run.tokenizer,
                                                      scoring.commonsense_questions(records))
+    log(f"multiple choice: {len(records)} questions of {tasks} tasks, accuracy "
+        f"{out['multiple_choice']['accuracy']:.4f} ({time.time() - start:.0f} s)")
   return out
 
 
