@@ -24,6 +24,7 @@ serve scripts/study_stability.py and scripts/study_sample_efficiency.py.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from doran_jax import checkpoint, evaluate, experiment, sharding, trainer
+from doran_jax import checkpoint, evaluate, experiment, files, sharding, trainer
 from doran_jax import run as run_lib
 from doran_jax.adapters import AdapterConfig, dynrank, targets_for
 from doran_jax.targets import SEP, Target, flatten
@@ -224,10 +225,11 @@ def _targets_only(params, targets):
 def write_csv(rows: Sequence[dict], path: str, fields: Sequence[str] = ROW_FIELDS) -> None:
   """Writes rows with `fields` first and any other keys after them."""
   extra = sorted({k for r in rows for k in r} - set(fields))
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=[*fields, *extra], restval="")
-    writer.writeheader()
-    writer.writerows(rows)
+  buffer = io.StringIO(newline="")
+  writer = csv.DictWriter(buffer, fieldnames=[*fields, *extra], restval="")
+  writer.writeheader()
+  writer.writerows(rows)
+  files.write_text(path, buffer.getvalue())
 
 
 def plot_decomposition(rows_by_method: Mapping[str, Sequence[dict]], path_png: str,

@@ -29,6 +29,7 @@ from flax import serialization
 
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.errors import CheckpointError
+from doran_jax.files import inside, write_bytes, write_json
 from doran_jax.targets import flatten
 
 INTEGRITY_VERSION = 1
@@ -338,18 +339,21 @@ def export_adapters(directory: str, trainable, cfg: AdapterConfig, extra: Option
   """
   os.makedirs(directory, exist_ok=True)
   host = jax.device_get(trainable)
-  with open(os.path.join(directory, "adapters.msgpack"), "wb") as f:
-    f.write(serialization.msgpack_serialize(serialization.to_state_dict(host)))
-  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-    json.dump({"adapter": cfg.to_dict(), **(extra or {})}, f, indent=2, sort_keys=True)
+  write_bytes(os.path.join(directory, "adapters.msgpack"),
+              serialization.msgpack_serialize(serialization.to_state_dict(host)))
+  write_json(os.path.join(directory, "adapter_config.json"),
+             {"adapter": cfg.to_dict(), **(extra or {})}, indent=2, sort_keys=True)
   logging.info("export: adapters (%d tensors) to %s", len(flatten(host)), directory)
 
 
 def load_adapters(directory: str) -> tuple[Any, AdapterConfig, dict]:
-  """Reads an adapter-only export: (trainable tree, AdapterConfig, the rest of the JSON)."""
-  with open(os.path.join(directory, "adapter_config.json")) as f:
+  """Reads an adapter-only export: (trainable tree, AdapterConfig, the rest of the JSON).
+
+  Both files must resolve inside `directory` (`files.inside`): a symlink out is a CheckpointError.
+  """
+  with open(inside(directory, "adapter_config.json")) as f:
     record = json.load(f)
-  with open(os.path.join(directory, "adapters.msgpack"), "rb") as f:
+  with open(inside(directory, "adapters.msgpack"), "rb") as f:
     trainable = serialization.msgpack_restore(f.read())
   cfg = AdapterConfig.from_dict(record.pop("adapter"))
   return trainable, cfg, record

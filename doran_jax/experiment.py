@@ -18,8 +18,8 @@ from typing import Optional
 import jax
 from absl import logging
 
-from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, fingerprint, models,
-                       probe, progress, quant, scoring, sharding, trainer)
+from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, files, fingerprint,
+                       models, probe, progress, quant, scoring, sharding, trainer)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
@@ -121,8 +121,8 @@ def _finished_results(config, workdir: str, *, validate: bool = True) -> Optiona
 
 def _write_results(workdir: str, results: dict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump({k: v for k, v in results.items() if k not in ("history", "state")}, f, indent=2)
+    files.write_json(os.path.join(workdir, "results.json"),
+                     {k: v for k, v in results.items() if k not in ("history", "state")})
 
 
 def _eval_records(run, limit: int) -> list:
@@ -184,8 +184,11 @@ def export(run, state, workdir: str) -> None:
     # A quantised base is dequantised for the merged export (its dtype: model.param_dtype).
     merged = jax.jit(lambda f, t: effective_params(quant.dequantize_params(f), t, run.adapter_cfg,
                                                    train=False))(run.frozen, state.trainable)
+    # export/merged belongs to this run (its workdir identity was checked): a re-export of the
+    # same run (resume=force to more steps) replaces it. Symlinks and the base's own folder
+    # stay refused.
     models.save_pretrained(run.backbone, merged, os.path.join(workdir, "export", "merged"),
-                           tokenizer=run.tokenizer)
+                           tokenizer=run.tokenizer, overwrite=True)
 
 
 def run_experiment(config, workdir: Optional[str] = None) -> dict:
@@ -341,8 +344,7 @@ def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=Tru
               else os.path.join(source, f"eval_step{step}.json"))
   metrics = {"step": step, "source": source, **evaluate_state(run, trainable, cfg)}
   if save and jax.process_index() == 0:
-    with open(out_path, "w") as f:
-      json.dump(metrics, f, indent=2)
+    files.write_json(out_path, metrics)  # never through a symlink planted in the export
   return metrics
 
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 
 from doran_jax import optim
 from doran_jax.errors import RunMismatchError
+from doran_jax.files import write_json
 
 RECORD = "run.json"
 RESULTS = "results.json"
@@ -221,10 +222,7 @@ def claim(config, workdir: str, resolved_values: Mapping[str, Any], *,
     out["forced"] = forced
   if write:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, RECORD)
-    with open(path + ".tmp", "w") as f:
-      json.dump(out, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)  # never a half-written run.json
+    write_json(os.path.join(workdir, RECORD), out, indent=2, sort_keys=True)
   return {**out, "differences": []}
 
 

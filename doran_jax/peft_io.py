@@ -46,6 +46,7 @@ from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.errors import UserError
+from doran_jax.files import check_output_folder, inside, replacing, write_json
 from doran_jax.models import hf_io
 from doran_jax.targets import SEP, find_targets, flatten, unflatten
 
@@ -205,7 +206,8 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
                       cfg: AdapterConfig, *, base_model_name_or_path: str,
                       task_type: Optional[str] = None,
                       modules_to_save: Sequence[str] = (), no_transpose: str = r"",
-                      torch_modules: Sequence[tuple[str, str]] = ()) -> str:
+                      torch_modules: Sequence[tuple[str, str]] = (),
+                      overwrite: bool = False) -> str:
   """Writes a PEFT LoRA/DoRA adapter folder that `PeftModel.from_pretrained` loads.
 
   Example:
@@ -219,7 +221,8 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
 
   Args:
     path: the folder to write (created if needed); never one holding doran_jax's own export
-      (checkpoint.export_adapters), whose adapter_config.json has the same name: an error.
+      (checkpoint.export_adapters), whose adapter_config.json has the same name, nor a symlink:
+      an error. An existing folder must be empty unless `overwrite`.
     params: backbone params; with the trained head when `modules_to_save` names it.
     adapters, cfg: the adapter tree and its config (lora, dora, doran or dyndora).
     base_model_name_or_path: recorded in adapter_config.json for PEFT to find the base model.
@@ -232,6 +235,7 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
       for fan_in_fan_out and for the layout of Conv1D kernels in modules_to_save.
     torch_modules: `bb.family.torch_modules`: ViT needs it, since transformers 5 renames its
       modules when it builds the torch model and PEFT would otherwise find none of the targets.
+    overwrite: replace the files of a non-empty folder (another PEFT adapter, say).
 
   Returns:
     `path`.
@@ -241,6 +245,7 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
     raise UserError(f"{os.fspath(path)!r} holds a doran_jax adapter export whose {CONFIG_NAME} a "
                     "PEFT export would overwrite; write the PEFT folder elsewhere, e.g. "
                     f"{os.path.join(os.path.dirname(os.fspath(path).rstrip(os.sep)) or '.', 'peft')!r}.")
+  path = check_output_folder(path, overwrite=overwrite, what="save_peft_adapter target")
   if isinstance(base_model_name_or_path, os.PathLike):
     base_model_name_or_path = os.fspath(base_model_name_or_path)
   if not base_model_name_or_path or not isinstance(base_model_name_or_path, str):
@@ -270,14 +275,12 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
       "bias": "none", "lora_bias": False, "init_lora_weights": True, "inference_mode": True,
       **fields,
   }
-  path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   from safetensors.numpy import save_file
   # Our own config rides along in the metadata (string -> string), out of PEFT's way.
-  save_file(tensors, os.path.join(path, WEIGHTS_NAME),
-            metadata={"format": "pt", "doran_jax_config": cfg.to_json()})
-  with open(os.path.join(path, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  with replacing(os.path.join(path, WEIGHTS_NAME)) as tmp:
+    save_file(tensors, tmp, metadata={"format": "pt", "doran_jax_config": cfg.to_json()})
+  write_json(os.path.join(path, CONFIG_NAME), config, indent=2, sort_keys=True)
   return path
 
 
@@ -287,7 +290,8 @@ def is_doran_export(path) -> bool:
   if os.path.isfile(os.path.join(path, "adapters.msgpack")):
     return True
   try:
-    with open(os.path.join(path, CONFIG_NAME)) as f:
+    # A symlink out of the folder is not read here; the loaders refuse it with a clear error.
+    with open(inside(path, CONFIG_NAME)) as f:
       record = json.load(f)
   except (OSError, ValueError):
     return False
@@ -321,9 +325,13 @@ def _peft_task_type(task_type: Optional[str]) -> Optional[str]:
 
 
 def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(adapter_config.json as a dict, float32 tensors) of a PEFT adapter folder."""
-  config_file = os.path.join(path, CONFIG_NAME)
-  weights_file = os.path.join(path, WEIGHTS_NAME)
+  """(adapter_config.json as a dict, float32 tensors) of a PEFT adapter folder.
+
+  Both files must resolve inside `path` (`files.inside`): a symlink out is a CheckpointError.
+  """
+  path = os.fspath(path)
+  config_file = inside(path, CONFIG_NAME)
+  weights_file = inside(path, WEIGHTS_NAME)
   if is_doran_export(path):
     raise UserError(f"{path!r} is a doran_jax adapter export (adapters.msgpack + our "
                      f"{CONFIG_NAME}), not a PEFT folder; load it with "

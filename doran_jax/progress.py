@@ -22,6 +22,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from doran_jax.files import append_text, write_text
+
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
   """Numeric leaves of a nested dict as {'prefix' + 'a/b': value}; other leaves are dropped.
@@ -60,9 +62,7 @@ def truncate_metrics(path: str, step: int) -> int:
     if isinstance(record, dict) and int(record.get("step", 0)) <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
   if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(kept))
   return len(lines) - len(kept)
 
 
@@ -99,8 +99,7 @@ class MetricWriter:
     """Appends {'step': step, **scalars} to metrics.jsonl (and TensorBoard)."""
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    append_text(self.path, json.dumps({"step": int(step), **scalars}) + "\n")
     if self._tb is not None:
       for name, value in scalars.items():
         if math.isfinite(value):

@@ -78,6 +78,8 @@ class Backbone:
     config: the checkpoint's config.json (attribute access), with num_labels set.
     fresh: paths initialised at load rather than read from the checkpoint (e.g. a new head).
     transposed: kept for AdapterConfig; our families store every kernel (in, out), so empty.
+    source: the real path of the folder the weights were loaded from (a GGUF file's folder);
+      `save_pretrained` never writes there. None for `from_config`.
   """
 
   model: Any
@@ -87,6 +89,7 @@ class Backbone:
   config: HFConfig
   fresh: tuple[str, ...] = ()
   transposed: tuple[str, ...] = ()
+  source: Optional[str] = None
 
   def replace(self, **changes) -> "Backbone":
     return dataclasses.replace(self, **changes)
@@ -352,8 +355,9 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
     logging.info("load %s: %d checkpoint tensors unused by %s/%s: %s", name_or_path, len(unused),
                  family.name, task, unused[:8])
   params = unflatten(flat)
+  source = os.path.realpath(os.path.dirname(path) if ckpt is not None else path)
   return Backbone(model=module, params=params, task=task, family=family, config=cfg,
-                  fresh=tuple(sorted(missing)))
+                  fresh=tuple(sorted(missing)), source=source)
 
 
 def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_dtype="float32",
@@ -380,12 +384,16 @@ def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_d
   return Backbone(model=module, params=params, task=task, family=family, config=cfg)
 
 
-def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None) -> None:
+def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None,
+                    overwrite: bool = False) -> None:
   """Writes `config.json` + `model.safetensors` in transformers' PyTorch names and layouts.
 
   `transformers.AutoModelFor*.from_pretrained(path)` loads it (the merged-export path for
   serving stacks: pass `apply_adapters(..., train=False)`'s params). Quantised kernels are written
   dequantised, in the dtype they stand for.
+
+  `path` is never a symlink or the folder the backbone was loaded from (`backbone.source`), and
+  an existing folder must be empty unless `overwrite`: a user error otherwise.
 
   Example:
     >>> save_pretrained(bb, dj.apply_adapters(bb.params, adapters, cfg), "out/merged")
@@ -393,7 +401,8 @@ def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None) ->
   host = jax.device_get(quant.dequantize_params(params))
   tied = [p for p, _ in backbone.family.tied_params(backbone.config, backbone.task)]
   hf_io.save_pretrained(host, dict(backbone.config), path,
-                        no_transpose=backbone.family.no_transpose, drop=tied)
+                        no_transpose=backbone.family.no_transpose, drop=tied,
+                        overwrite=overwrite, sources=(backbone.source,))
   if tokenizer is not None:
     tokenizer.save_pretrained(path)
   logging.info("export: %s model to %s", backbone.family.name, path)

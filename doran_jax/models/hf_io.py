@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -33,6 +32,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from flax import traverse_util
+
+from doran_jax.errors import CheckpointError
+from doran_jax.files import check_output_folder, inside, replacing, write_json
 
 SEP = "/"
 CONFIG = "config.json"
@@ -60,7 +62,7 @@ def read_config(path: str) -> dict:
     'bert'
   """
   path = os.fspath(path)
-  file = os.path.join(path, CONFIG)
+  file = inside(path, CONFIG)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"no {CONFIG} in {path!r}; it holds: {_listing(path)}.")
   with open(file) as f:
@@ -68,22 +70,35 @@ def read_config(path: str) -> dict:
 
 
 def weight_files(path: str) -> list[str]:
-  """The safetensors files of a checkpoint folder: the single file, or the index's shards in order."""
+  """The safetensors files of a checkpoint folder: the single file, or the index's shards in order.
+
+  Every file resolves inside `path` after symlinks (`files.inside`): an index entry such as
+  '../../x.safetensors', an absolute path or a symlink out of the folder is a CheckpointError.
+  """
   path = os.fspath(path)
-  index = os.path.join(path, INDEX)
-  if os.path.isfile(index):
+  index = inside(path, INDEX)
+  if os.path.lexists(os.path.join(path, INDEX)):
     with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{INDEX} in {path!r} is not a safetensors index (a JSON object "
+                              f"with a 'weight_map'): {e}. Fix or re-download the folder.") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f"{INDEX} in {path!r}: 'weight_map' must map tensor names to shard "
+                            "file names. Fix or re-download the folder.")
     # dict.fromkeys keeps the index's first-seen order and drops repeats.
-    files = [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
+    files = [inside(path, name, what=f"{INDEX} entry")
+             for name in dict.fromkeys(weight_map.values())]
     absent = [f for f in files if not os.path.isfile(f)]
     if absent:
       raise FileNotFoundError(f"{INDEX} in {path!r} names shards that are not there: "
                               f"{[os.path.basename(f) for f in absent]}; it holds: {_listing(path)}.")
     return files
-  single = os.path.join(path, WEIGHTS)
-  if os.path.isfile(single):
-    return [single]
+  if os.path.lexists(os.path.join(path, WEIGHTS)):
+    single = inside(path, WEIGHTS)
+    if os.path.isfile(single):
+      return [single]
   hint = ""
   if os.path.isdir(path) and any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(path)):
     hint = (" PyTorch pickles (.bin) are not read without torch: convert them once with "
@@ -143,11 +158,30 @@ def _read_one(file: str, name: str, dtype):
   return cast(x, dtype)
 
 
+class _Reader:
+  """A zero-argument reader of one tensor that knows the shape and dtype its file's header
+  declares, so `to_flax` checks both before any data is read."""
+
+  def __init__(self, file: str, name: str, dtype, shape, header_dtype: str):
+    self.file, self.name, self.dtype = file, name, dtype
+    self.shape, self.header_dtype = tuple(int(n) for n in shape), header_dtype
+
+  @property
+  def is_float(self) -> bool:
+    # safetensors' dtype codes: F16, F32, F64, BF16, F8_E4M3, ... ; I*, U*, BOOL are not floats.
+    return self.header_dtype.startswith(("F", "BF"))
+
+  def __call__(self):
+    return _read_one(self.file, self.name, self.dtype)
+
+
 def lazy_state(path: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
   """{torch name: zero-argument reader}: nothing is read until a reader is called.
 
   `to_flax` accepts it in place of `read_state`'s dict, so a loader can place each tensor on
-  its devices as it is read and hold only one tensor on the host at a time.
+  its devices as it is read and hold only one tensor on the host at a time. Each reader carries
+  the header's shape and dtype, which `to_flax` checks before reading (a header claiming a huge
+  tensor costs nothing).
 
   Example:
     >>> params, missing, unused = to_flax(lazy_state("ckpt/"), abstract, place=put_on_mesh)
@@ -158,7 +192,8 @@ def lazy_state(path: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
   for file in weight_files(path):
     with safe_open(file, framework="np") as f:
       for name in f.keys():
-        out[name] = functools.partial(_read_one, file, name, dtype)
+        header = f.get_slice(name)
+        out[name] = _Reader(file, name, dtype, header.get_shape(), header.get_dtype())
   return out
 
 
@@ -195,6 +230,29 @@ def _from_torch_layout(x, our_path: str, transpose: bool):
   if our_path.rsplit(SEP, 1)[-1] != "kernel" or not transpose or x.ndim < 2:
     return x
   return np.transpose(x, _torch_to_flax_axes(x.ndim))
+
+
+def _our_shape(shape, our_path: str, transpose: bool) -> tuple[int, ...]:
+  """A torch-layout shape in our layout (as `_from_torch_layout` would make it)."""
+  shape = tuple(shape)
+  if our_path.rsplit(SEP, 1)[-1] != "kernel" or not transpose or len(shape) < 2:
+    return shape
+  return tuple(shape[i] for i in _torch_to_flax_axes(len(shape)))
+
+
+def _check_tensor(original: str, path: str, shape, is_float: bool, dtype_name: str, spec,
+                  transpose: bool) -> None:
+  """A checkpoint tensor's declared shape and dtype against the model's leaf, before reading."""
+  ours, want = _our_shape(shape, path, transpose), tuple(spec.shape)
+  if ours != want:
+    layout = "" if ours == tuple(shape) else f" (torch layout; {ours} in ours)"
+    raise CheckpointError(f"shape mismatch for {original!r} -> {path!r}: the checkpoint has "
+                          f"{tuple(shape)}{layout}, the model expects {want}.")
+  spec_dtype = getattr(spec, "dtype", None)
+  if spec_dtype is not None and _is_float(spec_dtype) and not is_float:
+    raise CheckpointError(f"{original!r} -> {path!r} is stored as {dtype_name}, but the model "
+                          f"expects a floating-point {path.rsplit(SEP, 1)[-1]}; the checkpoint is "
+                          "damaged or not this model's. Fix or re-download it.")
 
 
 def _to_torch_layout(x, our_path: str, transpose: bool):
@@ -279,13 +337,14 @@ def to_flax(state: Mapping[str, Any], abstract_params, *, no_transpose: str = r"
       missing.append(path)
       continue
     original, x = renamed[found]
+    transpose = not _fullmatch(no_transpose, path)
+    if isinstance(x, _Reader):
+      # From the header alone: a tensor that cannot fit is refused before its data is read.
+      _check_tensor(original, path, x.shape, x.is_float, x.header_dtype, spec, transpose)
     x = x() if callable(x) else x
-    y = _from_torch_layout(x, path, not _fullmatch(no_transpose, path))
-    want = tuple(spec.shape)
-    if tuple(y.shape) != want:
-      ours = "" if y.shape == x.shape else f" (torch layout; {tuple(y.shape)} in ours)"
-      raise ValueError(f"shape mismatch for {original!r} -> {path!r}: the checkpoint has "
-                       f"{tuple(x.shape)}{ours}, the model expects {want}.")
+    _check_tensor(original, path, x.shape, _is_float(x.dtype), np.dtype(x.dtype).name, spec,
+                  transpose)
+    y = _from_torch_layout(x, path, transpose)
     out[path] = y if place is None else place(path, np.ascontiguousarray(y))
     del x, y
     taken.add(found)
@@ -335,16 +394,20 @@ def to_torch_names(params, *, no_transpose: str = r"",
 
 def save_pretrained(params, hf_config_dict: Mapping[str, Any], path: str, *,
                     no_transpose: str = r"", drop: Sequence[str] = (),
-                    max_shard_bytes: Optional[int] = None) -> list[str]:
+                    max_shard_bytes: Optional[int] = None, overwrite: bool = False,
+                    sources: Sequence[Optional[str]] = ()) -> list[str]:
   """Writes `config.json` + `model.safetensors` (or shards + index) loadable by transformers.
 
   Args:
     params: our param tree (jax or numpy arrays; their dtypes are written).
     hf_config_dict: the transformers config as a dict (e.g. `read_config(src)`), written as is.
-    path: output folder (created).
+    path: output folder (created). Never a symlink or one of `sources`; an existing folder
+      must be empty unless `overwrite` (`files.check_output_folder`).
     no_transpose: as in `to_flax`.
     drop: our paths not to write (a tied lm_head; transformers re-ties it on load).
     max_shard_bytes: split into shards of about this size, one shard in host memory at a time.
+    overwrite: replace the files of a non-empty folder (our weight files, index and config).
+    sources: folders that must never be written (the backbone's own source, `Backbone.source`).
 
   Returns:
     The weight files written.
@@ -353,10 +416,8 @@ def save_pretrained(params, hf_config_dict: Mapping[str, Any], path: str, *,
     >>> save_pretrained(params, read_config("ckpt/"), "out/", drop=("lm_head/kernel",))
   """
   from safetensors.numpy import save_file
-  path = os.fspath(path)
+  path = check_output_folder(path, overwrite=overwrite, sources=sources, what="save_pretrained target")
   os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, CONFIG), "w") as f:
-    json.dump(dict(hf_config_dict), f, indent=2, sort_keys=True)
   drop = set(drop)
   flat = {p: x for p, x in _flat(params).items() if p not in drop}
   # Group our paths into shards by byte size before converting, so only one shard is on the host.
@@ -374,19 +435,21 @@ def save_pretrained(params, hf_config_dict: Mapping[str, Any], path: str, *,
   for stale in os.listdir(path):
     if stale in (WEIGHTS, INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
       os.remove(os.path.join(path, stale))
+  write_json(os.path.join(path, CONFIG), dict(hf_config_dict), indent=2, sort_keys=True)
   if len(shards) == 1:
-    save_file(to_torch_names(_nest({p: flat[p] for p in shards[0]}), no_transpose=no_transpose),
-              os.path.join(path, WEIGHTS), metadata=meta)
+    with replacing(os.path.join(path, WEIGHTS)) as tmp:
+      save_file(to_torch_names(_nest({p: flat[p] for p in shards[0]}), no_transpose=no_transpose),
+                tmp, metadata=meta)
     return [os.path.join(path, WEIGHTS)]
   files, weight_map, total = [], {}, 0
   for i, group in enumerate(shards):
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     tensors = to_torch_names(_nest({p: flat[p] for p in group}), no_transpose=no_transpose)
-    save_file(tensors, os.path.join(path, name), metadata=meta)
+    with replacing(os.path.join(path, name)) as tmp:
+      save_file(tensors, tmp, metadata=meta)
     weight_map.update({k: name for k in tensors})
     total += sum(v.nbytes for v in tensors.values())
     files.append(os.path.join(path, name))
     del tensors
-  with open(os.path.join(path, INDEX), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
   return files

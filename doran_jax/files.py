@@ -1,0 +1,191 @@
+"""Files from outside, handled safely: names kept inside their folder, writes that never follow a
+symlink or leave a half-written file, and output folders that never clobber someone else's files.
+
+Model folders, adapters and workdirs come from strangers and shared clusters, so every loader
+resolves the names it opens with `inside` (a '../x' or absolute entry, or a symlink pointing out
+of the folder, is a CheckpointError naming the entry), every JSON/text result goes through
+`write_json` / `write_text` (temp file in the same folder, then `os.replace`; a symlink at the
+target is refused) and every folder writer checks its target with `check_output_folder`.
+
+Example:
+  >>> shard = inside("ckpt/", "model-00001-of-00002.safetensors", what="model.safetensors.index.json entry")
+  >>> write_json("runs/x/results.json", {"accuracy": 0.9})
+  >>> check_output_folder("out/merged", overwrite=False, source="ckpt/")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Optional, Sequence
+
+from doran_jax.errors import CheckpointError, UserError
+
+
+def inside(folder, name, *, what: str = "file") -> str:
+  """`folder`/`name` resolved after symlinks, or a CheckpointError if it lies outside `folder`.
+
+  The returned path is the real one, so a symlink swapped in after the check cannot redirect the
+  open that follows. A Hugging Face hub cache snapshot's files may point into that repo's blobs/.
+
+  Example:
+    >>> inside("ckpt/", "model.safetensors")
+    '/abs/ckpt/model.safetensors'
+    >>> inside("ckpt/", "../../etc/passwd", what="index entry")
+    Traceback (most recent call last):
+    CheckpointError: index entry '../../etc/passwd' in 'ckpt/' lies outside that folder ...
+  """
+  folder = os.fspath(folder)
+  name = os.fspath(name) if isinstance(name, os.PathLike) else name
+  if not isinstance(name, str) or not name or os.path.isabs(name):
+    raise CheckpointError(f"{what} {name!r} in {folder!r} is not a name inside that folder (an "
+                          "absolute path or empty); a model or adapter folder may only name its "
+                          "own files. Fix or re-download the folder.")
+  lexical = os.path.normpath(name)
+  real = os.path.realpath(os.path.join(folder, name))
+  roots = _allowed_roots(folder)
+  if (lexical == os.curdir or lexical.split(os.sep)[0] == os.pardir
+      or not any(os.path.commonpath([r, real]) == r and real != r for r in roots)):
+    raise CheckpointError(f"{what} {name!r} in {folder!r} lies outside that folder (it resolves to "
+                          f"{real!r}); a model or adapter folder may only name its own files, not "
+                          "'..' paths or symlinks pointing out. Fix or re-download the folder.")
+  return real
+
+
+def _allowed_roots(folder: str) -> list[str]:
+  """Where a folder's files may really live: the folder itself and, for a Hugging Face hub cache
+  snapshot (<cache>/models--org--name/snapshots/<revision>/), that repo's blobs/, which the
+  snapshot's files are symlinks into."""
+  root = os.path.realpath(folder)
+  roots = [root]
+  parent = os.path.dirname(root)
+  repo = os.path.dirname(parent)
+  if os.path.basename(parent) == "snapshots" and os.path.basename(repo).startswith(
+      ("models--", "datasets--")):
+    roots.append(os.path.join(repo, "blobs"))
+  return roots
+
+
+def _refuse_symlink(path: str) -> None:
+  if os.path.islink(path):
+    raise UserError(f"{path!r} is a symlink (to {os.readlink(path)!r}); refusing to write through "
+                    "it, which would overwrite whatever it points to. Remove the link or write "
+                    "elsewhere.")
+
+
+@contextlib.contextmanager
+def replacing(path) -> Iterator[str]:
+  """Yields a fresh temp path in `path`'s folder; on success it replaces `path` (`os.replace`).
+
+  For writers that take a file name (safetensors' save_file). A symlink at `path` is refused
+  (never written through); on an error the temp file is removed and `path` is left as it was.
+
+  Example:
+    >>> with replacing("out/model.safetensors") as tmp:
+    ...   save_file(tensors, tmp)
+  """
+  path = os.fspath(path)
+  _refuse_symlink(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                             prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)  # replaces a link racing in after the check, never follows it
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_bytes(path, data: bytes) -> str:
+  """Writes `data` to `path` atomically (`replacing`): never through a symlink, never half a file.
+
+  Example:
+    >>> write_bytes("export/adapters.msgpack", blob)
+  """
+  path = os.fspath(path)
+  with replacing(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+  return path
+
+
+def append_text(path, text: str) -> str:
+  """Appends UTF-8 `text` to `path` (created if absent), never through a symlink (O_NOFOLLOW).
+
+  Example:
+    >>> append_text("runs/x/metrics.jsonl", json.dumps(record) + "\n")
+  """
+  path = os.fspath(path)
+  _refuse_symlink(path)
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+  except OSError as e:
+    _refuse_symlink(path)  # a link that appeared after the check: the same clear refusal
+    raise UserError(f"cannot append to {path!r}: {e}.") from None
+  with os.fdopen(fd, "a", encoding="utf-8") as f:
+    f.write(text)
+  return path
+
+
+def write_text(path, text: str) -> str:
+  """`write_bytes` of UTF-8 text.
+
+  Example:
+    >>> write_text("runs/x/metrics.jsonl", "".join(lines))
+  """
+  return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj: Any, **dump_kwargs) -> str:
+  """`obj` as JSON (json.dump's kwargs; indent=2 by default), written with `write_bytes`.
+
+  Example:
+    >>> write_json("runs/x/results.json", {"accuracy": 0.9})
+  """
+  dump_kwargs.setdefault("indent", 2)
+  return write_text(path, json.dumps(obj, **dump_kwargs))
+
+
+def _same(a: str, b: str) -> bool:
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_folder(path, *, overwrite: bool = False, sources: Sequence[Optional[str]] = (),
+                        what: str = "output folder") -> str:
+  """Checks that a folder writer may write into `path`, and returns it as a str.
+
+  Refused always: a symlink, and any of `sources` (the folder a backbone was loaded from, or the
+  folder holding its GGUF file), however it is spelt. Refused unless `overwrite`: an existing
+  folder that is not empty. A file at `path` is refused too.
+
+  Example:
+    >>> check_output_folder("out/merged", sources=[bb.source])
+    'out/merged'
+  """
+  path = os.fspath(path)
+  _refuse_symlink(path.rstrip(os.sep) or path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{what} {path!r} is a file, not a folder; pass a folder path.")
+  real = os.path.realpath(path)
+  for source in sources:
+    if not source:
+      continue
+    root = os.path.realpath(os.fspath(source))
+    if _same(real, root):
+      raise UserError(f"{what} {path!r} is the folder the model was loaded from "
+                      f"({os.fspath(source)!r}); writing there would overwrite the original "
+                      "weights. Write to another folder.")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    listing = sorted(os.listdir(path))
+    shown = ", ".join(listing[:8]) + (" ..." if len(listing) > 8 else "")
+    raise UserError(f"{what} {path!r} is not empty (it holds {shown}); refusing to overwrite it. "
+                    "Write to a new or empty folder, or pass overwrite=True to replace its files.")
+  return path
