@@ -18,9 +18,11 @@ wins over the table.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -165,6 +167,32 @@ def _parent(config, path: str):
   for part in parents:
     node = node[part]
   return node, leaf
+
+
+def run_config(config, record: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """(config, differences): a copy of `config` carrying every training setting of the stored
+  run (`record` from run.json), so only the settings outside the identity (evaluation, logging,
+  layout) come from `config`; each difference reads 'key: config value -> run value'. What eval
+  does, so that a run's training overrides need not be repeated.
+
+  Example:
+    >>> config, diffs = run_config(tiny.get_config(), fingerprint.read("runs/x"))
+  """
+  out = config.copy_and_resolve_references()
+  diffs = []
+  with out.unlocked():
+    stored_config = record.get("config", {})
+    for key, now, stored in fingerprint.differing_keys(fingerprint.identity(config), stored_config):
+      if now is fingerprint.MISSING or stored is fingerprint.MISSING:
+        continue  # a key one side does not know: `check` names it
+      try:
+        parent, leaf = _parent(out, key)
+        current = parent[leaf]
+        parent[leaf] = tuple(stored) if isinstance(current, tuple) else stored
+      except (KeyError, TypeError, AttributeError):
+        continue
+      diffs.append(f"{key}: {json.dumps(now)} -> {json.dumps(stored)}")
+  return out, diffs
 
 
 def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

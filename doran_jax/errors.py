@@ -48,6 +48,12 @@ class RunMismatchError(UserError):
   kind = "run"
 
 
+class WorkdirBusyError(UserError):
+  """Another live run holds the workdir's lock (see doran_jax.workdir_lock)."""
+
+  kind = "run"
+
+
 class CheckpointError(UserError):
   """A checkpoint that is missing, damaged or does not match this run."""
 

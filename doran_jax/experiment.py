@@ -19,7 +19,8 @@ import jax
 from absl import logging
 
 from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, files, fingerprint,
-                       models, probe, progress, quant, scoring, sharding, trainer)
+                       models, probe, progress, quant, scoring, sharding, trainer,
+                       workdir_lock)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
 from doran_jax.adapters import method as method_registry
@@ -81,7 +82,12 @@ def train(config, workdir: Optional[str] = None, *, run=None, max_steps: Optiona
   finished = _finished_results(config, workdir, validate=run is None)
   if finished is not None:
     return finished
-  run = run or run_lib.setup(config)
+  # One writer per workdir from the first write (run.json) to the last (results.json).
+  with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, run or run_lib.setup(config), max_steps)
+
+
+def _train(config, workdir: str, run, max_steps: Optional[int]) -> dict:
   out = trainer.fit(run, workdir, max_steps=max_steps)
   state = out["state"]
   if out["status"] != "done":
@@ -203,6 +209,11 @@ def run_experiment(config, workdir: Optional[str] = None) -> dict:
   finished = _finished_results(config, workdir)
   if finished is not None:
     return finished
+  with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
+    return _run_experiment(config, workdir)
+
+
+def _run_experiment(config, workdir: str) -> dict:
   run = run_lib.setup(config)
   baselines = {}
   if "zero_shot" in config.baselines:
@@ -313,11 +324,12 @@ def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
     raise errors.CheckpointError(
         f"workdir {workdir!r} has no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
         "train it first (train.py) or pass an adapter export with --adapters.")
+  config = _run_settings(config, workdir)
   record = fingerprint.check(config, workdir, purpose="eval")
   run = run_lib.setup(config)
   if record is not None and not record["differences"]:
-    diffs = fingerprint.differences(record.get("resolved", {}),
-                                    fingerprint.resolved(run.num_steps, run.train_data))
+    diffs = fingerprint.resolved_differences(record.get("resolved", {}),
+                                             fingerprint.resolved(run.num_steps, run.train_data))
     if diffs and config.get("resume", "auto") != "force":
       raise errors.RunMismatchError(
           f"workdir {workdir} was trained on other data than this config loads ({'; '.join(diffs)}); "
@@ -326,6 +338,21 @@ def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
   state, _ = checkpoint.restore(mngr, sharding.abstract(run.state), step)
   mngr.close()
   return run, state.trainable, run.adapter_cfg, int(state.step), workdir
+
+
+def _run_settings(config, workdir: str):
+  """`config` with the training settings of the run in `workdir` (its run.json), so eval needs
+  only the evaluation settings; each setting taken from the run is logged. With
+  config.resume == 'force' the config is used as given (a checkpoint scored under new settings)."""
+  record = fingerprint.read(workdir)
+  if record is None or config.get("resume", "auto") == "force":
+    return config
+  config, diffs = config_lib.run_config(config, record)
+  if diffs:
+    log(f"evaluating with the training settings of the run in {workdir} ({fingerprint.RECORD}); "
+        f"{len(diffs)} differ from the config given (config -> run): " + "; ".join(diffs))
+    config_lib.validate(config)
+  return config
 
 
 def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=True) -> dict:

@@ -3,15 +3,17 @@
 A run is defined by its adapter config, model, data, optimiser, schedule, steps, seed, head and
 freeze lists: every config key except those that change only how a run is watched, stored or
 laid out (`NOT_IDENTITY`: logging, progress, checkpoint cadence, exports, eval-only and mesh
-keys). `trainer.fit` writes run.json when a run starts and refuses a workdir whose run.json
-differs (a `RunMismatchError` naming each differing key, before anything is written), unless
-`config.resume == "force"`. The data a run trained on is also checked after loading: the
-resolved step count, training-set size and class count (`resolved`).
+keys). `trainer.fit` refuses a workdir whose run.json differs (a `RunMismatchError` naming each
+differing key, before anything is written), unless `config.resume == "force"`, and writes
+run.json once the checkpoint it resumes from has restored. The data a run trained on is also
+checked after loading: the resolved step count, training-set size, class count and a digest of
+the training arrays (`resolved`).
 
 Example:
   >>> check(config, "runs/sst2")          # None (new workdir) or the stored record; raises on mismatch
-  >>> claim(config, "runs/sst2", resolved(run.num_steps, run.train_data))   # what fit does
-  >>> completed("runs/sst2", record)       # the saved results of a finished run, else None
+  >>> record = claim(config, "runs/sst2", resolved(run.num_steps, run.train_data))  # what fit
+  >>> commit("runs/sst2", record)          # ... does once the resumed checkpoint has restored
+  >>> completed("runs/sst2", check(config, "runs/sst2"))   # a finished run's results, else None
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ NOT_IDENTITY = (
 # Identity keys added after run.json files already existed, with the value every older run
 # implicitly had: a record without the key matches a config at that value.
 ADDED_KEYS = {"data.packing": False, "data.drop_long": False}
+# Resolved values added later: compared only when the stored record has them.
+RESOLVED_ADDED = ("data_digest",)
+MISSING = object()
 # Values compared as absolute paths, so `../data` and `/work/data` are the same run.
 PATH_KEYS = ("data.path", "data.data_dir", "data.train_file", "model.name", "model.tokenizer")
 
@@ -93,11 +98,26 @@ def identity(config) -> dict[str, Any]:
 
 
 def resolved(num_steps: int, train_data=None) -> dict[str, Any]:
-  """What the config resolves to once the data are loaded: steps, train size, classes."""
+  """What the config resolves to once the data are loaded: steps, train size, classes, and a
+  digest of the training arrays (so a resume on changed data of the same size is caught)."""
   out = {"num_steps": int(num_steps)}
   if train_data is not None:
     out["train_examples"] = len(train_data)
     out["num_classes"] = train_data.num_classes
+    out["data_digest"] = train_data.digest()
+  return out
+
+
+def resolved_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """`differences` of two resolved records, worded for the data. A key the stored record lacks
+  (written before the key existed, e.g. data_digest) cannot be checked and is not a difference."""
+  new = {k: v for k, v in new.items() if k in old or k not in RESOLVED_ADDED}
+  out = []
+  for d in differences(old, new):
+    if d.startswith("data_digest:"):
+      out.append(f"the training data's content changed (digest {d.split(': ', 1)[1]})")
+    else:
+      out.append(f"resolved {d} (did the data change?)")
   return out
 
 
@@ -107,16 +127,19 @@ def digest(values: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]):
+  """(key, old value, new value) for every differing key; `MISSING` for an absent one."""
+  for key in sorted(set(old) | set(new)):
+    a = old.get(key, ADDED_KEYS.get(key, MISSING))
+    b = new.get(key, ADDED_KEYS.get(key, MISSING))
+    if a != b:
+      yield key, a, b
+
+
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """'key: old -> new' for every key whose value differs (absent keys shown as such)."""
-  missing = object()
-  out = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, ADDED_KEYS.get(key, missing)), new.get(key, ADDED_KEYS.get(key, missing))
-    if a != b:
-      show = lambda v: "(absent)" if v is missing else json.dumps(v)
-      out.append(f"{key}: {show(a)} -> {show(b)}")
-  return out
+  show = lambda v: "(absent)" if v is MISSING else json.dumps(v)
+  return [f"{key}: {show(a)} -> {show(b)}" for key, a, b in differing_keys(old, new)]
 
 
 def read(workdir: str) -> Optional[dict]:
@@ -196,34 +219,38 @@ def check(config, workdir: str, *, purpose: str = "train") -> Optional[dict]:
   return {**record, "differences": diffs if has_checkpoints else []}
 
 
-def claim(config, workdir: str, resolved_values: Mapping[str, Any], *,
-          write: bool = True) -> Optional[dict]:
-  """`check`, then also the resolved values; writes run.json for this run. What fit calls.
+def claim(config, workdir: str, resolved_values: Mapping[str, Any]) -> Optional[dict]:
+  """`check`, then also the resolved values: the run.json record this run must write, or None
+  when the stored one already describes it. Writes nothing: `fit` commits the record (`commit`)
+  only once the checkpoint it resumes from has restored, so a failed forced resume leaves the
+  workdir's identity as it was.
 
   A workdir without checkpoints holds nothing to resume, so a stale run.json there is replaced.
-  With `write=False` (processes other than 0) nothing is written.
   """
   record = check(config, workdir)
   new = identity(config)
   force = _resume_mode(config) == "force"
   has_checkpoints = bool(checkpoint_steps(workdir))
   if record is not None and has_checkpoints:
-    diffs = differences(record.get("resolved", {}), dict(resolved_values))
+    diffs = resolved_differences(record.get("resolved", {}), dict(resolved_values))
     if diffs and not force:
-      raise _mismatch(workdir, [f"resolved {d} (did the data change?)" for d in diffs],
-                      digest(new), "train")
+      raise _mismatch(workdir, diffs, digest(new), "train")
     if not record["differences"] and not diffs:
-      return record  # the same run: run.json stays as it is
+      return None  # the same run: run.json stays as it is
   forced = list(record.get("forced", [])) if record and has_checkpoints else []
   if record is not None and has_checkpoints:
     forced.append({"from": record.get("fingerprint"), "differences": record["differences"]})
   out = {"fingerprint": digest(new), "config": new, "resolved": dict(resolved_values)}
   if forced:
     out["forced"] = forced
-  if write:
+  return out
+
+
+def commit(workdir: str, record: Optional[dict]) -> None:
+  """Writes a record from `claim` as <workdir>/run.json (None: nothing to write)."""
+  if record is not None:
     os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, RECORD), out, indent=2, sort_keys=True)
-  return {**out, "differences": []}
+    write_json(os.path.join(workdir, RECORD), record, indent=2, sort_keys=True)
 
 
 def completed(workdir: str, record: Optional[dict]) -> Optional[dict]:

@@ -22,7 +22,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from doran_jax import checkpoint, errors, fingerprint, progress, sharding
+from doran_jax import checkpoint, errors, fingerprint, progress, sharding, workdir_lock
 from doran_jax.adapters import count_params
 
 
@@ -163,11 +163,30 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   Returns:
     {'status': 'done' | 'paused' | 'preempted', 'step', 'history', 'state', 'train_minutes'}.
   """
+  with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
+    return _fit(run, workdir, max_steps)
+
+
+def _beyond_the_run(workdir: str, num_steps: int) -> None:
+  """A checkpoint past this run's last step cannot be resumed: its model is not this run's."""
+  steps = fingerprint.checkpoint_steps(workdir)
+  if steps and steps[-1] > num_steps:
+    earlier = [s for s in steps if s <= num_steps]
+    fix = (f"evaluate an earlier checkpoint with eval.py --step {earlier[-1]}, or " if earlier
+           else "")
+    raise errors.RunMismatchError(
+        f"workdir {workdir} holds a checkpoint at step {steps[-1]}, beyond this run's "
+        f"{num_steps} steps: resuming it would report the step-{steps[-1]} model as the "
+        f"{num_steps}-step result. Nothing was changed. Train to {num_steps} steps in a new "
+        f"--config.workdir, {fix}or continue with num_steps >= {steps[-1]}.")
+
+
+def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
   t_enter = time.time()
   config = run.config
   # Another run's workdir stops here, before anything in it is written (see doran_jax.fingerprint).
-  fingerprint.claim(config, workdir, fingerprint.resolved(run.num_steps, run.train_data),
-                    write=jax.process_index() == 0)
+  record = fingerprint.claim(config, workdir, fingerprint.resolved(run.num_steps, run.train_data))
+  _beyond_the_run(workdir, run.num_steps)
   os.makedirs(workdir, exist_ok=True)
   ckpt_cfg = config.checkpoint
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
@@ -183,9 +202,14 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
     skipped = f"; skipped damaged step(s) {sorted(damaged)}" if damaged else ""
     log(f"resumed from step {last_good} ({mngr.directory}); data position {meta['data_step']}"
         f"{skipped}")
+  # Only now is the identity recorded: a forced resume that failed to restore (another rank or
+  # method) leaves run.json as it was, so the run's own command still resumes it.
+  if jax.process_index() == 0:
+    fingerprint.commit(workdir, record)
   bs = config.batch_size
   if bs % jax.process_count():
-    raise ValueError(f"batch_size {bs} must divide by the {jax.process_count()} processes.")
+    raise errors.ConfigError(f"batch_size {bs} must divide by the {jax.process_count()} "
+                             "processes; pick a multiple of the process count.")
   history = []
   start_step = int(state.step)
   writer = progress.MetricWriter(workdir, total_steps=run.num_steps, start_step=start_step,

@@ -98,7 +98,9 @@ def test_first_run_records_its_fingerprint(trained, shared_data):
   config = _config(shared_data, workdir)
   assert record["fingerprint"] == fingerprint.digest(fingerprint.identity(config))
   assert record["config"]["optim.lr"] == config.optim.lr
+  digest = record["resolved"].pop("data_digest")
   assert record["resolved"] == {"num_steps": STEPS, "train_examples": 64, "num_classes": 2}
+  assert len(digest) == 16 and int(digest, 16) >= 0
   assert results["eval"]["n"] == 32
 
 
@@ -177,6 +179,49 @@ def test_truncate_metrics_drops_later_and_torn_records(tmp_path):
   assert progress.truncate_metrics(str(path), 2) == 0
 
 
+def test_a_failed_forced_resume_keeps_the_runs_identity(shared_data, workdir):
+  before = (workdir / "run.json").read_bytes()
+  with pytest.raises(errors.CheckpointError):
+    experiment.train(_config(shared_data, workdir, resume="force", **{"adapter.rank": 8}),
+                     str(workdir))
+  assert (workdir / "run.json").read_bytes() == before
+  # The run's own command still knows its run.
+  assert experiment.train(_config(shared_data, workdir), str(workdir))["status"] == "complete"
+
+
+def test_a_forced_resume_to_fewer_steps_is_refused(shared_data, workdir, trained):
+  before = _snapshot(workdir)
+  with pytest.raises(errors.RunMismatchError,
+                     match=r"checkpoint at step 4, beyond this run's 2 steps.*eval.py --step 2"):
+    experiment.train(_config(shared_data, workdir, num_steps=2, resume="force"), str(workdir))
+  assert _snapshot(workdir) == before
+
+
+def test_changed_data_of_the_same_size_is_a_mismatch(shared_data, tmp_path):
+  data_dir = tmp_path / "sst2"
+  shutil.copytree(shared_data / "text" / "sst2", data_dir)
+  c = _config(shared_data, tmp_path / "run", **{"data.path": str(data_dir)})
+  assert experiment.train(c, max_steps=2)["status"] == "paused"  # stopped at step 2 of 4
+  # Every label flipped: same rows, same count, different data.
+  lines = (data_dir / "train.tsv").read_text().splitlines()
+  flipped = [("0" if l[0] == "1" else "1") + l[1:] for l in lines]
+  os.chmod(data_dir / "train.tsv", 0o644)
+  (data_dir / "train.tsv").write_text("\n".join(flipped) + "\n")
+  with pytest.raises(errors.RunMismatchError, match="training data's content changed"):
+    experiment.train(c)
+  with pytest.raises(errors.RunMismatchError, match="training data's content changed"):
+    experiment.evaluate_run(c, workdir=str(tmp_path / "run"))
+
+
+def test_a_record_without_a_data_digest_still_resumes(shared_data, workdir, trained):
+  record = json.loads((workdir / "run.json").read_text())
+  assert record["resolved"]["data_digest"]
+  del record["resolved"]["data_digest"]  # as written before the digest existed
+  (workdir / "run.json").write_text(json.dumps(record))
+  metrics = experiment.evaluate_run(_config(shared_data, workdir), workdir=str(workdir))
+  assert metrics["step"] == STEPS
+
+
 def test_checkpoints_without_run_json_need_force(shared_data, workdir, no_loading):
   os.remove(workdir / "run.json")
   with pytest.raises(errors.RunMismatchError, match="no run.json.*--config.resume=force"):
@@ -185,11 +230,11 @@ def test_checkpoints_without_run_json_need_force(shared_data, workdir, no_loadin
 
 def test_stale_run_json_without_checkpoints_is_replaced(shared_data, tmp_path):
   c = _config(shared_data, tmp_path)
-  fingerprint.claim(c, str(tmp_path), {"num_steps": STEPS})
+  fingerprint.commit(str(tmp_path), fingerprint.claim(c, str(tmp_path), {"num_steps": STEPS}))
   other = _config(shared_data, tmp_path, **{"optim.lr": 0.5})
   record = fingerprint.claim(other, str(tmp_path), {"num_steps": STEPS})  # nothing to protect
+  fingerprint.commit(str(tmp_path), record)
   assert json.loads((tmp_path / "run.json").read_text())["config"]["optim.lr"] == 0.5
-  assert record["differences"] == []
 
 
 def test_same_config_on_changed_data_is_a_mismatch(shared_data, workdir, no_loading):
@@ -201,12 +246,27 @@ def test_same_config_on_changed_data_is_a_mismatch(shared_data, workdir, no_load
 # -------------------------------------------------------------------------------------- eval
 
 
-def test_eval_checks_the_fingerprint(shared_data, workdir, no_loading):
+def test_eval_takes_the_runs_own_training_settings(shared_data, workdir, trained, capsys):
+  # The run trained with alpha 8 and 4 steps; eval is given neither override and scores the
+  # checkpoint under the run's own settings, saying which it took from run.json.
+  c = tiny_config(shared_data, workdir, "kind=text,method=lora",
+                  **{"adapter.alpha": 64.0, "num_steps": 9})
+  metrics = experiment.evaluate_run(c, workdir=str(workdir))
+  assert metrics["step"] == STEPS
+  assert metrics["accuracy"] == pytest.approx(trained[1]["eval"]["accuracy"])
+  out = capsys.readouterr().out
+  assert "evaluating with the training settings of the run" in out
+  assert "adapter.alpha: 64.0 -> 8.0" in out and "num_steps: 9 -> 4" in out
+
+
+def test_eval_still_refuses_a_run_it_cannot_reproduce(shared_data, workdir, no_loading):
+  record = json.loads((workdir / "run.json").read_text())
+  record["config"]["adapter.no_such_setting"] = 3  # written by a newer doran_jax, say
+  (workdir / "run.json").write_text(json.dumps(record))
   before = _snapshot(workdir)
-  with pytest.raises(errors.RunMismatchError, match=r"(?s)adapter.alpha: 8.0 -> 64.0.*Evaluate with the config"):
-    experiment.evaluate_run(_config(shared_data, workdir, **{"adapter.alpha": 64.0}),
-                            workdir=str(workdir))
-  assert _snapshot(workdir) == before  # no eval_step4.json scored under the wrong alpha
+  with pytest.raises(errors.RunMismatchError, match=r"adapter.no_such_setting: 3 -> \(absent\)"):
+    experiment.evaluate_run(_config(shared_data, workdir), workdir=str(workdir))
+  assert _snapshot(workdir) == before
 
 
 def test_eval_of_a_missing_workdir_creates_nothing(shared_data, tmp_path, no_loading):

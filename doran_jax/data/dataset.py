@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Callable, Iterator, Optional
 
@@ -67,6 +68,16 @@ class Dataset:
 
   def __len__(self) -> int:
     return len(next(iter(self.arrays.values())))
+
+  def digest(self) -> str:
+    """A short sha256 of every array's name, dtype, shape and bytes (rows in order): equal for
+    the same tokenised data, different when any label, token or pixel changed."""
+    h = hashlib.sha256()
+    for name in sorted(self.arrays):
+      a = np.ascontiguousarray(self.arrays[name])
+      h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+      h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
 
   def _gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
     out = {k: v[idx] for k, v in self.arrays.items()}

@@ -1,0 +1,164 @@
+"""One writer per workdir: an exclusive lock file, <workdir>/run.lock, held while a run trains.
+
+Two runs writing one workdir (the same command started twice, a job resubmitted while the first
+still runs, a stopped process resumed) delete each other's checkpoints and interleave their
+metrics. The lock is a file created with O_EXCL naming its holder (host, PID and the process's
+start time); a second writer gets a `WorkdirBusyError` naming the holder before anything in the
+workdir is touched. The lock goes when the holder exits (also on an error or SIGTERM); a holder
+that was killed (SIGKILL, OOM) leaves it behind, and the next run on the same host sees that
+the process is gone and takes it over. A lock from another host cannot be checked: the message
+says which file to delete once that run is known to be dead. Taking the lock again in the
+process that holds it is a no-op (run_experiment -> train -> fit).
+
+Example:
+  >>> with held("runs/sst2"):              # what experiment.train and trainer.fit do
+  ...   ...                                # train, evaluate, export
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from typing import Optional
+
+from absl import logging
+
+from doran_jax.errors import WorkdirBusyError
+
+LOCK = "run.lock"
+# A lock file still empty this long after it was created is a holder killed mid-write.
+_TORN_AFTER_S = 60.0
+
+
+def _start_time(pid: int) -> Optional[str]:
+  """The process's start time in clock ticks since boot (Linux /proc), None where unknown; with
+  the PID it tells a live holder from a new process that reused a dead holder's PID."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      # The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def holder(pid: Optional[int] = None) -> dict:
+  """The lock record of process `pid` (default: this one)."""
+  pid = os.getpid() if pid is None else pid
+  return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _same(a: dict, b: dict) -> bool:
+  return (a.get("host"), a.get("pid"), a.get("start")) == (b.get("host"), b.get("pid"),
+                                                           b.get("start"))
+
+
+def _alive(record: dict) -> bool:
+  """Whether the holder (on this host) still runs: its PID exists with the same start time."""
+  pid = record.get("pid")
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # another user's live process
+  start = _start_time(pid)
+  return record.get("start") is None or start is None or start == record.get("start")
+
+
+def read(workdir: str) -> Optional[dict]:
+  """The lock record of `workdir` ({} for an unreadable one), or None when it is not locked."""
+  path = os.path.join(workdir, LOCK)
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+  except FileNotFoundError:
+    return None
+  except OSError:
+    return {}  # a symlink or something else planted there: not a lock we can trust
+  with os.fdopen(fd) as f:
+    try:
+      record = json.load(f)
+    except ValueError:
+      return {}
+  return record if isinstance(record, dict) else {}
+
+
+def _busy(workdir: str, record: dict) -> WorkdirBusyError:
+  path = os.path.join(workdir, LOCK)
+  who = (f"process {record.get('pid')} on host {record.get('host')} (since {record.get('since')})"
+         if record else "a lock file that cannot be read")
+  if record and record.get("host") == socket.gethostname():
+    fix = "Wait for it to finish, or stop it (SIGTERM saves a checkpoint) and rerun to resume."
+  else:
+    fix = (f"If that run is no longer running (a crashed job on another node), delete {path} "
+           "and rerun.")
+  return WorkdirBusyError(f"workdir {workdir} is in use by another run: {who} holds {path}. Two "
+                          f"runs in one workdir would delete each other's checkpoints. {fix} For "
+                          "a separate run pass another --config.workdir.")
+
+
+def _stale(workdir: str, record: dict) -> bool:
+  """A lock left by a holder that is gone: same host and not alive, or torn and old."""
+  if not record:
+    path = os.path.join(workdir, LOCK)
+    try:
+      return (not os.path.islink(path) and
+              time.time() - os.lstat(path).st_mtime > _TORN_AFTER_S)
+    except FileNotFoundError:
+      return True
+  return record.get("host") == socket.gethostname() and not _alive(record)
+
+
+def acquire(workdir: str) -> dict:
+  """Takes the lock of `workdir` for this process (creating the folder); returns its record.
+
+  Raises:
+    WorkdirBusyError: another live process holds it, or a host this one cannot check does.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  me = holder()
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+      record = read(workdir) or {}
+      if not _stale(workdir, record):
+        raise _busy(workdir, record) from None
+      logging.warning("removing the stale lock %s of %s (that process is gone).", path,
+                      f"process {record.get('pid')}" if record else "an unreadable holder")
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+      continue
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    return me
+  raise _busy(workdir, read(workdir) or {})
+
+
+def release(workdir: str, record: dict) -> None:
+  """Removes the lock of `workdir` if `record` still holds it (never another run's)."""
+  held_now = read(workdir)
+  if held_now and _same(held_now, record):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, LOCK))
+
+
+@contextlib.contextmanager
+def held(workdir: str, *, enabled: bool = True):
+  """Holds the lock of `workdir` inside the block; a no-op when this process already holds it
+  or `enabled` is False (processes other than 0 of a multi-host run)."""
+  current = read(workdir) if enabled else None
+  if not enabled or (current and _same(current, holder())):
+    yield
+    return
+  record = acquire(workdir)
+  try:
+    yield
+  finally:
+    release(workdir, record)
