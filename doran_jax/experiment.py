@@ -116,6 +116,8 @@ def _finished_results(config, workdir: str, *, validate: bool = True) -> Optiona
   already finished in `workdir`, its saved results (status 'complete'), else None."""
   if validate:
     config_lib.validate(config)
+    # Before any JAX call (the workdir lock asks for the process index).
+    sharding.maybe_initialize_distributed(config.distributed)
   results = fingerprint.completed(workdir, fingerprint.check(config, workdir))
   if results is None:
     return None
@@ -297,8 +299,9 @@ def summary_table(results: dict) -> str:
 
 def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
   """(run, trainable, adapter config, step, source) of a run's checkpoint (the latest, or `step`)
-  or of an adapter-only export; checks the workdir is this config's run."""
+  or of an adapter-only export, with the training settings of the workdir's run."""
   config_lib.validate(config)
+  sharding.maybe_initialize_distributed(config.distributed)
   if adapters_dir:
     if step is not None:
       raise errors.ConfigError("step selects a checkpoint in a workdir; an adapter export has no "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
+import time
 from typing import Any
 
 import jax
@@ -20,6 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from doran_jax import quant
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.core import targets_for
+from doran_jax.errors import ConfigError
 from doran_jax.targets import SEP, flatten, unflatten
 
 BATCH_AXES = ("data", "fsdp")
@@ -216,13 +219,97 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+# Variables a multi-host launcher sets; any of them makes distributed='auto' initialise.
+LAUNCHER_ENV = ("COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+                "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# Seconds to wait for every process to reach the coordinator (JAX's default is 300).
+DEFAULT_INIT_TIMEOUT_S = 120
+
+
+def distributed_args(environ) -> dict:
+  """jax.distributed.initialize's arguments from the environment.
+
+  JAX 0.10 reads only the coordinator address from the environment, so JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID (the README's manual launch) are passed explicitly; without them JAX detects
+  the cluster itself (SLURM, TPU pods, Kubernetes). DORAN_DISTRIBUTED_TIMEOUT bounds the wait.
+
+  Example:
+    >>> distributed_args({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+    ...                   "JAX_PROCESS_ID": "1"})
+    {'initialization_timeout': 120, 'coordinator_address': '10.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
+  """
+  timeout = environ.get("DORAN_DISTRIBUTED_TIMEOUT", str(DEFAULT_INIT_TIMEOUT_S))
+  if not timeout.isdigit() or int(timeout) < 1:
+    raise ConfigError(f"DORAN_DISTRIBUTED_TIMEOUT={timeout!r} must be a whole number of seconds "
+                      ">= 1.")
+  out = {"initialization_timeout": int(timeout)}
+  address = environ.get("JAX_COORDINATOR_ADDRESS") or environ.get("COORDINATOR_ADDRESS")
+  count, index = environ.get("JAX_NUM_PROCESSES"), environ.get("JAX_PROCESS_ID")
+  if count is None and index is None:
+    return out
+  if count is None or index is None or not count.isdigit() or not index.isdigit():
+    raise ConfigError(f"JAX_NUM_PROCESSES={count!r} and JAX_PROCESS_ID={index!r}: set both, to "
+                      "the number of processes and this process's index (0 on the coordinator).")
+  if not 0 <= int(index) < int(count):
+    raise ConfigError(f"JAX_PROCESS_ID={index} must be in 0..{int(count) - 1} for "
+                      f"JAX_NUM_PROCESSES={count}.")
+  if not address:
+    raise ConfigError("JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS is not: set it to "
+                      "host:port of process 0, the same on every process.")
+  return {**out, "coordinator_address": address, "num_processes": int(count),
+          "process_id": int(index)}
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+  """Waits until process 0's coordinator accepts TCP connections: JAX aborts the process (a C++
+  check failure, no Python exception) when its own connect times out, so an unreachable
+  coordinator is caught here first."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"JAX_COORDINATOR_ADDRESS={address!r} must be host:port (of process 0).")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise ConfigError(
+            f"the coordinator {address} (process 0) did not answer within {timeout_s} s "
+            f"({type(e).__name__}: {e}). Start process 0 with the same JAX_COORDINATOR_ADDRESS, "
+            "check the host and port are reachable from here, or raise "
+            "DORAN_DISTRIBUTED_TIMEOUT.") from None
+      time.sleep(0.5)
+
+
 def maybe_initialize_distributed(distributed: str) -> None:
-  """jax.distributed.initialize() when asked ('on'), or 'auto' under a known multi-host launcher."""
-  launcher_env = ("COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                  "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+  """jax.distributed.initialize() when asked ('on'), or 'auto' under a known multi-host launcher;
+  a no-op once initialised. Call it before anything else touches JAX (the entry points do).
+
+  Raises:
+    ConfigError: a bad launch environment, or processes that did not all reach the coordinator
+      within DORAN_DISTRIBUTED_TIMEOUT seconds.
+  """
   if distributed not in DISTRIBUTED_MODES:
-    raise ValueError(f"unknown distributed={distributed!r}; choose auto, on or off.")
-  if distributed == "on" or (distributed == "auto" and any(os.environ.get(k) for k in launcher_env)):
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    raise ConfigError(f"unknown distributed={distributed!r}; choose auto, on or off.")
+  if jax.distributed.is_initialized():
+    return
+  if not (distributed == "on" or (distributed == "auto" and
+                                  any(os.environ.get(k) for k in LAUNCHER_ENV))):
+    return
+  kwargs = distributed_args(os.environ)
+  if kwargs.get("process_id"):
+    _wait_for_coordinator(kwargs["coordinator_address"], kwargs["initialization_timeout"])
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError, RuntimeError, ...)
+    where = kwargs.get("coordinator_address", "the coordinator JAX detected")
+    raise ConfigError(
+        f"jax.distributed.initialize could not connect the processes (coordinator {where}, "
+        f"{kwargs.get('num_processes', 'auto')} processes, waited at most "
+        f"{kwargs['initialization_timeout']} s): {type(e).__name__}: {str(e).splitlines()[0]}. "
+        "Start every process with the same JAX_COORDINATOR_ADDRESS (host:port of process 0, "
+        "reachable from all) and JAX_NUM_PROCESSES, and a distinct JAX_PROCESS_ID; or pass "
+        "--config.distributed=off for one process.") from e
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,108 @@
+"""The README's multi-host launch, run as written on localhost: two processes with
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID and --config.distributed=on train
+configs/tiny.py to the losses and eval of one process with the same four devices."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from doran_jax import errors, sharding
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _command(shared_data, workdir):
+  return [sys.executable, "train.py", "--config", "configs/tiny.py:kind=text,method=dora",
+          f"--config.data.path={shared_data / 'text' / 'sst2'}", f"--workdir={workdir}",
+          "--config.num_steps=4", "--config.checkpoint.every=2", "--config.progress_bar=False",
+          "--config.mesh=data:2,fsdp:2,model:1", "--config.sharding_rules=fsdp"]
+
+
+def _env(devices, **extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_TORCH": "0", **extra}
+
+
+def _losses(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_readme_multihost_launch_equals_one_process(shared_data, tmp_path):
+  one = tmp_path / "one"
+  proc = subprocess.run(_command(shared_data, one), cwd=REPO, env=_env(4), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  two = tmp_path / "two"
+  port = _free_port()
+  procs = [subprocess.Popen(_command(shared_data, two) + ["--config.distributed=on"], cwd=REPO,
+                            env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "training dora for 4 steps" in outs[0][0]
+  assert "training dora" not in outs[1][0]  # only process 0 prints
+
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  ev_one = json.loads((one / "results.json").read_text())["eval"]
+  ev_two = json.loads((two / "results.json").read_text())["eval"]
+  assert ev_two["n"] == ev_one["n"]
+  np.testing.assert_allclose(ev_two["accuracy"], ev_one["accuracy"])
+  np.testing.assert_allclose(ev_two["eval_loss"], ev_one["eval_loss"], rtol=1e-5)
+  assert not (two / "run.lock").exists()
+
+
+def test_launch_environment_is_passed_to_jax():
+  args = sharding.distributed_args({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                                    "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"})
+  assert args == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+                  "initialization_timeout": sharding.DEFAULT_INIT_TIMEOUT_S}
+  # SLURM, TPU pods, Kubernetes: JAX detects the cluster itself.
+  assert sharding.distributed_args({"SLURM_JOB_ID": "7"}) == {
+      "initialization_timeout": sharding.DEFAULT_INIT_TIMEOUT_S}
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}, "set both"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     r"must be in 0\.\.1"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS is not"),
+    ({"DORAN_DISTRIBUTED_TIMEOUT": "soon"}, "whole number of seconds"),
+])
+def test_a_bad_launch_environment_is_a_clear_error(environ, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    sharding.distributed_args(environ)
+
+
+def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+  # Process 1 of 2 waits for a coordinator that never starts: a one-line error, not a hang.
+  port = _free_port()
+  code = ("import sys; sys.path.insert(0, %r)\n"
+          "from doran_jax import errors, sharding\n"
+          "with errors.reported():\n"
+          "  sharding.maybe_initialize_distributed('on')\n") % str(REPO)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
+                                 DORAN_DISTRIBUTED_TIMEOUT="5"))
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert f"coordinator localhost:{port} (process 0) did not answer within 5 s" in last
