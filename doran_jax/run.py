@@ -170,8 +170,11 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
     train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, **images)
     eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, **images)
     if config.model.task != "causal_lm":
-      data.check_eval_labels(train_data, eval_data,
-                             config.model.num_labels or train_data.num_classes)
+      # Given class counts and named classes are real even where the training split lacks them.
+      declared = bool(config.model.num_labels or config.data.get("num_classes", None)
+                      or train_data.label_names)
+      data.check_labels(train_data, eval_data, config.model.num_labels or train_data.num_classes,
+                        declared=declared)
   if backbone is None:
     backbone = load_model(config, train_data.num_classes if train_data else None, mesh)
   adapter_cfg = adapter_config_from(config, backbone.transposed, backbone.family)

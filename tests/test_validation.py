@@ -217,3 +217,57 @@ def test_eval_py_on_a_missing_workdir_exits_2_and_creates_nothing(shared_data, t
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f"checkpoint error: workdir {str(missing)!r} does not exist")
   assert not missing.exists()
+
+
+# ------------------------------------------------------------------------------ issue 32 (CLI)
+
+
+def _refuse_model(monkeypatch):
+  """run_lib.load_model raises _ModelReached: the data checks passed and the model came next."""
+  class _ModelReached(Exception):
+    pass
+
+  def refuse(*args, **kwargs):
+    raise _ModelReached()
+  monkeypatch.setattr(run_lib, "load_model", refuse)
+  return _ModelReached
+
+
+def _label_config(shared_data, tmp_path, train_labels, dev_labels, **overrides):
+  rows = lambda labels: [f"{y}\tsentence number {i}\n".encode() for i, y in enumerate(labels)]  # noqa: E731
+  folder = _tsv_folder(tmp_path, rows(train_labels), rows(dev_labels))
+  return folder, tiny_config(shared_data, tmp_path / "run", "kind=text", num_steps=2, **{
+      "data.path": str(folder), "data.limit": None, "data.eval_limit": None, **overrides})
+
+
+def test_training_set_with_one_class_is_a_data_error(shared_data, tmp_path, monkeypatch):
+  _refuse_model(monkeypatch)
+  folder, c = _label_config(shared_data, tmp_path, [1] * 12, [0, 1] * 4)
+  with pytest.raises(errors.DataError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert f"the training data ({folder / 'train.tsv'}, 12 rows) has only label 1" in message
+  assert "the eval split has labels [0, 1]" in message
+  assert "needs at least two classes" in message and "data.train_split" in message
+
+
+def test_training_labels_that_skip_classes_are_a_data_error(shared_data, tmp_path, monkeypatch):
+  reached = _refuse_model(monkeypatch)
+  folder, c = _label_config(shared_data, tmp_path, [0, 5] * 6, [0, 5] * 3)
+  with pytest.raises(errors.DataError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert f"the training labels in {folder / 'train.tsv'} are [0, 5]" in message
+  assert "the head gets 6 outputs (max label + 1), 4 of which ([1, 2, 3, 4]) never occur" in message
+  assert "Renumber the labels to 0..1 (0->0, 5->1)" in message and "data.num_classes=6" in message
+  # A declared class count says the absent classes are real: the run goes on to the model.
+  with c.unlocked():
+    c.data.num_classes = 6
+  with pytest.raises(reached):
+    run_lib.setup(c)
+
+
+def test_label_check_leaves_non_integer_targets_alone():
+  # Regression-style float targets are not class ids (no source yields them today).
+  train = data.Dataset({"x": np.zeros(4), "labels": np.array([0.5, 0.5, 0.5, 0.5])}, 1, None)
+  data.check_labels(train, train, 1)
