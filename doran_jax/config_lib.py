@@ -18,17 +18,19 @@ wins over the table.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
 
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
-from doran_jax import data, fingerprint, optim, quant, sharding
+from doran_jax import data, fingerprint, models, optim, quant, sharding
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
-from doran_jax.errors import ConfigError
+from doran_jax.errors import ConfigError, UserError
 from doran_jax.models import registry as model_registry
 
 # Short names accepted in `--config configs/x.py:name=value,...`.
@@ -338,7 +340,59 @@ def config_problems(config, *, with_data: bool = True, with_model: bool = True) 
       p.append("the config has no data section; set config.data = data.default_data_config(...).")
     else:
       p += data.config_problems(config.data, config.model.get("task", None))
+      if with_model:
+        p += _position_problems(config.model, config.data)
   return p
+
+
+def model_config(mc) -> dict | None:
+  """config.model's transformers config as a dict, with model.config_overrides: the tiny config,
+  or the checkpoint's config.json / GGUF metadata (no weights are read). None where it cannot be
+  read; loading the model then says why.
+
+  Example:
+    >>> model_config(tiny.get_config().model)["max_position_embeddings"]
+    64
+  """
+  overrides = dict(mc.get("config_overrides", None) or {})
+  try:
+    if mc.get("tiny", ""):
+      return {**models.tiny_config(mc.tiny, **overrides).to_dict(), **overrides}
+    return {**_checkpoint_config(mc.name), **overrides}
+  except (UserError, OSError, ValueError, TypeError, KeyError):
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_config(name: str) -> dict:
+  # Once per process: a GGUF file's metadata takes seconds to read, and a run validates twice.
+  return models.read_config(name)
+
+
+def _position_problems(mc, data_cfg) -> list[str]:
+  """data.max_length beyond the positions the model has: an error for learned position tables
+  (no row to look up, NaN at the first step), a warning for rotary ones (they extrapolate)."""
+  max_length = data_cfg.get("max_length", None)
+  if data_cfg.get("source", None) == "tfds_image" or not _int(max_length):
+    return []
+  cfg = model_config(mc)
+  if cfg is None:
+    return []
+  try:
+    family = models.family_of(cfg)
+  except ValueError:
+    return []   # an unsupported model type: loading the model reports it
+  limit = family.max_positions(cfg) if family.max_positions is not None else None
+  if limit is None or max_length <= limit:
+    return []
+  name = f"tiny {mc.tiny}" if mc.get("tiny", "") else mc.get("name")
+  if family.learned_positions:
+    return [f"data.max_length={max_length} is more than the {limit} positions model "
+            f"{name!r} ({family.name}) has learned embeddings for; set data.max_length <= {limit}."]
+  logging.warning("data.max_length=%d is more than the %d positions model %r (%s) was trained "
+                  "on; its rotary positions extrapolate, usually with some loss of quality.",
+                  max_length, limit, name, family.name)
+  return []
 
 
 def _model_problems(mc, with_model: bool) -> list[str]:

@@ -271,3 +271,26 @@ def test_label_check_leaves_non_integer_targets_alone():
   # Regression-style float targets are not class ids (no source yields them today).
   train = data.Dataset({"x": np.zeros(4), "labels": np.array([0.5, 0.5, 0.5, 0.5])}, 1, None)
   data.check_labels(train, train, 1)
+
+
+@pytest.mark.parametrize("tiny,max_length,limit", [("bert", 65, 64), ("gpt2", 100, 64),
+                                                   ("roberta", 65, 64)])
+def test_max_length_beyond_learned_positions_is_a_config_error(shared_data, tmp_path, no_loading,
+                                                               tiny, max_length, limit):
+  c = tiny_config(shared_data, tmp_path, "kind=text", **{"model.tiny": tiny,
+                                                         "data.max_length": max_length})
+  with pytest.raises(errors.ConfigError) as info:
+    run_lib.setup(c)
+  assert (f"data.max_length={max_length} is more than the {limit} positions model 'tiny {tiny}' "
+          f"({tiny}) has learned embeddings for; set data.max_length <= {limit}.") in str(info.value)
+  with c.unlocked():
+    c.data.max_length = limit
+  assert not any("positions" in p for p in config_lib.config_problems(c))
+
+
+def test_max_length_beyond_rope_positions_is_a_warning(shared_data, tmp_path, caplog):
+  # Rotary positions extrapolate (no NaN), so a longer context is the user's call.
+  c = tiny_config(shared_data, tmp_path, "kind=causal", **{"data.max_length": 100})
+  with caplog.at_level("WARNING"):
+    assert config_lib.config_problems(c) == []
+  assert "data.max_length=100 is more than the 64 positions model 'tiny llama'" in caplog.text

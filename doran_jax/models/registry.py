@@ -46,6 +46,11 @@ class Family:
     image_mean, image_std: the image processor's normalisation (vision families).
     cache_shape: config dict -> (layers, key/value heads, head dim) of its KV cache (causal
       LMs that support cached generation, models.generate); None for the others.
+    max_positions: config dict -> the longest input (tokens) its positions were trained for;
+      None for families without a limit (ViT's patches are fixed by the image size).
+    learned_positions: its position embeddings are a learned table (BERT, GPT-2): a longer
+      input has no row to look up, so data.max_length above max_positions is an error. Rotary
+      families (LLaMA and kin) extrapolate, so it is only a warning there.
   """
 
   name: str
@@ -66,6 +71,8 @@ class Family:
   image_mean: Optional[float] = None
   image_std: Optional[float] = None
   cache_shape: Optional[Callable[[Mapping[str, Any]], tuple[int, int, int]]] = None
+  max_positions: Optional[Callable[[Mapping[str, Any]], Optional[int]]] = None
+  learned_positions: bool = False
 
   def head(self, task: str) -> str:
     self.check_task(task)
