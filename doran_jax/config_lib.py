@@ -13,6 +13,11 @@ Learning rate: a config file may leave `optim.lr` unset (a float placeholder) an
 `optim.lr_by_method`, a table {method: lr}; `resolved(config)` (called by run.setup) fills
 optim.lr from the table for the config's method. An lr given explicitly (`:lr=...` or the flag)
 wins over the table.
+
+None on the command line: `--config.data.limit=None` (any int, float or bool field, and `None`
+exactly for a str field) and `configs/x.py:limit=None` set the value to None; importing this
+module registers those parsers with ml_collections' config_flags. Keys whose default is None are
+typed placeholders (`config_dict.placeholder(int)`), so they can be given a value too.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import os
 import re
 
 import ml_collections
-from absl import logging
-from ml_collections import config_dict
+from absl import flags, logging
+from ml_collections import config_dict, config_flags
 
 from doran_jax import data, fingerprint, models, optim, quant, sharding
 from doran_jax.adapters import method as method_registry
@@ -204,6 +209,8 @@ def _placeholder_default(parent, leaf):
 
 
 def _parse(value: str, current):
+  if value == "None":
+    return None
   if isinstance(current, bool):
     return value.lower() in ("1", "true", "yes")
   if isinstance(current, int):
@@ -211,6 +218,29 @@ def _parse(value: str, current):
   if isinstance(current, float):
     return float(value)
   return value
+
+
+def _none_or(parser_cls, words=("None", "none")):
+  """`parser_cls` that also reads `words` as None (ml_collections' own parsers reject 'None')."""
+
+  class NoneOr(parser_cls):
+
+    def parse(self, argument):
+      if isinstance(argument, str) and argument.strip() in words:
+        return None
+      return super().parse(argument)
+
+  NoneOr.__name__ = f"NoneOr{parser_cls.__name__}"
+  return NoneOr()
+
+
+# Documented None values (data.limit, checkpoint.max_to_keep, optim.warmup_ratio, ...) must be
+# reachable from `--config.<key>=None`; validate() then rejects None where it is not allowed. A
+# str field takes only `None` itself: 'none' is a real value (model.quantize='none').
+for _type, _parser in ((int, flags.IntegerParser), (float, flags.FloatParser),
+                       (bool, flags.BooleanParser)):
+  config_flags.register_flag_parser_for_type(_type, _none_or(_parser))
+config_flags.register_flag_parser_for_type(str, _none_or(flags.ArgumentParser, words=("None",)))
 
 
 # ------------------------------------------------------------------------------ validation

@@ -294,3 +294,46 @@ def test_max_length_beyond_rope_positions_is_a_warning(shared_data, tmp_path, ca
   with caplog.at_level("WARNING"):
     assert config_lib.config_problems(c) == []
   assert "data.max_length=100 is more than the 64 positions model 'tiny llama'" in caplog.text
+
+
+def _parse_flags(*args):
+  """train.py's --config flag parsed by absl and ml_collections, as on the command line."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["train.py", "--config", str(REPO / "configs" / "tiny.py"), *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_none_on_the_command_line():
+  c = _parse_flags("--config.data.limit=None", "--config.checkpoint.max_to_keep=None",
+                   "--config.optim.warmup_ratio=None", "--config.progress_bar=None",
+                   "--config.head=None")
+  assert c.data.limit is None and c.checkpoint.max_to_keep is None
+  assert c.optim.warmup_ratio is None and c.progress_bar is None and c.head is None
+  assert config_lib.config_problems(c, with_data=False) == []
+  # Keys whose default is None take a value; 'none' stays a string where it is a real value.
+  c = _parse_flags("--config.data.num_classes=3", "--config.data.eval_limit=None",
+                   "--config.data.data_dir=/tmp", "--config.model.quantize=none",
+                   "--config.data.limit=7")
+  assert (c.data.num_classes, c.data.eval_limit, c.data.data_dir) == (3, None, "/tmp")
+  assert c.model.quantize == "none" and c.data.limit == 7
+  # An int that cannot be None is reported by validation, not by a parser traceback.
+  c = _parse_flags("--config.num_steps=None")
+  assert any("num_steps=None must be an integer" in p for p in config_lib.config_problems(c))
+  from configs import tiny
+  assert tiny.get_config("limit=None").data.limit is None
+
+
+def test_none_reaches_train_py(shared_data, tmp_path):
+  # The real entry point: the flag parses, so the run stops at the (deliberate) bad value.
+  proc = _entry("train.py", "--config", "configs/tiny.py", f"--config.workdir={tmp_path / 'run'}",
+                f"--config.data.path={shared_data / 'text' / 'sst2'}", "--config.data.limit=None",
+                "--config.checkpoint.max_to_keep=None", "--config.seed=-1",
+                env={"DORAN_VERBOSE": "0"})
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "config error: invalid config (1 problem; nothing was loaded): seed=-1")
