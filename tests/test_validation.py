@@ -337,3 +337,30 @@ def test_none_reaches_train_py(shared_data, tmp_path):
   assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(
       "config error: invalid config (1 problem; nothing was loaded): seed=-1")
+
+
+def _hf_folder(tmp_path, name, config=None):
+  folder = tmp_path / name
+  folder.mkdir()
+  (folder / "notes.txt").write_text("not a checkpoint")
+  if config is not None:
+    (folder / "config.json").write_text(config)
+  return folder
+
+
+@pytest.mark.parametrize("case", ["no_config_json", "unsupported_model_type", "unknown_hub_name"])
+def test_bad_model_inputs_print_one_line_and_exit_2(shared_data, tmp_path, case):
+  # Before: a plain FileNotFoundError / ValueError under a traceback wall, exit 1.
+  name, expected = {
+      "no_config_json": (_hf_folder(tmp_path, "ckpt"), "file error: no config.json in "),
+      "unsupported_model_type": (_hf_folder(tmp_path, "t5", '{"model_type": "t5"}'),
+                                 "config error: unsupported model_type 't5'"),
+      "unknown_hub_name": ("no-such-model", "checkpoint error: model 'no-such-model' is not a "
+                           "local folder"),
+  }[case]
+  proc = _entry("train.py", "--config", "configs/tiny.py", f"--config.workdir={tmp_path / 'run'}",
+                f"--config.data.path={shared_data / 'text' / 'sst2'}", "--config.model.tiny=",
+                f"--config.model.name={name}", env={"DORAN_VERBOSE": "0", "HF_HUB_OFFLINE": "1"})
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-1000:]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from doran_jax.errors import ConfigError
 from doran_jax.sharding import FSDP_RULES
 
 TASKS = ("classification", "image_classification", "causal_lm", "features")
@@ -80,8 +81,8 @@ class Family:
 
   def check_task(self, task: str) -> None:
     if task not in self.tasks:
-      raise ValueError(f"model family {self.name!r} does not support task {task!r}; it supports "
-                       f"{', '.join(self.tasks)}.")
+      raise ConfigError(f"model family {self.name!r} does not support task {task!r}; it supports "
+                        f"{', '.join(self.tasks)}.")
 
   def tensor_parallel_rules(self) -> tuple:
     """(regex, PartitionSpec tuple) rules: column/row parallel kernels, then the FSDP tail."""
@@ -127,7 +128,7 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Family:
   """The family registered as `name`."""
   if name not in _FAMILIES:
-    raise ValueError(f"unknown model family {name!r}; supported: {', '.join(names())}.")
+    raise ConfigError(f"unknown model family {name!r}; supported: {', '.join(names())}.")
   return _FAMILIES[name]
 
 
@@ -137,5 +138,5 @@ def for_model_type(model_type: str) -> Family:
     if model_type in family.model_types:
       return family
   supported = sorted(t for f in _FAMILIES.values() for t in f.model_types)
-  raise ValueError(f"unsupported model_type {model_type!r}; supported model types: "
-                   f"{', '.join(supported)}. A new family is one file in doran_jax/models/.")
+  raise ConfigError(f"unsupported model_type {model_type!r}; supported model types: "
+                    f"{', '.join(supported)}. A new family is one file in doran_jax/models/.")
