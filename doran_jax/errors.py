@@ -7,6 +7,10 @@ so code that catches ValueError keeps working. A missing or unreadable file (Fil
 PermissionError, ... on a path the user gave: data.path, model.name, the workdir) is reported the
 same way, as one 'file error' line.
 
+Exit statuses of the entry points: 0 finished, 1 a bug (Python's traceback), `EXIT_CODE` (2) an
+error the user can fix, `PREEMPTED_EXIT_CODE` (143) stopped by SIGTERM (or one Ctrl-C) after
+saving a checkpoint (train.py; run the same command again to resume).
+
 Example:
   >>> raise ConfigError("optim.lr must be a finite number > 0, got nan; set --config.optim.lr=1e-3.")
 
@@ -20,10 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 
 EXIT_CODE = 2  # distinct from Python's 1 for an unexpected exception
+# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: a scheduler that already
+# requeues on it keeps doing so, and it is neither 0 (finished) nor 1 or 2 (failed).
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 # Operating-system errors about a path: the user's file or folder, not a bug in this package.
 FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,

@@ -62,3 +62,8 @@ def test_reported_lets_other_os_errors_through():
   with pytest.raises(ConnectionResetError):
     with errors.reported(stream=io.StringIO()):
       raise ConnectionResetError("peer went away")
+
+
+def test_preempted_exit_code_is_distinct():
+  assert errors.PREEMPTED_EXIT_CODE == 143   # 128 + SIGTERM, documented in train.py
+  assert len({0, 1, errors.EXIT_CODE, errors.PREEMPTED_EXIT_CODE}) == 4
