@@ -364,3 +364,27 @@ def test_bad_model_inputs_print_one_line_and_exit_2(shared_data, tmp_path, case)
   assert proc.returncode == errors.EXIT_CODE, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-1000:]
+
+
+def test_huge_eval_batch_is_refused_before_training(shared_data, tmp_path, no_loading):
+  # Nothing is allocated: the estimate alone says it cannot fit on any machine.
+  c = tiny_config(shared_data, tmp_path, "kind=causal", eval_batch_size=10 ** 9)
+  with pytest.raises(errors.ConfigError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert message.startswith("eval_batch_size=1000000000 needs about ")
+  assert "64x30522 float32 logits" in message and "--config.eval_batch_size=" in message
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_batch_suggestion_fits(shared_data, tmp_path):
+  from doran_jax import memory
+  c = tiny_config(shared_data, tmp_path, "kind=causal", eval_batch_size=4096)
+  cfg = config_lib.model_config(c.model)
+  per_row = memory.eval_row_bytes(cfg, "causal_lm", 64)
+  available = 100 * per_row
+  memory.check_eval_batch(c.copy_and_resolve_references(), cfg, [], available=4096 * per_row)
+  with pytest.raises(errors.ConfigError, match=r"Set --config.eval_batch_size=32 \(or lower\)"):
+    memory.check_eval_batch(c, cfg, [], available=available)   # 50 rows in half -> 32
+  with pytest.raises(errors.ConfigError, match="Not even one row fits: lower data.max_length"):
+    memory.check_eval_batch(c, cfg, [], available=per_row // 4)
