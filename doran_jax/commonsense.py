@@ -29,6 +29,7 @@ from doran_jax.data.commonsense import (  # pylint: disable=unused-import
     read_split, tokenize_examples)
 from doran_jax.data.instruction import (  # pylint: disable=unused-import
     PROMPT, PROMPT_WITH_INPUT, generate_prompt)
+from doran_jax.errors import ConfigError, DataError
 
 
 def extract_answer(task: str, text: str) -> str:
@@ -84,7 +85,7 @@ def evaluate_commonsense(generate_fn: Callable[[list[str]], list[str]], examples
   for i, ex in enumerate(examples):
     t = task if task is not None else ex.get("task")
     if t is None:
-      raise ValueError(f"example {i} has no 'task'; pass task= (one of {', '.join(TASKS)}).")
+      raise DataError(f"example {i} has no 'task'; pass task= (one of {', '.join(TASKS)}).")
     tasks.append(_check_task(t))
   counts = collections.defaultdict(lambda: [0, 0])   # task -> [correct, n]
   outputs = []
@@ -143,8 +144,8 @@ def make_generate_fn(backbone, params, tokenizer, max_new_tokens: int = 32, *,
   if positions:
     room = positions - max_new_tokens
     if room <= 0:
-      raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the "
-                       f"model's {positions} positions; lower generate.max_new_tokens.")
+      raise ConfigError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the "
+                        f"model's {positions} positions; lower generate.max_new_tokens.")
     max_prompt_length = min(max_prompt_length or room, room)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   eos = tokenizer.eos_token_id

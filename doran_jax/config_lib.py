@@ -13,11 +13,17 @@ Learning rate: a config file may leave `optim.lr` unset (a float placeholder) an
 `optim.lr_by_method`, a table {method: lr}; `resolved(config)` (called by run.setup) fills
 optim.lr from the table for the config's method. An lr given explicitly (`:lr=...` or the flag)
 wins over the table.
+
+None on the command line: `--config.data.limit=None` (any int, float or bool field, and `None`
+exactly for a str field) and `configs/x.py:limit=None` set the value to None; importing this
+module registers those parsers with ml_collections' config_flags. Keys whose default is None are
+typed placeholders (`config_dict.placeholder(int)`), so they can be given a value too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -25,12 +31,13 @@ import re
 from typing import Any, Mapping
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags, logging
+from ml_collections import config_dict, config_flags
 
-from doran_jax import data, fingerprint, optim, quant, sharding
+from doran_jax import data, fingerprint, models, optim, quant, sharding
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
-from doran_jax.errors import ConfigError
+from doran_jax.errors import ConfigError, UserError
 from doran_jax.models import registry as model_registry
 
 # Short names accepted in `--config configs/x.py:name=value,...`.
@@ -230,6 +237,8 @@ def _placeholder_default(parent, leaf):
 
 
 def _parse(value: str, current):
+  if value == "None":
+    return None
   if isinstance(current, bool):
     return value.lower() in ("1", "true", "yes")
   if isinstance(current, int):
@@ -237,6 +246,29 @@ def _parse(value: str, current):
   if isinstance(current, float):
     return float(value)
   return value
+
+
+def _none_or(parser_cls, words=("None", "none")):
+  """`parser_cls` that also reads `words` as None (ml_collections' own parsers reject 'None')."""
+
+  class NoneOr(parser_cls):
+
+    def parse(self, argument):
+      if isinstance(argument, str) and argument.strip() in words:
+        return None
+      return super().parse(argument)
+
+  NoneOr.__name__ = f"NoneOr{parser_cls.__name__}"
+  return NoneOr()
+
+
+# Documented None values (data.limit, checkpoint.max_to_keep, optim.warmup_ratio, ...) must be
+# reachable from `--config.<key>=None`; validate() then rejects None where it is not allowed. A
+# str field takes only `None` itself: 'none' is a real value (model.quantize='none').
+for _type, _parser in ((int, flags.IntegerParser), (float, flags.FloatParser),
+                       (bool, flags.BooleanParser)):
+  config_flags.register_flag_parser_for_type(_type, _none_or(_parser))
+config_flags.register_flag_parser_for_type(str, _none_or(flags.ArgumentParser, words=("None",)))
 
 
 # ------------------------------------------------------------------------------ validation
@@ -366,7 +398,59 @@ def config_problems(config, *, with_data: bool = True, with_model: bool = True) 
       p.append("the config has no data section; set config.data = data.default_data_config(...).")
     else:
       p += data.config_problems(config.data, config.model.get("task", None))
+      if with_model:
+        p += _position_problems(config.model, config.data)
   return p
+
+
+def model_config(mc) -> dict | None:
+  """config.model's transformers config as a dict, with model.config_overrides: the tiny config,
+  or the checkpoint's config.json / GGUF metadata (no weights are read). None where it cannot be
+  read; loading the model then says why.
+
+  Example:
+    >>> model_config(tiny.get_config().model)["max_position_embeddings"]
+    64
+  """
+  overrides = dict(mc.get("config_overrides", None) or {})
+  try:
+    if mc.get("tiny", ""):
+      return {**models.tiny_config(mc.tiny, **overrides).to_dict(), **overrides}
+    return {**_checkpoint_config(mc.name), **overrides}
+  except (UserError, OSError, ValueError, TypeError, KeyError):
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_config(name: str) -> dict:
+  # Once per process: a GGUF file's metadata takes seconds to read, and a run validates twice.
+  return models.read_config(name)
+
+
+def _position_problems(mc, data_cfg) -> list[str]:
+  """data.max_length beyond the positions the model has: an error for learned position tables
+  (no row to look up, NaN at the first step), a warning for rotary ones (they extrapolate)."""
+  max_length = data_cfg.get("max_length", None)
+  if data_cfg.get("source", None) == "tfds_image" or not _int(max_length):
+    return []
+  cfg = model_config(mc)
+  if cfg is None:
+    return []
+  try:
+    family = models.family_of(cfg)
+  except ValueError:
+    return []   # an unsupported model type: loading the model reports it
+  limit = family.max_positions(cfg) if family.max_positions is not None else None
+  if limit is None or max_length <= limit:
+    return []
+  name = f"tiny {mc.tiny}" if mc.get("tiny", "") else mc.get("name")
+  if family.learned_positions:
+    return [f"data.max_length={max_length} is more than the {limit} positions model "
+            f"{name!r} ({family.name}) has learned embeddings for; set data.max_length <= {limit}."]
+  logging.warning("data.max_length=%d is more than the %d positions model %r (%s) was trained "
+                  "on; its rotary positions extrapolate, usually with some loss of quality.",
+                  max_length, limit, name, family.name)
+  return []
 
 
 def _model_problems(mc, with_model: bool) -> list[str]:

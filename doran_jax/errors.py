@@ -3,7 +3,13 @@
 Every error the library raises about something the user can fix derives from `UserError`; the
 entry points (train.py, eval.py) print its message alone, without a traceback, and exit with
 status 2 (`--verbose` or DORAN_VERBOSE=1 shows the traceback). `UserError` is a `ValueError`,
-so code that catches ValueError keeps working.
+so code that catches ValueError keeps working. A missing or unreadable file (FileNotFoundError,
+PermissionError, ... on a path the user gave: data.path, model.name, the workdir) is reported the
+same way, as one 'file error' line.
+
+Exit statuses of the entry points: 0 finished, 1 a bug (Python's traceback), `EXIT_CODE` (2) an
+error the user can fix, `PREEMPTED_EXIT_CODE` (143) stopped by SIGTERM (or one Ctrl-C) after
+saving a checkpoint (train.py; run the same command again to resume).
 
 Example:
   >>> raise ConfigError("optim.lr must be a finite number > 0, got nan; set --config.optim.lr=1e-3.")
@@ -18,10 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 
 EXIT_CODE = 2  # distinct from Python's 1 for an unexpected exception
+# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: a scheduler that already
+# requeues on it keeps doing so, and it is neither 0 (finished) nor 1 or 2 (failed).
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+# Operating-system errors about a path: the user's file or folder, not a bug in this package.
+FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+               FileExistsError)
 
 
 class UserError(ValueError):
@@ -65,21 +79,25 @@ def verbose_from_env() -> bool:
   return os.environ.get("DORAN_VERBOSE", "").strip().lower() in ("1", "true", "yes")
 
 
-def format_error(error: UserError) -> str:
+def format_error(error: Exception) -> str:
   """'<kind> error: <message>' — the one line (or short paragraph) the user sees."""
+  if isinstance(error, FILE_ERRORS):
+    return (f"file error: {error}; check the path and its permissions (data.path, model.name, "
+            "workdir).")
   return f"{error.kind} error: {error}"
 
 
 @contextlib.contextmanager
 def reported(verbose: bool = False, stream=None):
-  """Turns a UserError raised inside into its message on stderr and `SystemExit(2)`.
+  """Turns a UserError (or a FILE_ERRORS one) raised inside into its message on stderr and
+  `SystemExit(2)`.
 
   Other exceptions propagate unchanged (they are bugs: the traceback is the useful part).
   With `verbose` (or DORAN_VERBOSE=1) the traceback is printed above the message.
   """
   try:
     yield
-  except UserError as error:
+  except (UserError,) + FILE_ERRORS as error:
     stream = stream or sys.stderr
     if verbose or verbose_from_env():
       traceback.print_exc(file=stream)

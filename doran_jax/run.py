@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from doran_jax import config_lib, data, models, optim, sharding, step
+from doran_jax import config_lib, data, memory, models, optim, sharding, step
 from doran_jax.adapters import AdapterConfig, count_params, init_adapters
 from doran_jax.adapters import method as method_registry
 from doran_jax.errors import ConfigError
@@ -163,6 +163,9 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
   mesh = sharding.make_mesh(config.mesh)
   train_data = eval_data = None
   if with_data:
+    # Evaluation comes after training: a batch that cannot fit must stop the run now.
+    memory.check_eval_batch(config, backbone.config if backbone is not None
+                            else config_lib.model_config(config.model), mesh.local_devices)
     if tokenizer is None:
       tokenizer = load_tokenizer(config)
     images = dict(image_size=config.data.get("image_size", None),
@@ -170,8 +173,11 @@ def setup(config, *, backbone: Optional[models.Backbone] = None, tokenizer=None,
     train_data = data.load_dataset(config.data, "train", tokenizer=tokenizer, **images)
     eval_data = data.load_dataset(config.data, "eval", tokenizer=tokenizer, **images)
     if config.model.task != "causal_lm":
-      data.check_eval_labels(train_data, eval_data,
-                             config.model.num_labels or train_data.num_classes)
+      # Given class counts and named classes are real even where the training split lacks them.
+      declared = bool(config.model.num_labels or config.data.get("num_classes", None)
+                      or train_data.label_names)
+      data.check_labels(train_data, eval_data, config.model.num_labels or train_data.num_classes,
+                        declared=declared)
   if backbone is None:
     backbone = load_model(config, train_data.num_classes if train_data else None, mesh)
   adapter_cfg = adapter_config_from(config, backbone.transposed, backbone.family)

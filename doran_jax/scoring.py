@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from doran_jax import commonsense
-from doran_jax.errors import DataError
+from doran_jax.errors import ConfigError, DataError
 
 # LLM-Adapters' commonsense records end their instruction with "Answer format: a/b/c"; the
 # answer words are its choices (ARC rows have 3 to 5).
@@ -96,7 +96,7 @@ def make_loglikelihood_fn(apply_fn: Callable, params, *, pad_id: int = 0,
     >>> lls, greedy = ll_fn([([1, 5, 9], [7]), ([1, 5, 9], [8, 2])])
   """
   if batch_size <= 0 or bucket <= 0:
-    raise ValueError(f"batch_size ({batch_size}) and bucket ({bucket}) must be positive.")
+    raise ConfigError(f"batch_size ({batch_size}) and bucket ({bucket}) must be positive.")
 
   def token_scores(logits_BxTxV, next_BxT, on_BxT):
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)

@@ -9,6 +9,7 @@ import numpy as np
 from absl import logging
 
 from doran_jax.adapters import AdapterConfig, apply_adapters
+from doran_jax.errors import ConfigError
 from doran_jax.targets import flatten, unflatten
 
 
@@ -22,8 +23,8 @@ def split_params(params, trains_backbone: bool, head_regex: str):
   regex = re.compile(head_regex) if head_regex else None
   head = {p: v for p, v in flat.items() if regex is not None and regex.fullmatch(p)}
   if head_regex and not head:
-    raise ValueError(f"head regex {head_regex!r} matches no parameter; set config.head to the "
-                     "task head's paths (e.g. 'classifier/.*') or '' for none.")
+    raise ConfigError(f"head regex {head_regex!r} matches no parameter; set config.head to the "
+                      "task head's paths (e.g. 'classifier/.*') or '' for none.")
   for p in sorted(head):
     logging.info("trainable head: %s %s", p, np.shape(head[p]))
   return unflatten(head), unflatten({p: v for p, v in flat.items() if p not in head})

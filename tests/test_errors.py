@@ -40,3 +40,30 @@ def test_reported_lets_other_exceptions_through():
   with pytest.raises(ZeroDivisionError):
     with errors.reported(stream=io.StringIO()):
       1 / 0  # pylint: disable=pointless-statement
+
+
+@pytest.mark.parametrize("error", [
+    FileNotFoundError(2, "No such file or directory", "/data/train.tsv"),
+    PermissionError(13, "Permission denied", "/data/train.tsv")])
+def test_reported_turns_a_file_error_into_one_line(monkeypatch, error):
+  # A user's missing or unreadable file is not a bug: one line naming the path, exit 2.
+  monkeypatch.delenv("DORAN_VERBOSE", raising=False)
+  out = io.StringIO()
+  with pytest.raises(SystemExit) as exit_info:
+    with errors.reported(stream=out):
+      raise error
+  assert exit_info.value.code == errors.EXIT_CODE
+  last = out.getvalue().splitlines()[-1]
+  assert last.startswith(f"file error: [Errno {error.errno}] {error.strerror}: '/data/train.tsv'")
+  assert "Traceback" not in out.getvalue()
+
+
+def test_reported_lets_other_os_errors_through():
+  with pytest.raises(ConnectionResetError):
+    with errors.reported(stream=io.StringIO()):
+      raise ConnectionResetError("peer went away")
+
+
+def test_preempted_exit_code_is_distinct():
+  assert errors.PREEMPTED_EXIT_CODE == 143   # 128 + SIGTERM, documented in train.py
+  assert len({0, 1, errors.EXIT_CODE, errors.PREEMPTED_EXIT_CODE}) == 4

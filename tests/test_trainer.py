@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.trainable))
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(shared_data, tmp_path):
+def test_sigterm_saves_and_exits_with_the_preempted_code(shared_data, tmp_path):
   cmd = [sys.executable, "train.py", "--config", "configs/tiny.py:kind=text,method=lora",
          f"--config.workdir={tmp_path}", f"--config.data.path={shared_data / 'text' / 'sst2'}",
          "--config.num_steps=100000", "--config.checkpoint.every=100000"]
@@ -147,7 +147,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(shared_data, tmp_path):
       break
   out, _ = proc.communicate(timeout=300)
   text = "".join(lines) + out
-  assert proc.returncode == 0, text
+  # A scheduler must tell a preempted run from a finished one (0): 143 = 128 + SIGTERM.
+  assert proc.returncode == 143, text
+  assert errors.PREEMPTED_EXIT_CODE == 143
   assert "preempted: checkpoint at step" in text
   step = checkpoint.manager(str(tmp_path / "checkpoints")).latest_step()
   assert step is not None and step >= 2

@@ -217,3 +217,174 @@ def test_eval_py_on_a_missing_workdir_exits_2_and_creates_nothing(shared_data, t
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f"checkpoint error: workdir {str(missing)!r} does not exist")
   assert not missing.exists()
+
+
+# ------------------------------------------------------------------------------ issue 32 (CLI)
+
+
+def _refuse_model(monkeypatch):
+  """run_lib.load_model raises _ModelReached: the data checks passed and the model came next."""
+  class _ModelReached(Exception):
+    pass
+
+  def refuse(*args, **kwargs):
+    raise _ModelReached()
+  monkeypatch.setattr(run_lib, "load_model", refuse)
+  return _ModelReached
+
+
+def _label_config(shared_data, tmp_path, train_labels, dev_labels, **overrides):
+  rows = lambda labels: [f"{y}\tsentence number {i}\n".encode() for i, y in enumerate(labels)]  # noqa: E731
+  folder = _tsv_folder(tmp_path, rows(train_labels), rows(dev_labels))
+  return folder, tiny_config(shared_data, tmp_path / "run", "kind=text", num_steps=2, **{
+      "data.path": str(folder), "data.limit": None, "data.eval_limit": None, **overrides})
+
+
+def test_training_set_with_one_class_is_a_data_error(shared_data, tmp_path, monkeypatch):
+  _refuse_model(monkeypatch)
+  folder, c = _label_config(shared_data, tmp_path, [1] * 12, [0, 1] * 4)
+  with pytest.raises(errors.DataError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert f"the training data ({folder / 'train.tsv'}, 12 rows) has only label 1" in message
+  assert "the eval split has labels [0, 1]" in message
+  assert "needs at least two classes" in message and "data.train_split" in message
+
+
+def test_training_labels_that_skip_classes_are_a_data_error(shared_data, tmp_path, monkeypatch):
+  reached = _refuse_model(monkeypatch)
+  folder, c = _label_config(shared_data, tmp_path, [0, 5] * 6, [0, 5] * 3)
+  with pytest.raises(errors.DataError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert f"the training labels in {folder / 'train.tsv'} are [0, 5]" in message
+  assert "the head gets 6 outputs (max label + 1), 4 of which ([1, 2, 3, 4]) never occur" in message
+  assert "Renumber the labels to 0..1 (0->0, 5->1)" in message and "data.num_classes=6" in message
+  # A declared class count says the absent classes are real: the run goes on to the model.
+  with c.unlocked():
+    c.data.num_classes = 6
+  with pytest.raises(reached):
+    run_lib.setup(c)
+
+
+def test_label_check_leaves_non_integer_targets_alone():
+  # Regression-style float targets are not class ids (no source yields them today).
+  train = data.Dataset({"x": np.zeros(4), "labels": np.array([0.5, 0.5, 0.5, 0.5])}, 1, None)
+  data.check_labels(train, train, 1)
+
+
+@pytest.mark.parametrize("tiny,max_length,limit", [("bert", 65, 64), ("gpt2", 100, 64),
+                                                   ("roberta", 65, 64)])
+def test_max_length_beyond_learned_positions_is_a_config_error(shared_data, tmp_path, no_loading,
+                                                               tiny, max_length, limit):
+  c = tiny_config(shared_data, tmp_path, "kind=text", **{"model.tiny": tiny,
+                                                         "data.max_length": max_length})
+  with pytest.raises(errors.ConfigError) as info:
+    run_lib.setup(c)
+  assert (f"data.max_length={max_length} is more than the {limit} positions model 'tiny {tiny}' "
+          f"({tiny}) has learned embeddings for; set data.max_length <= {limit}.") in str(info.value)
+  with c.unlocked():
+    c.data.max_length = limit
+  assert not any("positions" in p for p in config_lib.config_problems(c))
+
+
+def test_max_length_beyond_rope_positions_is_a_warning(shared_data, tmp_path, caplog):
+  # Rotary positions extrapolate (no NaN), so a longer context is the user's call.
+  c = tiny_config(shared_data, tmp_path, "kind=causal", **{"data.max_length": 100})
+  with caplog.at_level("WARNING"):
+    assert config_lib.config_problems(c) == []
+  assert "data.max_length=100 is more than the 64 positions model 'tiny llama'" in caplog.text
+
+
+def _parse_flags(*args):
+  """train.py's --config flag parsed by absl and ml_collections, as on the command line."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["train.py", "--config", str(REPO / "configs" / "tiny.py"), *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_none_on_the_command_line():
+  c = _parse_flags("--config.data.limit=None", "--config.checkpoint.max_to_keep=None",
+                   "--config.optim.warmup_ratio=None", "--config.progress_bar=None",
+                   "--config.head=None")
+  assert c.data.limit is None and c.checkpoint.max_to_keep is None
+  assert c.optim.warmup_ratio is None and c.progress_bar is None and c.head is None
+  assert config_lib.config_problems(c, with_data=False) == []
+  # Keys whose default is None take a value; 'none' stays a string where it is a real value.
+  c = _parse_flags("--config.data.num_classes=3", "--config.data.eval_limit=None",
+                   "--config.data.data_dir=/tmp", "--config.model.quantize=none",
+                   "--config.data.limit=7")
+  assert (c.data.num_classes, c.data.eval_limit, c.data.data_dir) == (3, None, "/tmp")
+  assert c.model.quantize == "none" and c.data.limit == 7
+  # An int that cannot be None is reported by validation, not by a parser traceback.
+  c = _parse_flags("--config.num_steps=None")
+  assert any("num_steps=None must be an integer" in p for p in config_lib.config_problems(c))
+  from configs import tiny
+  assert tiny.get_config("limit=None").data.limit is None
+
+
+def test_none_reaches_train_py(shared_data, tmp_path):
+  # The real entry point: the flag parses, so the run stops at the (deliberate) bad value.
+  proc = _entry("train.py", "--config", "configs/tiny.py", f"--config.workdir={tmp_path / 'run'}",
+                f"--config.data.path={shared_data / 'text' / 'sst2'}", "--config.data.limit=None",
+                "--config.checkpoint.max_to_keep=None", "--config.seed=-1",
+                env={"DORAN_VERBOSE": "0"})
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "config error: invalid config (1 problem; nothing was loaded): seed=-1")
+
+
+def _hf_folder(tmp_path, name, config=None):
+  folder = tmp_path / name
+  folder.mkdir()
+  (folder / "notes.txt").write_text("not a checkpoint")
+  if config is not None:
+    (folder / "config.json").write_text(config)
+  return folder
+
+
+@pytest.mark.parametrize("case", ["no_config_json", "unsupported_model_type", "unknown_hub_name"])
+def test_bad_model_inputs_print_one_line_and_exit_2(shared_data, tmp_path, case):
+  # Before: a plain FileNotFoundError / ValueError under a traceback wall, exit 1.
+  name, expected = {
+      "no_config_json": (_hf_folder(tmp_path, "ckpt"), "file error: no config.json in "),
+      "unsupported_model_type": (_hf_folder(tmp_path, "t5", '{"model_type": "t5"}'),
+                                 "config error: unsupported model_type 't5'"),
+      "unknown_hub_name": ("no-such-model", "checkpoint error: model 'no-such-model' is not a "
+                           "local folder"),
+  }[case]
+  proc = _entry("train.py", "--config", "configs/tiny.py", f"--config.workdir={tmp_path / 'run'}",
+                f"--config.data.path={shared_data / 'text' / 'sst2'}", "--config.model.tiny=",
+                f"--config.model.name={name}", env={"DORAN_VERBOSE": "0", "HF_HUB_OFFLINE": "1"})
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-1000:]
+
+
+def test_huge_eval_batch_is_refused_before_training(shared_data, tmp_path, no_loading):
+  # Nothing is allocated: the estimate alone says it cannot fit on any machine.
+  c = tiny_config(shared_data, tmp_path, "kind=causal", eval_batch_size=10 ** 9)
+  with pytest.raises(errors.ConfigError) as info:
+    run_lib.setup(c)
+  message = str(info.value)
+  assert message.startswith("eval_batch_size=1000000000 needs about ")
+  assert "64x30522 float32 logits" in message and "--config.eval_batch_size=" in message
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_batch_suggestion_fits(shared_data, tmp_path):
+  from doran_jax import memory
+  c = tiny_config(shared_data, tmp_path, "kind=causal", eval_batch_size=4096)
+  cfg = config_lib.model_config(c.model)
+  per_row = memory.eval_row_bytes(cfg, "causal_lm", 64)
+  available = 100 * per_row
+  memory.check_eval_batch(c.copy_and_resolve_references(), cfg, [], available=4096 * per_row)
+  with pytest.raises(errors.ConfigError, match=r"Set --config.eval_batch_size=32 \(or lower\)"):
+    memory.check_eval_batch(c, cfg, [], available=available)   # 50 rows in half -> 32
+  with pytest.raises(errors.ConfigError, match="Not even one row fits: lower data.max_length"):
+    memory.check_eval_batch(c, cfg, [], available=per_row // 4)

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from doran_jax.adapters import method as method_registry
+from doran_jax.errors import ConfigError
 
 MODES = ("merged", "factored")
 SHARES = ("model", "block")
@@ -89,15 +90,15 @@ class AdapterConfig:
     _check_choice("hyper_activation", self.hyper_activation, ACTIVATIONS)
     _check_choice("init", self.init, INITS)
     if not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"rank must be a positive integer, got {self.rank!r}.")
+      raise ConfigError(f"rank must be a positive integer, got {self.rank!r}.")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+      raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
     if self.tau_init <= 0:
-      raise ValueError(f"tau_init must be > 0 (tau = softplus(rho) > 0), got {self.tau_init!r}.")
+      raise ConfigError(f"tau_init must be > 0 (tau = softplus(rho) > 0), got {self.tau_init!r}.")
     if self.noise_std < 0:
-      raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}.")
+      raise ConfigError(f"noise_std must be >= 0, got {self.noise_std!r}.")
     if self.init_rank_factor < 1:
-      raise ValueError(f"init_rank_factor must be >= 1, got {self.init_rank_factor!r}.")
+      raise ConfigError(f"init_rank_factor must be >= 1, got {self.init_rank_factor!r}.")
 
   @property
   def has_adapters(self) -> bool:
@@ -129,7 +130,7 @@ class AdapterConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-      raise ValueError(f"unknown AdapterConfig fields {sorted(unknown)}; known: {sorted(known)}")
+      raise ConfigError(f"unknown AdapterConfig fields {sorted(unknown)}; known: {sorted(known)}")
     return cls(**d)
 
   @classmethod
@@ -139,4 +140,4 @@ class AdapterConfig:
 
 def _check_choice(name, value, choices):
   if value not in choices:
-    raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+    raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}.")

@@ -20,7 +20,7 @@ from doran_jax import quant
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.adapters.norms import column_norm
-from doran_jax.errors import ConfigError
+from doran_jax.errors import CheckpointError, ConfigError
 from doran_jax.targets import SEP, Target, find_targets, flatten, unflatten
 
 
@@ -87,7 +87,7 @@ def _module_leaves(adapter_targets: Mapping[str, Any], t: Target, cfg: AdapterCo
   node = adapter_targets
   for part in t.module_path.split(SEP):
     if not isinstance(node, Mapping) or part not in node:
-      raise ValueError(
+      raise CheckpointError(
           f"adapters do not fit these params: no adapter for target {t.path!r} (missing "
           f"{part!r}). Were they made with another targets regex or for another model?")
     node = node[part]
@@ -95,13 +95,13 @@ def _module_leaves(adapter_targets: Mapping[str, Any], t: Target, cfg: AdapterCo
   want_names = sorted(shapes)
   if not isinstance(node, Mapping) or set(node) != set(want_names):
     have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-    raise ValueError(
+    raise CheckpointError(
         f"adapter leaves at {t.module_path!r} are {have} but method {cfg.method!r} uses "
         f"{list(want_names)}; were the adapters made with another adapter.method?")
   for name, leaf in node.items():
     want = shapes[name]
     if tuple(leaf.shape) != tuple(want):
-      raise ValueError(
+      raise CheckpointError(
           f"adapter leaf {t.module_path}/{name} has shape {tuple(leaf.shape)} but {t.path!r} "
           f"with rank {cfg.stored_rank} needs {tuple(want)}; check adapter.rank and the model.")
   return node
@@ -115,13 +115,13 @@ def target_factors(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   generator = method.generator_for(cfg)
   if generator is not None:
     if "hypernet" not in adapters:
-      raise ValueError(f"{cfg.method} adapters need adapters['hypernet']; these were made for "
-                       "another method (or with generator=False).")
+      raise CheckpointError(f"{cfg.method} adapters need adapters['hypernet']; these were made for "
+                            "another method (or with generator=False).")
     generated = generator.generate(adapters["hypernet"], targets, cfg)
   elif "hypernet" in adapters:
-    raise ValueError(f"these adapters hold a hypernetwork (adapters['hypernet']) but method "
-                     f"{cfg.method!r} with generator={cfg.generator} uses none; use the "
-                     "AdapterConfig the adapters were made with.")
+    raise CheckpointError(f"these adapters hold a hypernetwork (adapters['hypernet']) but method "
+                          f"{cfg.method!r} with generator={cfg.generator} uses none; use the "
+                          "AdapterConfig the adapters were made with.")
   _check_no_extra_targets(adapters["targets"], targets, cfg)
   out = []
   for t in targets:
@@ -138,7 +138,7 @@ def _check_no_extra_targets(adapter_targets: Mapping[str, Any], targets: list[Ta
   have = {p.rsplit(SEP, 1)[0] for p in flatten(adapter_targets)}
   extra = sorted(have - wanted)
   if extra:
-    raise ValueError(
+    raise CheckpointError(
         f"adapters hold {len(extra)} module(s) that targets regex {cfg.targets!r} does not match "
         f"in these params, e.g. {extra[:3]}; were they made with other adapter.targets or for "
         "another model?")
@@ -162,14 +162,14 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   if not cfg.has_adapters:
     return params
   if train and cfg.dropout > 0:
-    raise ValueError(f"adapter dropout {cfg.dropout} cannot be applied to merged weights; use "
-                     "mode='factored' (doran_jax.adapters.factored.adapted_apply) or dropout=0.")
+    raise ConfigError(f"adapter dropout {cfg.dropout} cannot be applied to merged weights; use "
+                      "mode='factored' (doran_jax.adapters.factored.adapted_apply) or dropout=0.")
   method = method_registry.get(cfg.method)
   flat = flatten(params)
   for i, (t, leaves, a_IxR, b_RxO) in enumerate(target_factors(params, adapters, cfg)):
     w0 = flat[t.path]
     if quant.is_quantized(w0):
-      raise ValueError(
+      raise ConfigError(
           f"merged mode cannot adapt the quantised ({w0.fmt}) kernel {t.path!r}: forming "
           "W' = g ⊙ (W0 + s·A·B) needs a full-precision copy of every adapted kernel, which "
           "defeats the quantised base. Use adapter.mode='factored' (adapted_apply), or for an "

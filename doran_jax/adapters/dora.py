@@ -12,6 +12,7 @@ import numpy as np
 from doran_jax.adapters import lora
 from doran_jax.adapters.method import Method, register
 from doran_jax.adapters.norms import column_norm
+from doran_jax.errors import CheckpointError
 
 LEAF_AXES = {**lora.LEAF_AXES, "magnitude": ("out",)}
 
@@ -56,7 +57,7 @@ def _revive_dead_columns(b_RxO, a_IxR, dead_O):
   """
   k = int(np.argmax(np.linalg.norm(a_IxR, axis=0)))
   if not np.any(a_IxR[:, k]):
-    raise ValueError(
+    raise CheckpointError(
         f"{int(dead_O.sum())} output units have an all-zero column of W0 + s·A·B and lora_a is "
         "all zero too: PEFT's DoRA would divide 0 by 0 there. Train the adapter (or export the "
         "merged model) instead.")

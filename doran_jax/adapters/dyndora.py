@@ -39,6 +39,7 @@ import numpy as np
 
 from doran_jax.adapters import dynrank, lora
 from doran_jax.adapters.method import Method, Training, register
+from doran_jax.errors import ConfigError
 
 B_INIT_STD = 0.02
 LEAF_AXES = {**lora.LEAF_AXES, "gate": ("rank",)}
@@ -102,8 +103,9 @@ def peft_fields(cfg, ranks) -> dict:
 
 def training(cfg, dyn_cfg, num_steps: int) -> Training:
   if dyn_cfg is None:
-    raise ValueError("method 'dyndora' needs its schedule: config.dyndora (prune_start, prune_end, "
-                     "prune_interval, ema_beta, eta).")
+    raise ConfigError(
+        "method 'dyndora' needs its schedule: config.dyndora (prune_start, prune_end, "
+        "prune_interval, ema_beta, eta).")
   dynrank.schedule(num_steps, dyn_cfg)  # validates the section before anything compiles
   return Training(
       transform=dynrank.pruning(cfg, dyn_cfg, num_steps),

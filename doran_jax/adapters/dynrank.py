@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from doran_jax.errors import CheckpointError, ConfigError
 from doran_jax.targets import SEP, flatten, unflatten
 
 EPS = 1e-8
@@ -90,16 +91,16 @@ def schedule(num_steps: int, dyn_cfg) -> Schedule:
   beta = float(_field(dyn_cfg, "ema_beta"))
   eta = float(_field(dyn_cfg, "eta"))
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+    raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
   if not 0.0 <= start_frac <= end_frac <= 1.0:
-    raise ValueError(f"dyndora needs 0 <= prune_start <= prune_end <= 1 (fractions of num_steps), "
-                     f"got prune_start={start_frac!r}, prune_end={end_frac!r}.")
+    raise ConfigError(f"dyndora needs 0 <= prune_start <= prune_end <= 1 (fractions of num_steps), "
+                      f"got prune_start={start_frac!r}, prune_end={end_frac!r}.")
   if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
-    raise ValueError(f"dyndora.prune_interval must be a positive integer, got {interval!r}.")
+    raise ConfigError(f"dyndora.prune_interval must be a positive integer, got {interval!r}.")
   if not 0.0 <= beta < 1.0:
-    raise ValueError(f"dyndora.ema_beta must be in [0, 1), got {beta!r}.")
+    raise ConfigError(f"dyndora.ema_beta must be in [0, 1), got {beta!r}.")
   if eta < 0:
-    raise ValueError(f"dyndora.eta must be >= 0, got {eta!r}.")
+    raise ConfigError(f"dyndora.eta must be >= 0, got {eta!r}.")
   # The 1e-9 keeps 0.15 * 40 = 6.000000000000001 and 0.5 * 40 on the intended integer step.
   end = max(1, math.floor(end_frac * num_steps + 1e-9))  # very short runs still prune once
   start = min(math.floor(start_frac * num_steps + 1e-9), end)
@@ -110,8 +111,8 @@ def _field(cfg, name):
   try:
     return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
   except (KeyError, AttributeError) as e:
-    raise ValueError(f"the dyndora config has no {name!r}; it needs prune_start, prune_end, "
-                     "prune_interval, ema_beta and eta (see config_lib.base_config).") from e
+    raise ConfigError(f"the dyndora config has no {name!r}; it needs prune_start, prune_end, "
+                      "prune_interval, ema_beta and eta (see config_lib.base_config).") from e
 
 
 def scheduled_fraction(step, num_steps: int, dyn_cfg, final_fraction) -> jax.Array:
@@ -155,8 +156,9 @@ def gates(adapters: Mapping[str, Any]) -> dict[str, jax.Array]:
     if path == GATE or path.endswith(SEP + GATE):
       found[path[:-len(GATE)].rstrip(SEP)] = leaf
   if not found:
-    raise ValueError("these adapters have no dyndora 'gate' leaves (adapters['targets'][...]['gate']); "
-                     "dynamic rank allocation needs adapters made with method='dyndora'.")
+    raise CheckpointError(
+        "these adapters have no dyndora 'gate' leaves (adapters['targets'][...]['gate']); "
+        "dynamic rank allocation needs adapters made with method='dyndora'.")
   return dict(sorted(found.items()))
 
 
@@ -167,8 +169,9 @@ def component_factors(adapters) -> dict[str, tuple[jax.Array, jax.Array, jax.Arr
     prefix = module + SEP if module else ""
     a_IxR, b_RxO = flat[prefix + "lora_a"], flat[prefix + "lora_b"]
     if a_IxR.shape[1:] != c_R.shape or b_RxO.shape[:1] != c_R.shape:
-      raise ValueError(f"dyndora target {module!r}: lora_a {a_IxR.shape}, gate {c_R.shape} and "
-                       f"lora_b {b_RxO.shape} disagree on the stored rank r0.")
+      raise CheckpointError(
+          f"dyndora target {module!r}: lora_a {a_IxR.shape}, gate {c_R.shape} and "
+          f"lora_b {b_RxO.shape} disagree on the stored rank r0.")
     out[module] = (a_IxR, b_RxO, c_R)
   return out
 
@@ -190,8 +193,9 @@ def init_state(adapters: Mapping[str, Any], cfg) -> dict:
   factors = component_factors(adapters)
   for module, (_, _, c_R) in factors.items():
     if c_R.shape != (cfg.stored_rank,):
-      raise ValueError(f"gate of {module!r} has shape {c_R.shape} but the config's stored rank is "
-                       f"{cfg.stored_rank} (rank {cfg.rank}); were the adapters made with this config?")
+      raise CheckpointError(
+          f"gate of {module!r} has shape {c_R.shape} but the config's stored rank is "
+          f"{cfg.stored_rank} (rank {cfg.rank}); were the adapters made with this config?")
   return {
       "importance": unflatten({m: jnp.zeros(c.shape, jnp.float32) for m, (_, _, c) in factors.items()}),
       "mask": unflatten({m: jnp.ones(c.shape, jnp.float32) for m, (_, _, c) in factors.items()}),

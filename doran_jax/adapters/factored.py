@@ -30,6 +30,7 @@ from doran_jax import quant
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
+from doran_jax.errors import ConfigError
 from doran_jax.targets import SEP, flatten
 
 DROPOUT_STREAM = 2**31 - 1
@@ -188,6 +189,6 @@ def adapted_apply(apply_fn, params, adapters, cfg: AdapterConfig, batch, *,
     out = apply_fn(params, batch, train=train, rng=dropout_rng)
   missing = set(factors) - seen
   if missing:
-    raise ValueError(f"factored mode: adapted kernels {sorted(SEP.join(p) for p in missing)[:4]} "
-                     "were never called by the model; use adapter.mode='merged' for this model.")
+    raise ConfigError(f"factored mode: adapted kernels {sorted(SEP.join(p) for p in missing)[:4]} "
+                      "were never called by the model; use adapter.mode='merged' for this model.")
   return out

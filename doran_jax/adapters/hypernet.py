@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from doran_jax.errors import CheckpointError
 from doran_jax.targets import Target, flatten
 
 ACTIVATIONS = {"tanh": jnp.tanh, "gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
@@ -70,12 +71,13 @@ def _check_group(name, p, group, cfg) -> None:
   want_flat = flatten(want)  # tuples are leaves to flatten_dict
   have_flat = flatten(p)
   if set(have_flat) != set(want_flat):
-    raise ValueError(f"adapters['hypernet'][{name!r}] has leaves {sorted(have_flat)} but a DoRAN "
-                     f"generator has {sorted(want_flat)}.")
+    raise CheckpointError(
+        f"adapters['hypernet'][{name!r}] has leaves {sorted(have_flat)} but a DoRAN "
+        f"generator has {sorted(want_flat)}.")
   for leaf, shape in want_flat.items():
     got = tuple(have_flat[leaf].shape)
     if got != shape:
-      raise ValueError(
+      raise CheckpointError(
           f"adapters['hypernet'][{name!r}]/{leaf} has shape {got} but {len(group)} targets of "
           f"shape {name} with rank={cfg.rank}, hyper_emb_dim={cfg.hyper_emb_dim}, "
           f"hyper_hidden={cfg.hyper_hidden}, share={cfg.share!r} need {shape}; use the "
@@ -114,13 +116,15 @@ def generate(hyper_params: dict, targets: Sequence[Target], cfg) -> dict[str, tu
   out = {}
   for name, group in group_targets(targets).items():
     if name not in hyper_params:
-      raise ValueError(f"adapters['hypernet'] has no generator for kernel shape {name}; "
-                       f"it has {sorted(hyper_params)}. Were the adapters made for other targets?")
+      raise CheckpointError(
+          f"adapters['hypernet'] has no generator for kernel shape {name}; "
+          f"it has {sorted(hyper_params)}. Were the adapters made for other targets?")
     p = hyper_params[name]
     emb = p["embeddings"]
     if emb.shape[0] != len(group):
-      raise ValueError(f"hypernet group {name} has {emb.shape[0]} embeddings but the params have "
-                       f"{len(group)} targets of that shape.")
+      raise CheckpointError(
+          f"hypernet group {name} has {emb.shape[0]} embeddings but the params have "
+          f"{len(group)} targets of that shape.")
     _check_group(name, p, group, cfg)
     gen = {k: v for k, v in p.items() if k != "embeddings"}
     d_in, d_out = group[0].d_in, group[0].d_out

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+from doran_jax.errors import ConfigError
+
 AXES = ("in", "out", "rank")
 
 
@@ -107,7 +109,7 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Method:
   if name not in _METHODS:
-    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}.")
+    raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}.")
   return _METHODS[name]
 
 

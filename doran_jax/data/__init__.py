@@ -32,7 +32,7 @@ from doran_jax.data.chat import tokenize_conversation
 from doran_jax.data.chatterbot import (_chatterbot_split, chatterbot_examples, chatterbot_folder,
                                        stratified_split)
 from doran_jax.data.config import config_problems, default_data_config
-from doran_jax.data.dataset import Dataset, check_eval_labels
+from doran_jax.data.dataset import Dataset, check_eval_labels, check_labels
 from doran_jax.data.packing import pack
 from doran_jax.data.registry import (DEFAULT_SPLITS, SOURCE_TASKS, SOURCES, load_dataset,
                                      split_name)

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 import ml_collections
+from ml_collections import config_dict
 
 from doran_jax.data import registry
 from doran_jax.data.base import is_int
@@ -23,6 +24,12 @@ COMMON_KEYS = dict(
     label_key="label", image_key="image", max_length=128, image_size=None, train_split=None,
     eval_split=None, limit=None, eval_limit=None, seed=0, split_seed=0, num_classes=None,
     packing=False, drop_long=False)
+# The type of every key whose default is None, so that `--config.data.<key>=...` can set it (a
+# plain None field has no type and ml_collections refuses to override it).
+TYPES = dict(
+    source=str, path=str, format=str, name=str, data_dir=str, image_size=int, train_split=str,
+    eval_split=str, limit=int, eval_limit=int, num_classes=int, task=str, train_file=str,
+    train_tasks=tuple, eval_per_task=int)
 
 
 def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
@@ -75,7 +82,9 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   if unknown:
     raise DataError(f"unknown data config key(s) {unknown}; known keys: {', '.join(sorted(c))}.")
   c.update(overrides)
-  return ml_collections.ConfigDict(c)
+  # A fresh placeholder per key and call: a shared FieldReference would tie configs together.
+  return ml_collections.ConfigDict({k: config_dict.placeholder(TYPES[k]) if v is None else v
+                                    for k, v in c.items()})
 
 
 def config_problems(data_cfg, task: Optional[str] = None) -> list[str]:

@@ -168,6 +168,63 @@ def _local_size(batch_size, process_index, process_count) -> int:
   return batch_size // process_count
 
 
+def check_labels(train: Dataset, evals: Dataset, num_classes: int, *,
+                 declared: bool = False) -> None:
+  """Labels a classifier can learn and be scored on, checked before the model is built.
+
+  DataError when the training split has a single class or a label >= `num_classes`; when the
+  class count is inferred from the labels (max + 1; `declared=False`) and the training labels
+  skip class ids (labels {0, 5} would build a 6-way head with 4 classes that never occur); and
+  when an eval label is >= `num_classes` (`check_eval_labels`). `declared`: the class count was
+  given (model.num_labels, data.num_classes) or the source names its classes (tfds ClassLabel),
+  so absent classes are real. Non-integer labels (regression targets) are not class ids and are
+  left alone.
+
+  Example:
+    >>> check_labels(train, evals, train.num_classes)   # DataError for training labels {0, 5}
+  """
+  if "labels" not in train.arrays or num_classes is None:
+    return
+  labels = np.asarray(train.arrays["labels"])
+  if not np.issubdtype(labels.dtype, np.integer):
+    return
+  found = np.unique(labels).tolist()
+  where = train.source or "the train split"
+  if len(found) == 1:
+    raise DataError(
+        f"the training data ({where}, {labels.size} rows) has only label {found[0]}"
+        f"{_in_eval(evals)}: a classifier needs at least two classes to learn anything. Check "
+        "data.path and data.train_split, or raise data.limit if a small subset missed the other "
+        "classes.")
+  over = [v for v in found if v >= num_classes]
+  if over:
+    raise DataError(
+        f"training label(s) {_short(over)} in {where} are outside the model's {num_classes} "
+        f"classes (model.num_labels or data.num_classes); set it to {max(found) + 1} or fix the "
+        "labels.")
+  missing = sorted(set(range(int(num_classes))) - set(found))
+  if missing and not declared:
+    renumber = ", ".join(f"{old}->{new}" for new, old in enumerate(found[:6]))
+    raise DataError(
+        f"the training labels in {where} are {_short(found)}, so the head gets {num_classes} "
+        f"outputs (max label + 1), {len(missing)} of which ({_short(missing)}) never occur in "
+        f"training{_in_eval(evals)}. Renumber the labels to 0..{len(found) - 1} ({renumber}"
+        f"{', ...' if len(found) > 6 else ''}), or set data.num_classes={num_classes} if those "
+        "classes are real but absent from the training split.")
+  check_eval_labels(train, evals, num_classes)
+
+
+def _in_eval(evals: Optional[Dataset]) -> str:
+  if evals is None or "labels" not in evals.arrays:
+    return ""
+  found = np.unique(np.asarray(evals.arrays["labels"])).tolist()
+  return f" (the eval split has labels {_short(found)})"
+
+
+def _short(values: list, n: int = 10) -> str:
+  return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ...]"
+
+
 def check_eval_labels(train: Dataset, evals: Dataset, num_classes: int) -> None:
   """An eval label the model cannot predict (>= its number of classes) is a DataError.
 

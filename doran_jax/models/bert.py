@@ -14,7 +14,7 @@ _COMMON = dict(
     column_parallel=r"query|key|value|intermediate/dense",
     row_parallel=r"attention/output/dense|output/dense", input_keys=_TEXT_INPUTS,
     build=modeling.build, prefix=modeling.prefix, tied_params=modeling.tied_params,
-    no_transpose=modeling.NO_TRANSPOSE, renames=modeling.RENAMES)
+    no_transpose=modeling.NO_TRANSPOSE, renames=modeling.RENAMES, learned_positions=True)
 
 
 def tiny_bert(**overrides):
@@ -32,6 +32,12 @@ def tiny_roberta(**overrides):
                                        **overrides})
 
 
-BERT = register(Family(name="bert", model_types=("bert",), tiny_config=tiny_bert, **_COMMON))
-ROBERTA = register(Family(name="roberta", model_types=("roberta",), tiny_config=tiny_roberta,
-                          **_COMMON))
+BERT = register(Family(
+    name="bert", model_types=("bert",), tiny_config=tiny_bert,
+    max_positions=lambda cfg: cfg.get("max_position_embeddings", 512), **_COMMON))
+# RoBERTa's positions start after the pad id (roberta_position_ids): 514 rows hold 512 tokens.
+ROBERTA = register(Family(
+    name="roberta", model_types=("roberta",), tiny_config=tiny_roberta,
+    max_positions=lambda cfg: (cfg.get("max_position_embeddings", 514)
+                               - cfg.get("pad_token_id", 1) - 1),
+    **_COMMON))

@@ -26,5 +26,7 @@ GPT2 = register(Family(
                 "features": ("input_ids", "attention_mask")},
     tiny_config=tiny_gpt2, build=modeling.build, prefix=modeling.prefix,
     cache_shape=modeling.cache_shape,
+    # GPT-2 names its learned position table's size n_positions.
+    max_positions=lambda cfg: cfg.get("n_positions", 1024), learned_positions=True,
     tied_params=modeling.tied_params, no_transpose=modeling.NO_TRANSPOSE,
     renames=modeling.RENAMES))

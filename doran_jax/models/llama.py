@@ -37,7 +37,9 @@ def _record(name: str, model_type: str, tiny) -> Family:
                   "classification": ("input_ids", "attention_mask"),
                   "features": ("input_ids", "attention_mask")},
       tiny_config=tiny, build=_build, prefix=lambda cfg: "model", cache_shape=modeling.cache_shape,
-      tied_params=modeling.tied_params))
+      tied_params=modeling.tied_params,
+      # Rotary positions: longer inputs run, past the context the model was trained on.
+      max_positions=lambda cfg: cfg.get("max_position_embeddings")))
 
 
 LLAMA = _record("llama", "llama", _tiny("LlamaConfig"))

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from doran_jax.errors import ConfigError
 from doran_jax.sharding import FSDP_RULES
 
 TASKS = ("classification", "image_classification", "causal_lm", "features")
@@ -46,6 +47,11 @@ class Family:
     image_mean, image_std: the image processor's normalisation (vision families).
     cache_shape: config dict -> (layers, key/value heads, head dim) of its KV cache (causal
       LMs that support cached generation, models.generate); None for the others.
+    max_positions: config dict -> the longest input (tokens) its positions were trained for;
+      None for families without a limit (ViT's patches are fixed by the image size).
+    learned_positions: its position embeddings are a learned table (BERT, GPT-2): a longer
+      input has no row to look up, so data.max_length above max_positions is an error. Rotary
+      families (LLaMA and kin) extrapolate, so it is only a warning there.
   """
 
   name: str
@@ -66,6 +72,8 @@ class Family:
   image_mean: Optional[float] = None
   image_std: Optional[float] = None
   cache_shape: Optional[Callable[[Mapping[str, Any]], tuple[int, int, int]]] = None
+  max_positions: Optional[Callable[[Mapping[str, Any]], Optional[int]]] = None
+  learned_positions: bool = False
 
   def head(self, task: str) -> str:
     self.check_task(task)
@@ -73,8 +81,8 @@ class Family:
 
   def check_task(self, task: str) -> None:
     if task not in self.tasks:
-      raise ValueError(f"model family {self.name!r} does not support task {task!r}; it supports "
-                       f"{', '.join(self.tasks)}.")
+      raise ConfigError(f"model family {self.name!r} does not support task {task!r}; it supports "
+                        f"{', '.join(self.tasks)}.")
 
   def tensor_parallel_rules(self) -> tuple:
     """(regex, PartitionSpec tuple) rules: column/row parallel kernels, then the FSDP tail."""
@@ -120,7 +128,7 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Family:
   """The family registered as `name`."""
   if name not in _FAMILIES:
-    raise ValueError(f"unknown model family {name!r}; supported: {', '.join(names())}.")
+    raise ConfigError(f"unknown model family {name!r}; supported: {', '.join(names())}.")
   return _FAMILIES[name]
 
 
@@ -130,5 +138,5 @@ def for_model_type(model_type: str) -> Family:
     if model_type in family.model_types:
       return family
   supported = sorted(t for f in _FAMILIES.values() for t in f.model_types)
-  raise ValueError(f"unsupported model_type {model_type!r}; supported model types: "
-                   f"{', '.join(supported)}. A new family is one file in doran_jax/models/.")
+  raise ConfigError(f"unsupported model_type {model_type!r}; supported model types: "
+                    f"{', '.join(supported)}. A new family is one file in doran_jax/models/.")

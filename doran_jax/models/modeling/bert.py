@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from doran_jax.errors import ConfigError
 from doran_jax.models.modeling import layers
 
 MODEL_TYPES = ("bert", "roberta")
@@ -63,10 +64,10 @@ class EncoderConfig:
                        f"{d.get('model_type')!r}.")
     kind = d.get("position_embedding_type", "absolute") or "absolute"
     if kind != "absolute":
-      raise ValueError(f"position_embedding_type {kind!r} is not supported (only 'absolute').")
+      raise ConfigError(f"position_embedding_type {kind!r} is not supported (only 'absolute').")
     if d["hidden_size"] % d["num_attention_heads"]:
-      raise ValueError(f"hidden_size {d['hidden_size']} is not a multiple of "
-                       f"num_attention_heads {d['num_attention_heads']}.")
+      raise ConfigError(f"hidden_size {d['hidden_size']} is not a multiple of "
+                        f"num_attention_heads {d['num_attention_heads']}.")
     return cls(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from doran_jax.errors import ConfigError
 from doran_jax.models.modeling import layers
 from doran_jax.models.modeling import rope as rope_lib
 
@@ -111,8 +112,8 @@ class DecoderConfig:
       raise ValueError(f"model_type {model_type!r} is not a decoder of this family; supported: "
                        f"{', '.join(MODEL_TYPES)}.")
     if cfg.get("use_bidirectional_attention"):
-      raise ValueError("use_bidirectional_attention (EmbeddingGemma) is not supported: this "
-                       "decoder is causal. Use a causal Gemma 3 checkpoint.")
+      raise ConfigError("use_bidirectional_attention (EmbeddingGemma) is not supported: this "
+                        "decoder is causal. Use a causal Gemma 3 checkpoint.")
     heads = int(cfg["num_attention_heads"])
     hd = rope_lib.head_dim(cfg)
     gemma = model_type == "gemma3_text"
@@ -161,7 +162,7 @@ def _layer_types(cfg: Mapping[str, Any], model_type: str, n: int) -> tuple[str, 
   if cfg.get("layer_types"):
     types = tuple(cfg["layer_types"])
     if len(types) != n or set(types) - {FULL, SLIDING}:
-      raise ValueError(f"layer_types {types} must list {n} of {FULL!r} / {SLIDING!r}.")
+      raise ConfigError(f"layer_types {types} must list {n} of {FULL!r} / {SLIDING!r}.")
     return types
   if model_type == "gemma3_text":
     pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)

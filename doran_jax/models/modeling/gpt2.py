@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from doran_jax.errors import ConfigError
 from doran_jax.models.modeling import layers
 from doran_jax.models.modeling.bert import num_labels_of
 
@@ -67,7 +68,7 @@ class GPT2Config:
     if d.get("model_type") not in MODEL_TYPES:
       raise ValueError(f"gpt2.py reads model_type 'gpt2'; got {d.get('model_type')!r}.")
     if d.get("add_cross_attention"):
-      raise ValueError("GPT-2 with cross-attention (add_cross_attention) is not supported.")
+      raise ConfigError("GPT-2 with cross-attention (add_cross_attention) is not supported.")
     width = d.get("n_embd", 768)
     return cls(
         vocab_size=d["vocab_size"], hidden_size=width, num_layers=d.get("n_layer", 12),
@@ -243,8 +244,8 @@ def last_token_index(input_ids, pad_token_id: Optional[int]):
   b, t = input_ids.shape
   if pad_token_id is None:
     if b != 1:
-      raise ValueError("GPT-2 classification of batches > 1 needs config.pad_token_id to find "
-                       "each row's last token.")
+      raise ConfigError("GPT-2 classification of batches > 1 needs config.pad_token_id to find "
+                        "each row's last token.")
     return jnp.full((b,), t - 1)
   real = (input_ids != pad_token_id).astype(jnp.int32)
   return jnp.argmax(jnp.arange(t) * real, axis=-1)

@@ -29,6 +29,7 @@ from flax import linen as nn
 
 from doran_jax import dropout as dropout_lib
 from doran_jax import quant
+from doran_jax.errors import ConfigError
 from doran_jax.models.modeling import fused_ops
 
 Array = Any
@@ -153,7 +154,7 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   b, t, h, d = q_BxTxHxD.shape
   s, kv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
   if h % kv:
-    raise ValueError(f"{h} query heads do not split into groups over {kv} key/value heads.")
+    raise ConfigError(f"{h} query heads do not split into groups over {kv} key/value heads.")
   g = h // kv
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   dropout = dropout_rate > 0.0 and dropout_rng is not None
@@ -453,7 +454,8 @@ def activation(name: str, memory_lean: bool = False) -> Callable:
     >>> activation("gelu_new")(x)
   """
   if name not in ACTIVATIONS:
-    raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}.")
+    raise ConfigError(
+        f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}.")
   if memory_lean and name == "gelu":
     return fused_ops.gelu
   return ACTIVATIONS[name]

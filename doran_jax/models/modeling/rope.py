@@ -28,6 +28,8 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from doran_jax.errors import ConfigError
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -71,8 +73,8 @@ def rope_parameters(cfg: Mapping[str, Any], layer_type: Optional[str] = None) ->
   rope_type = out.pop("rope_type", None) or out.pop("type", None) or "default"
   out.pop("type", None)
   if rope_type not in ROPE_TYPES:
-    raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
-                     f"{', '.join(ROPE_TYPES)}.")
+    raise ConfigError(f"rope type {rope_type!r} is not supported; supported: "
+                      f"{', '.join(ROPE_TYPES)}.")
   out = {"rope_type": rope_type, **out}
   out["rope_theta"] = float(out["rope_theta"])
   out.setdefault("partial_rotary_factor", float(cfg.get("partial_rotary_factor", 1.0) or 1.0))
@@ -188,7 +190,7 @@ def inv_freq(cfg: Mapping[str, Any], rope: Mapping[str, Any], seq_len: Any = Non
     # Within the original context transformers keeps the unscaled table.
     return jnp.where(jnp.asarray(seq_len) > max_pos, dynamic_F,
                      jnp.asarray(_default_inv_freq(base, dim))), 1.0
-  raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}.")
+  raise ConfigError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}.")
 
 
 def cos_sin(positions_BxT, inv_freq_F, attention_scaling: float = 1.0, dtype=jnp.float32):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from doran_jax.errors import ConfigError
 from doran_jax.models.modeling import layers
 from doran_jax.models.modeling.bert import num_labels_of
 
@@ -66,8 +67,8 @@ class ViTConfig:
       raise ValueError(f"vit.py reads model_type 'vit'; got {d.get('model_type')!r}.")
     size, patch = d.get("image_size", 224), d.get("patch_size", 16)
     if isinstance(size, (list, tuple)) or isinstance(patch, (list, tuple)):
-      raise ValueError(f"only square images and patches are supported; got image_size {size}, "
-                       f"patch_size {patch}.")
+      raise ConfigError(f"only square images and patches are supported; got image_size {size}, "
+                        f"patch_size {patch}.")
     return cls(
         hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
         num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
