@@ -1,5 +1,6 @@
-"""Files from outside can't hurt us (issue 32, item 11): an adapter export carries the SHA-256 of
-its files and is refused when they differ, or when it holds NaN/inf or a non-positive rank or alpha.
+"""Files from outside can't hurt us (issue 32, items 2 and 11): exports carry checksums and refuse
+NaN/inf; PEFT headers are checked against the model before any data is read, and PEFT tensors and
+config numbers must be finite.
 
 Every hostile folder is built here, tiny.
 """
@@ -15,9 +16,25 @@ import os
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from doran_jax import checkpoint, errors, experiment
+from doran_jax import checkpoint, errors, experiment, models, peft_io
+from doran_jax.adapters import init_adapters
 from doran_jax.adapters.config import AdapterConfig
+from doran_jax.models import hf_io
+
+QUERY = "bert.encoder.layer.0.attention.self.query"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+  return models.from_config(models.tiny_config("bert"), "classification", num_labels=2)
+
+
+def _tensors(file) -> dict[str, np.ndarray]:
+  with safe_open(str(file), framework="np") as f:
+    return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _flip_byte(file, offset: int = -5) -> None:
@@ -113,3 +130,97 @@ def test_eval_of_a_nan_adapter_export_is_an_error_not_a_nan_metric(shared_data, 
   with pytest.raises(errors.CheckpointError, match="non-finite values"):
     experiment.evaluate_run(c, adapters_dir=str(folder))
   assert not (folder / "eval.json").exists()
+
+
+# ---------------------------------------------------------------- 2 and 11. PEFT adapters
+
+
+@pytest.fixture
+def peft_folder(tmp_path, tiny_bert):
+  cfg = AdapterConfig(method="dora", rank=2, targets=r".*/(query|value)/kernel")
+  adapters = init_adapters(jax.random.key(0), tiny_bert.params, cfg)
+  folder = str(tmp_path / "peft")
+  peft_io.save_peft_adapter(folder, tiny_bert.params, adapters, cfg, base_model_name_or_path="b")
+  return folder
+
+
+def _set_tensor(folder, name, value) -> None:
+  file = os.path.join(folder, peft_io.WEIGHTS_NAME)
+  state = _tensors(file)
+  assert name in state
+  state[name] = value
+  save_file(state, file, metadata={"format": "pt"})
+
+
+def _set_config(folder, **changes) -> None:
+  path = os.path.join(folder, peft_io.CONFIG_NAME)
+  config = json.loads(open(path).read())
+  config.update(changes)
+  open(path, "w").write(json.dumps(config))
+
+
+def _reads(monkeypatch) -> list[str]:
+  read = []
+  original = hf_io._read_one
+
+  def spy(file, name, dtype):
+    read.append(name)
+    return original(file, name, dtype)
+  monkeypatch.setattr(hf_io, "_read_one", spy)
+  return read
+
+
+def test_peft_saved_adapter_still_loads(peft_folder, tiny_bert):
+  adapters, cfg = peft_io.load_peft_adapter(peft_folder, tiny_bert.params)
+  assert cfg.method == "dora" and cfg.rank == 2
+
+
+def test_peft_header_shape_is_checked_against_the_model_before_reading(peft_folder, tiny_bert,
+                                                                      monkeypatch):
+  name = f"base_model.model.{QUERY}.lora_A.weight"
+  _set_tensor(peft_folder, name, np.zeros((2, 3200), np.float32))  # the model's in is 32
+  read = _reads(monkeypatch)
+  with pytest.raises(errors.CheckpointError, match=rf"shape mismatch for {name!r} .* has "
+                     r"\(2, 3200\), the model expects \(2, 32\).* needs \(2, 32\)"):
+    peft_io.load_peft_adapter(peft_folder, tiny_bert.params)
+  assert read == []  # refused from the headers: no tensor's data was read
+
+
+@pytest.mark.parametrize("kind", ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"])
+def test_peft_integer_factor_is_refused_before_reading(peft_folder, tiny_bert, monkeypatch, kind):
+  name = f"base_model.model.{QUERY}.{kind}"
+  shape = _tensors(os.path.join(peft_folder, peft_io.WEIGHTS_NAME))[name].shape
+  _set_tensor(peft_folder, name, np.ones(shape, np.int32))
+  read = _reads(monkeypatch)
+  with pytest.raises(errors.CheckpointError, match=rf"{name!r} .* is stored as I32, but .* "
+                     "floating-point"):
+    peft_io.load_peft_adapter(peft_folder, tiny_bert.params)
+  assert name not in read
+  with pytest.raises(errors.CheckpointError, match="is stored as I32"):
+    peft_io.read_peft_adapter(peft_folder)
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_peft_non_finite_tensor_is_refused(peft_folder, tiny_bert, bad):
+  name = f"base_model.model.{QUERY}.lora_B.weight"
+  value = _tensors(os.path.join(peft_folder, peft_io.WEIGHTS_NAME))[name].copy()
+  value[0, 0] = bad
+  _set_tensor(peft_folder, name, value)
+  for load in (lambda: peft_io.load_peft_adapter(peft_folder, tiny_bert.params),
+               lambda: peft_io.read_peft_adapter(peft_folder)):
+    with pytest.raises(errors.CheckpointError, match=rf"non-finite values .*{name}"):
+      load()
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"lora_alpha": math.nan}, "lora_alpha"), ({"lora_alpha": math.inf}, "lora_alpha"),
+    ({"lora_alpha": 0}, "lora_alpha"), ({"lora_alpha": -8}, "lora_alpha"),
+    ({"lora_alpha": "8"}, "lora_alpha"), ({"r": 0}, "r"), ({"r": 2.5}, "r"),
+    ({"alpha_pattern": {"query": math.nan}}, "query"), ({"rank_pattern": {"query": 0}}, "query")])
+def test_peft_config_numbers_must_be_finite_and_positive(peft_folder, tiny_bert, changes, key):
+  _set_config(peft_folder, **changes)
+  for load in (lambda: peft_io.load_peft_adapter(peft_folder, tiny_bert.params),
+               lambda: peft_io.read_peft_adapter(peft_folder)):
+    with pytest.raises(errors.CheckpointError, match=rf"adapter_config.json in .*: {key} is "
+                       ".*; it must be a (finite number > 0|positive integer)"):
+      load()
