@@ -1,6 +1,6 @@
-"""Files from outside can't hurt us (issue 32, items 2 and 11): exports carry checksums and refuse
-NaN/inf; PEFT headers are checked against the model before any data is read, and PEFT tensors and
-config numbers must be finite.
+"""Files from outside can't hurt us (issue 32, items 2, 4 and 11): exports carry checksums and
+refuse NaN/inf; PEFT headers are checked against the model before any data is read; a config.json
+that names another architecture or custom code is refused.
 
 Every hostile folder is built here, tiny.
 """
@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -224,3 +225,50 @@ def test_peft_config_numbers_must_be_finite_and_positive(peft_folder, tiny_bert,
     with pytest.raises(errors.CheckpointError, match=rf"adapter_config.json in .*: {key} is "
                        ".*; it must be a (finite number > 0|positive integer)"):
       load()
+
+
+# ---------------------------------------------------------------- 4. config.json of a model folder
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory, tiny_bert):
+  folder = str(tmp_path_factory.mktemp("bert") / "model")
+  models.save_pretrained(tiny_bert, tiny_bert.params, folder)
+  return folder
+
+
+def _with_config(bert_folder, tmp_path, **changes) -> str:
+  """A copy of the BERT folder whose config.json has `changes`."""
+  folder = tmp_path / "model"
+  shutil.copytree(bert_folder, folder)
+  config = json.loads((folder / hf_io.CONFIG).read_text())
+  config.update(changes)
+  (folder / hf_io.CONFIG).write_text(json.dumps(config))
+  return str(folder)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "roberta"])
+def test_bert_weights_under_another_familys_model_type_are_refused(bert_folder, tmp_path,
+                                                                   model_type):
+  src = _with_config(bert_folder, tmp_path, model_type=model_type)
+  with pytest.raises(errors.CheckpointError, match=rf"config.json says model_type {model_type!r}, "
+                     r"but \d+ of the \d+ parameters .* are not in its weights .*"
+                     r"'bert.embeddings.*Set 'model_type' in config.json"):
+    models.load_backbone(src, "classification", num_labels=2)
+
+
+def test_unknown_model_type_is_refused_naming_config_json(bert_folder, tmp_path):
+  src = _with_config(bert_folder, tmp_path, model_type="frobnicator")
+  with pytest.raises(errors.CheckpointError, match=r"config.json' has model_type 'frobnicator', "
+                     r"which is not one of doran_jax's families \(bert, .*\). Set 'model_type'"):
+    models.load_backbone(src, "classification", num_labels=2)
+
+
+def test_auto_map_is_refused(bert_folder, tmp_path):
+  src = _with_config(bert_folder, tmp_path,
+                     auto_map={"AutoModel": "modeling_evil.EvilModel"})
+  with pytest.raises(errors.CheckpointError, match=r"config.json' has 'auto_map' .*never runs.* "
+                     "delete 'auto_map' from config.json"):
+    models.load_backbone(src, "classification", num_labels=2)
+  # The unchanged folder still loads.
+  assert models.load_backbone(bert_folder, "classification", num_labels=2).family.name == "bert"
