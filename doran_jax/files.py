@@ -5,9 +5,10 @@ Model folders, adapters and workdirs come from strangers and shared clusters, so
 resolves the names it opens with `inside` (a '../x' or absolute entry, or a symlink pointing out
 of the folder, is a CheckpointError naming the entry), every JSON/text result goes through
 `write_json` / `write_text` (temp file in the same folder, then `os.replace`; a symlink at the
-target is refused) and every folder writer checks its target with `check_output_folder`. Our
-exports carry `checksums.json` (`write_checksums` / `read_checksums` / `check_sha256`), and
-numbers read from outside pass `check_finite` and `check_positive`.
+target is refused) and every folder writer checks its target with `check_output_folder`. A writer
+that takes a folder (transformers' tokenizer) writes into `staging` and never sees the target's
+own names. Our exports carry `checksums.json` (`write_checksums` / `read_checksums` /
+`check_sha256`), and numbers read from outside pass `check_finite` and `check_positive`.
 
 Example:
   >>> shard = inside("ckpt/", "model-00001-of-00002.safetensors", what="model.safetensors.index.json entry")
@@ -22,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -195,6 +197,38 @@ def check_output_folder(path, *, overwrite: bool = False, sources: Sequence[Opti
     raise UserError(f"{what} {path!r} is not empty (it holds {shown}); refusing to overwrite it. "
                     "Write to a new or empty folder, or pass overwrite=True to replace its files.")
   return path
+
+
+@contextlib.contextmanager
+def staging(folder) -> Iterator[str]:
+  """Yields a fresh empty folder inside `folder`; on success its files are moved into `folder`.
+
+  For third-party writers that take a folder (transformers' `save_pretrained`) and would open
+  a symlink planted at one of their names. Every target is checked before anything moves: a
+  symlink is refused (`folder` is left as it was), and each file then replaces its target
+  (`os.replace`, which never follows a link). The staging folder is removed either way.
+
+  Example:
+    >>> with staging("out/merged") as tmp:
+    ...   tokenizer.save_pretrained(tmp)
+  """
+  folder = os.fspath(folder)
+  tmp = tempfile.mkdtemp(dir=folder, prefix=".staging-")
+  try:
+    yield tmp
+    moves = []
+    for root, dirs, names in os.walk(tmp):
+      rel = os.path.relpath(root, tmp)
+      for name in dirs + names:
+        target = os.path.normpath(os.path.join(folder, rel, name))
+        _refuse_symlink(target)
+        if name in names:
+          moves.append((os.path.join(root, name), target))
+    for source, target in moves:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(source, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ checksums of our exports

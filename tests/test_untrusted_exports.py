@@ -1,6 +1,7 @@
-"""Files from outside can't hurt us (issue 32, items 2, 4 and 11): exports carry checksums and
-refuse NaN/inf; PEFT headers are checked against the model before any data is read; a config.json
-that names another architecture or custom code is refused.
+"""Files from outside can't hurt us (issue 32, items 2, 4 and 11, and tokenizer files): exports
+carry checksums and refuse NaN/inf; PEFT headers are checked against the model before any data is
+read; a config.json that names another architecture or custom code is refused; tokenizer files
+stay inside their folder and are never written through a symlink.
 
 Every hostile folder is built here, tiny.
 """
@@ -272,3 +273,46 @@ def test_auto_map_is_refused(bert_folder, tmp_path):
     models.load_backbone(src, "classification", num_labels=2)
   # The unchanged folder still loads.
   assert models.load_backbone(bert_folder, "classification", num_labels=2).family.name == "bert"
+
+
+# ---------------------------------------------------------------- tokenizer files
+
+
+def _tokenizer():
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {"[UNK]": 0, "[PAD]": 1, "hello": 2, "world": 3}
+  tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_tokenizer_file_symlinked_out_of_the_folder_is_refused(tmp_path, name):
+  folder = tmp_path / "model"
+  _tokenizer().save_pretrained(str(folder))
+  assert models.load_tokenizer(str(folder))("hello world")["input_ids"] == [2, 3]
+  os.replace(folder / name, tmp_path / name)
+  os.symlink(tmp_path / name, folder / name)
+  with pytest.raises(errors.CheckpointError, match=f"tokenizer file {name!r} in .* lies outside "
+                     "that folder"):
+    models.load_tokenizer(str(folder))
+
+
+def test_save_pretrained_never_writes_the_tokenizer_through_a_symlink(tmp_path, tiny_bert):
+  victim = tmp_path / "victim.txt"
+  victim.write_text("precious")
+  out = tmp_path / "out"
+  os.makedirs(out)
+  os.symlink(victim, out / "tokenizer.json")
+  with pytest.raises(errors.UserError, match="tokenizer.json' is a symlink"):
+    models.save_pretrained(tiny_bert, tiny_bert.params, str(out), tokenizer=_tokenizer(),
+                           overwrite=True)
+  assert victim.read_text() == "precious"
+  assert not [n for n in os.listdir(out) if n.startswith(".staging")]  # no temp folder left
+  os.remove(out / "tokenizer.json")
+  models.save_pretrained(tiny_bert, tiny_bert.params, str(out), tokenizer=_tokenizer(),
+                         overwrite=True)
+  assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= set(os.listdir(out))
+  assert not [n for n in os.listdir(out) if n.startswith(".staging")]
+  assert models.load_tokenizer(str(out))("hello world")["input_ids"] == [2, 3]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from doran_jax import quant, sharding
+from doran_jax import files, quant, sharding
 from doran_jax.errors import CheckpointError
 from doran_jax.models import gguf_io, hf_io, registry
 # Each family module registers its record on import.
@@ -433,7 +433,8 @@ def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None,
   dequantised, in the dtype they stand for.
 
   `path` is never a symlink or the folder the backbone was loaded from (`backbone.source`), and
-  an existing folder must be empty unless `overwrite`: a user error otherwise.
+  an existing folder must be empty unless `overwrite`: a user error otherwise. `tokenizer` is
+  written beside the weights (`files.staging`: never through a symlink at one of its names).
 
   Example:
     >>> save_pretrained(bb, dj.apply_adapters(bb.params, adapters, cfg), "out/merged")
@@ -444,5 +445,7 @@ def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None,
                         no_transpose=backbone.family.no_transpose, drop=tied,
                         overwrite=overwrite, sources=(backbone.source,))
   if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+    # transformers' writer opens its file names in the folder and would follow a symlink there.
+    with files.staging(path) as tmp:
+      tokenizer.save_pretrained(tmp)
   logging.info("export: %s model to %s", backbone.family.name, path)
