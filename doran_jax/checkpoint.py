@@ -8,7 +8,9 @@ one line and skipped: `restore` falls back to the newest intact step and deletes
 Retention is ours, not orbax's: older checkpoints are pruned only after a newer one has finished
 writing and passes the structural check, so `max_to_keep` never removes the newest intact one.
 Exports:
-  - adapter-only: `adapters.msgpack` (trainable tree) + `adapter_config.json`;
+  - adapter-only: `adapters.msgpack` (trainable tree) + `adapter_config.json` + `checksums.json`
+    (their SHA-256, `files.write_checksums`), verified by `load_adapters`, which also refuses
+    NaN/inf tensors and a non-positive rank or alpha;
   - merged: doran_jax.models.save_pretrained (the backbone with the adapters folded in).
 """
 
@@ -27,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
+from doran_jax import files
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.errors import CheckpointError
 from doran_jax.files import inside, write_bytes, write_json
@@ -330,8 +333,16 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: Optional[int] = N
         f"step (it holds {sorted(mngr.all_steps())}) or omit the step for the newest intact "
         "one.") from None
 
+
+ADAPTERS = "adapters.msgpack"
+ADAPTER_CONFIG = "adapter_config.json"
+_REEXPORT = ("Re-export it from the run that wrote it (train.py writes <workdir>/export/adapters) "
+             "or retrain; copy an export folder whole, as written.")
+
+
 def export_adapters(directory: str, trainable, cfg: AdapterConfig, extra: Optional[dict] = None) -> None:
-  """Writes the trainable tree (adapters + head) and the adapter config as JSON.
+  """Writes the trainable tree (adapters + head), the adapter config as JSON, and the SHA-256 of
+  both (`checksums.json`, written last).
 
   Example:
     >>> export_adapters("runs/x/export", state.trainable, adapter_cfg)
@@ -339,21 +350,57 @@ def export_adapters(directory: str, trainable, cfg: AdapterConfig, extra: Option
   """
   os.makedirs(directory, exist_ok=True)
   host = jax.device_get(trainable)
-  write_bytes(os.path.join(directory, "adapters.msgpack"),
+  write_bytes(os.path.join(directory, ADAPTERS),
               serialization.msgpack_serialize(serialization.to_state_dict(host)))
-  write_json(os.path.join(directory, "adapter_config.json"),
+  write_json(os.path.join(directory, ADAPTER_CONFIG),
              {"adapter": cfg.to_dict(), **(extra or {})}, indent=2, sort_keys=True)
+  files.write_checksums(directory, [ADAPTERS, ADAPTER_CONFIG])
   logging.info("export: adapters (%d tensors) to %s", len(flatten(host)), directory)
 
 
 def load_adapters(directory: str) -> tuple[Any, AdapterConfig, dict]:
   """Reads an adapter-only export: (trainable tree, AdapterConfig, the rest of the JSON).
 
-  Both files must resolve inside `directory` (`files.inside`): a symlink out is a CheckpointError.
+  Both files must resolve inside `directory` (`files.inside`) and match `checksums.json` (an
+  export written before doran_jax recorded checksums has none: it loads with a warning).
+
+  Raises:
+    CheckpointError: a symlink out, a file whose checksum differs, a NaN/inf tensor (named),
+      or an adapter config that is not valid (rank or alpha not a finite number > 0).
   """
-  with open(inside(directory, "adapter_config.json")) as f:
-    record = json.load(f)
-  with open(inside(directory, "adapters.msgpack"), "rb") as f:
-    trainable = serialization.msgpack_restore(f.read())
-  cfg = AdapterConfig.from_dict(record.pop("adapter"))
+  with open(inside(directory, ADAPTER_CONFIG), "rb") as f:
+    config_bytes = f.read()
+  with open(inside(directory, ADAPTERS), "rb") as f:
+    blob = f.read()
+  # The bytes that are checked are the bytes that are parsed.
+  sums = files.read_checksums(directory, fix=_REEXPORT)
+  if sums is None:
+    logging.warning("adapter export %s has no %s (written before doran_jax recorded checksums): "
+                    "its files cannot be verified; re-export it to add one.", directory,
+                    files.CHECKSUMS)
+  else:
+    files.check_sha256(directory, ADAPTER_CONFIG, sums, data=config_bytes, fix=_REEXPORT)
+    files.check_sha256(directory, ADAPTERS, sums, data=blob, fix=_REEXPORT)
+  try:
+    record = json.loads(config_bytes.decode("utf-8"))
+    trainable = serialization.msgpack_restore(blob)
+    adapter = record.pop("adapter")
+  except Exception as e:  # msgpack and json raise assorted types on damaged bytes
+    raise CheckpointError(f"adapter export {directory!r} cannot be read ({_short(e)}). "
+                          f"{_REEXPORT}") from None
+  where = f"adapter export {directory!r}"
+  if not isinstance(adapter, dict) or not isinstance(trainable, dict):
+    raise CheckpointError(f"{where}: {ADAPTER_CONFIG}'s 'adapter' or {ADAPTERS} is not a "
+                          f"mapping. {_REEXPORT}")
+  files.check_positive(adapter, ["rank", "alpha"], integer=["rank"],
+                       source=f"{where} ({ADAPTER_CONFIG}, 'adapter')", fix=_REEXPORT)
+  # A diverged run's NaNs would otherwise evaluate to a bare NaN metric with exit status 0.
+  files.check_finite(flatten(trainable), source=f"{where} ({ADAPTERS})",
+                     fix="Retrain (e.g. from an earlier checkpoint with a lower optim.lr) and "
+                     "export again.")
+  try:
+    cfg = AdapterConfig.from_dict(adapter)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: {ADAPTER_CONFIG} holds an invalid adapter config ({e}). "
+                          f"{_REEXPORT}") from None
   return trainable, cfg, record

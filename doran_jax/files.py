@@ -5,7 +5,10 @@ Model folders, adapters and workdirs come from strangers and shared clusters, so
 resolves the names it opens with `inside` (a '../x' or absolute entry, or a symlink pointing out
 of the folder, is a CheckpointError naming the entry), every JSON/text result goes through
 `write_json` / `write_text` (temp file in the same folder, then `os.replace`; a symlink at the
-target is refused) and every folder writer checks its target with `check_output_folder`.
+target is refused) and every folder writer checks its target with `check_output_folder`. A writer
+that takes a folder (transformers' tokenizer) writes into `staging` and never sees the target's
+own names. Our exports carry `checksums.json` (`write_checksums` / `read_checksums` /
+`check_sha256`), and numbers read from outside pass `check_finite` and `check_positive`.
 
 Example:
   >>> shard = inside("ckpt/", "model-00001-of-00002.safetensors", what="model.safetensors.index.json entry")
@@ -16,10 +19,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
 
 from doran_jax.errors import CheckpointError, UserError
 
@@ -189,3 +197,156 @@ def check_output_folder(path, *, overwrite: bool = False, sources: Sequence[Opti
     raise UserError(f"{what} {path!r} is not empty (it holds {shown}); refusing to overwrite it. "
                     "Write to a new or empty folder, or pass overwrite=True to replace its files.")
   return path
+
+
+@contextlib.contextmanager
+def staging(folder) -> Iterator[str]:
+  """Yields a fresh empty folder inside `folder`; on success its files are moved into `folder`.
+
+  For third-party writers that take a folder (transformers' `save_pretrained`) and would open
+  a symlink planted at one of their names. Every target is checked before anything moves: a
+  symlink is refused (`folder` is left as it was), and each file then replaces its target
+  (`os.replace`, which never follows a link). The staging folder is removed either way.
+
+  Example:
+    >>> with staging("out/merged") as tmp:
+    ...   tokenizer.save_pretrained(tmp)
+  """
+  folder = os.fspath(folder)
+  tmp = tempfile.mkdtemp(dir=folder, prefix=".staging-")
+  try:
+    yield tmp
+    moves = []
+    for root, dirs, names in os.walk(tmp):
+      rel = os.path.relpath(root, tmp)
+      for name in dirs + names:
+        target = os.path.normpath(os.path.join(folder, rel, name))
+        _refuse_symlink(target)
+        if name in names:
+          moves.append((os.path.join(root, name), target))
+    for source, target in moves:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(source, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ checksums of our exports
+
+CHECKSUMS = "checksums.json"
+CHECKSUMS_VERSION = 1
+
+
+def file_sha256(path) -> str:
+  """SHA-256 (hex) of a file, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_checksums(folder, names: Sequence[str]) -> str:
+  """Writes `folder`/checksums.json: the SHA-256 of each of `names`, files already written.
+
+  The export's counterpart of a checkpoint's integrity record (checkpoint.py): written last, so
+  an export interrupted before it has none, and checked by the loaders with `check_sha256`.
+
+  Example:
+    >>> write_checksums("runs/x/export/adapters", ["adapters.msgpack", "adapter_config.json"])
+  """
+  folder = os.fspath(folder)
+  sums = {name: file_sha256(inside(folder, name)) for name in names}
+  return write_json(os.path.join(folder, CHECKSUMS),
+                    {"version": CHECKSUMS_VERSION, "sha256": sums}, sort_keys=True)
+
+
+def read_checksums(folder, *, fix: str) -> Optional[dict[str, str]]:
+  """{file name: SHA-256} of `folder`/checksums.json, or None when the folder has none.
+
+  A checksums.json that is not a version-1 record is a CheckpointError ending with `fix`.
+  """
+  folder = os.fspath(folder)
+  if not os.path.lexists(os.path.join(folder, CHECKSUMS)):
+    return None
+  try:
+    with open(inside(folder, CHECKSUMS), "rb") as f:
+      record = json.loads(f.read().decode("utf-8"))
+    sums = record["sha256"] if record.get("version") == CHECKSUMS_VERSION else None
+  except (ValueError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
+    sums = None
+  if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+    raise CheckpointError(f"{CHECKSUMS} in {folder!r} is damaged (not a version "
+                          f"{CHECKSUMS_VERSION} checksum record), so the files beside it cannot "
+                          f"be verified. {fix}")
+  return sums
+
+
+def check_sha256(folder, name: str, checksums: Mapping[str, str], *, data: Optional[bytes] = None,
+                 fix: str) -> None:
+  """Checks `folder`/`name` (or `data`, the bytes already read from it) against `checksums`.
+
+  Raises:
+    CheckpointError: naming the file, when its checksum differs or `checksums` lacks it;
+      the message ends with `fix`.
+
+  Example:
+    >>> sums = read_checksums(folder, fix="Re-export it.")
+    >>> check_sha256(folder, "adapters.msgpack", sums, data=blob, fix="Re-export it.")
+  """
+  folder = os.fspath(folder)
+  if name not in checksums:
+    raise CheckpointError(f"{CHECKSUMS} in {folder!r} has no checksum for {name!r}, so that file "
+                          f"cannot be verified. {fix}")
+  actual = (hashlib.sha256(data).hexdigest() if data is not None
+            else file_sha256(inside(folder, name)))
+  if actual != checksums[name]:
+    raise CheckpointError(f"{name!r} in {folder!r} is damaged: its SHA-256 does not match the one "
+                          f"recorded in {CHECKSUMS} when it was written. {fix}")
+
+
+# ------------------------------------------------------------------ numbers read from outside
+
+
+def check_finite(tensors: Mapping[str, Any], *, source: str, fix: str) -> None:
+  """A CheckpointError naming the tensors of `tensors` ({name: array}) holding NaN or inf.
+
+  Example:
+    >>> check_finite({"a/lora_b": b}, source="export 'runs/x'", fix="Retrain it.")
+  """
+  bad = []
+  for name, x in tensors.items():
+    x = np.asarray(x)
+    if x.dtype.kind not in "fc":
+      if not x.dtype.name.startswith(("bfloat", "float")):
+        continue  # integer and bool leaves are always finite
+      x = x.astype(np.float32)  # ml_dtypes' bfloat16 / float8
+    n = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if n:
+      bad.append(f"{name} ({n} of {x.size} values)")
+  if bad:
+    raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} "
+                          f"tensor(s): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. {fix}")
+
+
+def check_positive(record: Mapping[str, Any], keys: Sequence[str], *, source: str, fix: str,
+                   integer: Sequence[str] = ()) -> None:
+  """Each of `keys` present in `record` is a finite number > 0 (an int for those in `integer`),
+  else a CheckpointError naming the key and its value.
+
+  Example:
+    >>> check_positive({"r": 8, "lora_alpha": float("nan")}, ["r", "lora_alpha"], integer=["r"],
+    ...                source="adapter_config.json in 'peft/'", fix="Fix or re-save it.")
+    Traceback (most recent call last):
+    CheckpointError: adapter_config.json in 'peft/': lora_alpha is nan; ...
+  """
+  for key in keys:
+    if key not in record:
+      continue
+    value = record[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in integer:
+      number = number and float(value).is_integer()
+    if not number or not math.isfinite(value) or value <= 0:
+      kind = "a positive integer" if key in integer else "a finite number > 0"
+      raise CheckpointError(f"{source}: {key} is {value!r}; it must be {kind}. {fix}")

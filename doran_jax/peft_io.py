@@ -38,14 +38,15 @@ import os
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doran_jax import quant
+from doran_jax import files, quant
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
-from doran_jax.errors import UserError
+from doran_jax.errors import CheckpointError, UserError
 from doran_jax.files import check_output_folder, inside, replacing, write_json
 from doran_jax.models import hf_io
 from doran_jax.targets import SEP, find_targets, flatten, unflatten
@@ -325,10 +326,26 @@ def _peft_task_type(task_type: Optional[str]) -> Optional[str]:
 
 
 def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(adapter_config.json as a dict, float32 tensors) of a PEFT adapter folder.
+  """(adapter_config.json as a dict, tensors) of a PEFT adapter folder; floating tensors as
+  float32, others as stored.
 
   Both files must resolve inside `path` (`files.inside`): a symlink out is a CheckpointError.
+  So is a LoRA factor stored as an integer, a NaN/inf tensor, or an r, lora_alpha or
+  rank_pattern/alpha_pattern value that is not a finite number > 0.
   """
+  config, readers = _open_adapter(path)
+  tensors = {k: hf_io.cast(r(), np.float32) for k, r in readers.items()}
+  files.check_finite(tensors, source=f"PEFT adapter {os.fspath(path)!r}", fix=_RESAVE)
+  return config, tensors
+
+
+_RESAVE = ("Fix or re-save the adapter (PEFT's save_pretrained, or "
+           "doran_jax.peft_io.save_peft_adapter); retrain it if its weights diverged.")
+
+
+def _open_adapter(path) -> tuple[dict, dict]:
+  """(config, {tensor name: hf_io reader}) of a PEFT folder: the config read and its numbers
+  checked, the tensors' headers read (no data), every LoRA factor's stored dtype a float."""
   path = os.fspath(path)
   config_file = inside(path, CONFIG_NAME)
   weights_file = inside(path, WEIGHTS_NAME)
@@ -342,11 +359,38 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   if not os.path.isfile(weights_file):
     raise ValueError(f"{path!r} has no {WEIGHTS_NAME}; re-save the adapter with PEFT's "
                      "save_pretrained(..., safe_serialization=True).")
-  with open(config_file) as f:
-    config = json.load(f)
-  from safetensors.flax import load_file  # reads bfloat16 too, unlike the numpy loader
-  tensors = {k: np.asarray(v, np.float32) for k, v in load_file(weights_file).items()}
-  return config, tensors
+  try:
+    with open(config_file, "rb") as f:
+      config = json.loads(f.read().decode("utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{CONFIG_NAME} in {path!r} is not valid JSON ({e}). {_RESAVE}") from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{CONFIG_NAME} in {path!r} is not a JSON object. {_RESAVE}")
+  # json reads NaN and Infinity; PEFT would scale every layer by them.
+  source = f"{CONFIG_NAME} in {path!r}"
+  files.check_positive(config, ("r", "lora_alpha"), integer=("r",), source=source, fix=_RESAVE)
+  for key in ("rank_pattern", "alpha_pattern"):
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+      raise CheckpointError(f"{source}: {key} is {pattern!r}, not a mapping of module patterns "
+                            f"to numbers. {_RESAVE}")
+    files.check_positive(pattern, list(pattern), source=f"{source}, {key}", fix=_RESAVE,
+                         integer=list(pattern) if key == "rank_pattern" else ())
+  readers = hf_io.lazy_file(weights_file)
+  for name, r in readers.items():
+    kind = _factor_kind(name)
+    if kind is not None:
+      # From the header: an integer LoRA factor is refused before its data is read.
+      hf_io.check_tensor(name, kind.strip("."), r.shape, r.is_float, r.header_dtype,
+                         jax.ShapeDtypeStruct(r.shape, jnp.float32))
+  return config, readers
+
+
+def _factor_kind(key: str) -> Optional[str]:
+  """_A, _B or _M for a LoRA factor's tensor name, None for anything else."""
+  if key.endswith(_M + ".weight"):
+    return _M  # older PEFT releases kept the parameter's own name
+  return next((s for s in (_A, _B, _M) if key.endswith(s)), None)
 
 
 def load_peft_adapter(path: str, params: Mapping[str, Any], *,
@@ -372,13 +416,16 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
     torch_modules: `bb.family.torch_modules`, the modules transformers renames (ViT).
 
   Raises:
-    ValueError: not a LoRA adapter, an option we cannot represent, a module the params do not
-      have, or tensors whose shapes do not fit the params.
+    ValueError: not a LoRA adapter, an option we cannot represent, or a module the params do
+      not have.
+    CheckpointError (a ValueError): a tensor whose header shape or dtype does not fit the params
+      (checked before any data is read), a NaN/inf tensor, or an r / lora_alpha that is not a
+      finite number > 0.
   """
-  config, tensors = read_peft_adapter(path)
+  config, readers = _open_adapter(path)
   _check_config(config, path)
   flat = flatten(params)
-  factors = _group_tensors(tensors, config, path)
+  factors = _group_tensors(readers, config, path)
   use_dora = bool(config.get("use_dora", False))
   kernels = {}
   for name in sorted(factors):
@@ -391,6 +438,12 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
   transposed = tuple(sorted(transposed or ()))
   regex = _targets_regex(flat, kernels.values())
   targets = {t.path: t for t in find_targets(params, regex, transposed)}
+  # Every factor's header against its kernel before any data is read.
+  for name, f in factors.items():
+    _check_factors(name, f, targets[kernels[name]], use_dora)
+  tensors = {r.name: hf_io.cast(r(), np.float32) for f in factors.values() for r in f.values()}
+  files.check_finite(tensors, source=f"PEFT adapter {os.fspath(path)!r}", fix=_RESAVE)
+  factors = {name: {k: tensors[r.name] for k, r in f.items()} for name, f in factors.items()}
   r_max = max(f[_A].shape[0] for f in factors.values())
   cfg = AdapterConfig(method="dora" if use_dora else "lora", rank=r_max,
                       alpha=float(config.get("lora_alpha", 8)), targets=regex,
@@ -401,11 +454,6 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
     t = targets[kernels[name]]
     a_RxI, b_OxR = f[_A], f[_B]
     r_l = a_RxI.shape[0]
-    if a_RxI.shape != (r_l, t.d_in) or b_OxR.shape != (t.d_out, r_l):
-      raise ValueError(
-          f"PEFT module {name!r} has lora_A {a_RxI.shape} and lora_B {b_OxR.shape} but the kernel "
-          f"{t.path!r} needs ({r_l}, {t.d_in}) and ({t.d_out}, {r_l}) (in={t.d_in}, "
-          f"out={t.d_out}). Wrong model? Kernels stored (out, in) must be listed in transposed=.")
     a_IxR = np.zeros((t.d_in, r_max), np.float32)
     b_RxO = np.zeros((r_max, t.d_out), np.float32)
     a_IxR[:, :r_l] = a_RxI.T
@@ -413,11 +461,7 @@ def load_peft_adapter(path: str, params: Mapping[str, Any], *,
     leaves[t.module_path + SEP + "lora_a"] = jnp.asarray(a_IxR)
     leaves[t.module_path + SEP + "lora_b"] = jnp.asarray(b_RxO)
     if use_dora:
-      m_O = f[_M].reshape(-1)
-      if m_O.shape != (t.d_out,):
-        raise ValueError(f"PEFT module {name!r} has a magnitude of shape {f[_M].shape}; the kernel "
-                         f"{t.path!r} has {t.d_out} output units.")
-      leaves[t.module_path + SEP + "magnitude"] = jnp.asarray(m_O)
+      leaves[t.module_path + SEP + "magnitude"] = jnp.asarray(f[_M].reshape(-1))
   adapters = {"targets": unflatten(leaves)}
   core.targets_for(params, cfg)  # validates rank <= min(in, out) with a clear message
   return adapters, cfg
@@ -450,9 +494,9 @@ def _group_tensors(tensors, config, path) -> dict[str, dict[str, np.ndarray]]:
   factors = {}
   for key, value in tensors.items():
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    kind = _factor_kind(name)
     if name.endswith(_M + ".weight"):
-      name = name[:-len(".weight")]  # older PEFT releases kept the parameter's own name
-    kind = next((s for s in (_A, _B, _M) if name.endswith(s)), None)
+      name = name[:-len(".weight")]
     if kind is None:
       if any(re.match(rf"(^|.*\.){re.escape(m)}\.", name) for m in saved):
         continue
@@ -468,6 +512,28 @@ def _group_tensors(tensors, config, path) -> dict[str, dict[str, np.ndarray]]:
       raise ValueError(f"PEFT module {name!r} has {sorted(k.lstrip('.') for k in f)} but "
                        f"use_dora={use_dora} needs {sorted(k.lstrip('.') for k in want)}.")
   return factors
+
+
+def _check_factors(name: str, f, t, use_dora: bool) -> None:
+  """The header shapes of one module's lora_A (r, in), lora_B (out, r) and magnitude (out,)
+  against its kernel `t` (a CheckpointError naming the tensor), before their data is read."""
+  r_l = f[_A].shape[0] if f[_A].shape else 0
+  want = {_A: (r_l, t.d_in), _B: (t.d_out, r_l)}
+  if use_dora:
+    want[_M] = (t.d_out,)
+  for kind, shape in want.items():
+    r = f[kind]
+    # PEFT's magnitude is (out,); a (1, out)-shaped one is the same vector.
+    have = ((int(np.prod(r.shape)),) if kind == _M and len(r.shape) == 2 and 1 in r.shape
+            else r.shape)
+    try:
+      hf_io.check_tensor(r.name, t.module_path + SEP + kind.strip("."), have, r.is_float,
+                         r.header_dtype, jax.ShapeDtypeStruct(shape, jnp.float32))
+    except CheckpointError as e:
+      raise CheckpointError(
+          f"{e} PEFT module {name!r} needs ({r_l}, {t.d_in}) and ({t.d_out}, {r_l}) for lora_A "
+          f"and lora_B, as the kernel {t.path!r} has in={t.d_in}, out={t.d_out}. Wrong model? "
+          "Kernels stored (out, in) must be listed in transposed=.") from None
 
 
 def _peft_scale(config: Mapping[str, Any], name: str, r_l: int) -> float:

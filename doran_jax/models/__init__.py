@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from doran_jax import quant, sharding
+from doran_jax import files, quant, sharding
 from doran_jax.errors import CheckpointError, ConfigError
 from doran_jax.models import gguf_io, hf_io, registry
 # Each family module registers its record on import.
@@ -320,6 +320,8 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
   ckpt = gguf_io.open_gguf(path) if gguf_io.is_gguf(path) else None
   file_config = ckpt.config if ckpt is not None else hf_io.read_config(path)
   cfg = _config_dict({**file_config, **(config_overrides or {})}, num_labels)
+  if ckpt is None:
+    _check_folder_config(cfg, path)
   family = family_of(cfg)
   family.check_task(task)
   module, abstract = _build(family, cfg, task, dtype, remat, memory_lean)
@@ -342,6 +344,8 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
     if lost:
       raise CheckpointError(f"{path!r} has no tensors for {lost[:8]}: config_overrides "
                             f"{sorted(config_overrides or {})} do not fit this GGUF file.")
+  if ckpt is None:
+    _check_weights_fit(family, cfg, task, abstract, missing, unused, path)
   flat = flatten(params)
   rng = np.random.default_rng(seed)
   std = float(cfg.get("initializer_range", 0.02) or 0.02)
@@ -358,6 +362,42 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
   source = os.path.realpath(os.path.dirname(path) if ckpt is not None else path)
   return Backbone(model=module, params=params, task=task, family=family, config=cfg,
                   fresh=tuple(sorted(missing)), source=source)
+
+
+def _check_folder_config(cfg: Mapping[str, Any], path: str) -> None:
+  """config.json names one of our families and no code of its own; checked before any weight."""
+  where = repr(os.path.join(path, hf_io.CONFIG))
+  if "auto_map" in cfg:
+    shown = repr(cfg["auto_map"])
+    raise CheckpointError(
+        f"{where} has 'auto_map' ({shown[:120]}{'...' if len(shown) > 120 else ''}): the model "
+        "ships its own modelling code (transformers' trust_remote_code), which doran_jax never "
+        "runs; it builds only its own families (model_type "
+        f"{', '.join(registry.model_types())}). If the model is one of those unchanged, delete "
+        "'auto_map' from config.json; otherwise it cannot be loaded here.")
+  model_type = cfg.get("model_type")
+  if model_type not in registry.model_types():
+    raise CheckpointError(
+        f"{where} has model_type {model_type!r}, which is not one of doran_jax's families "
+        f"({', '.join(registry.model_types())}). Set 'model_type' in config.json to the "
+        "architecture the weights were saved from (a fine-tune keeps its base model's), or use "
+        "a model of a supported family; a new family is one file in doran_jax/models/.")
+
+
+def _check_weights_fit(family: Family, cfg, task: str, abstract, missing, unused, path) -> None:
+  """Refuses a folder whose weights are mostly not this family's (model_type names another
+  architecture): loading would silently initialise them at random."""
+  head = family.head(task)
+  body = [p for p in flatten(abstract) if not (head and re.fullmatch(head, p))]
+  lost = [p for p in missing if p in set(body)]
+  # A bare encoder lacks only its pooler; a wrong family lacks (nearly) everything.
+  if body and len(lost) * 2 > len(body):
+    raise CheckpointError(
+        f"{path!r}: config.json says model_type {cfg.get('model_type')!r}, but {len(lost)} of the "
+        f"{len(body)} parameters of a {family.name} {task} model are not in its weights (e.g. "
+        f"{lost[:3]}) and {len(unused)} of its tensors fit none of them (e.g. {unused[:3]}): the "
+        "weights are another architecture's. Set 'model_type' in config.json to the family the "
+        "weights were saved from, or re-download the folder.")
 
 
 def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_dtype="float32",
@@ -393,7 +433,8 @@ def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None,
   dequantised, in the dtype they stand for.
 
   `path` is never a symlink or the folder the backbone was loaded from (`backbone.source`), and
-  an existing folder must be empty unless `overwrite`: a user error otherwise.
+  an existing folder must be empty unless `overwrite`: a user error otherwise. `tokenizer` is
+  written beside the weights (`files.staging`: never through a symlink at one of its names).
 
   Example:
     >>> save_pretrained(bb, dj.apply_adapters(bb.params, adapters, cfg), "out/merged")
@@ -404,5 +445,7 @@ def save_pretrained(backbone: Backbone, params, path: str, *, tokenizer=None,
                         no_transpose=backbone.family.no_transpose, drop=tied,
                         overwrite=overwrite, sources=(backbone.source,))
   if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+    # transformers' writer opens its file names in the folder and would follow a symlink there.
+    with files.staging(path) as tmp:
+      tokenizer.save_pretrained(tmp)
   logging.info("export: %s model to %s", backbone.family.name, path)

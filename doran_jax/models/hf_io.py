@@ -186,14 +186,28 @@ def lazy_state(path: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
   Example:
     >>> params, missing, unused = to_flax(lazy_state("ckpt/"), abstract, place=put_on_mesh)
   """
+  out = {}
+  for file in weight_files(path):
+    out.update(lazy_file(file, dtype=dtype))
+  return out
+
+
+def lazy_file(file: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
+  """`lazy_state` of one safetensors file (a PEFT adapter's, say): {name: reader} from the header
+  alone; each reader has `.shape`, `.header_dtype` and `.is_float` for `check_tensor`.
+
+  Example:
+    >>> readers = lazy_file("peft/adapter_model.safetensors")
+    >>> readers[name].shape, readers[name].header_dtype
+    ((8, 384), 'F32')
+  """
   from safetensors import safe_open
   dtype = as_numpy_dtype(dtype)
   out = {}
-  for file in weight_files(path):
-    with safe_open(file, framework="np") as f:
-      for name in f.keys():
-        header = f.get_slice(name)
-        out[name] = _Reader(file, name, dtype, header.get_shape(), header.get_dtype())
+  with safe_open(file, framework="np") as f:
+    for name in f.keys():
+      header = f.get_slice(name)
+      out[name] = _Reader(file, name, dtype, header.get_shape(), header.get_dtype())
   return out
 
 
@@ -240,9 +254,18 @@ def _our_shape(shape, our_path: str, transpose: bool) -> tuple[int, ...]:
   return tuple(shape[i] for i in _torch_to_flax_axes(len(shape)))
 
 
-def _check_tensor(original: str, path: str, shape, is_float: bool, dtype_name: str, spec,
-                  transpose: bool) -> None:
-  """A checkpoint tensor's declared shape and dtype against the model's leaf, before reading."""
+def check_tensor(original: str, path: str, shape, is_float: bool, dtype_name: str, spec,
+                 transpose: bool = False) -> None:
+  """A checkpoint tensor's declared shape and dtype against the model's leaf, before reading.
+
+  `spec` has the leaf's `.shape` and `.dtype` (in our layout; `transpose`: the checkpoint's is
+  torch's). A float leaf stored as an integer is refused: a CheckpointError naming both.
+
+  Example:
+    >>> r = lazy_file(file)[name]
+    >>> check_tensor(name, "q/lora_a", r.shape, r.is_float, r.header_dtype,
+    ...              jax.ShapeDtypeStruct((384, 8), jnp.float32))
+  """
   ours, want = _our_shape(shape, path, transpose), tuple(spec.shape)
   if ours != want:
     layout = "" if ours == tuple(shape) else f" (torch layout; {ours} in ours)"
@@ -340,9 +363,9 @@ def to_flax(state: Mapping[str, Any], abstract_params, *, no_transpose: str = r"
     transpose = not _fullmatch(no_transpose, path)
     if isinstance(x, _Reader):
       # From the header alone: a tensor that cannot fit is refused before its data is read.
-      _check_tensor(original, path, x.shape, x.is_float, x.header_dtype, spec, transpose)
+      check_tensor(original, path, x.shape, x.is_float, x.header_dtype, spec, transpose)
     x = x() if callable(x) else x
-    _check_tensor(original, path, x.shape, _is_float(x.dtype), np.dtype(x.dtype).name, spec,
+    check_tensor(original, path, x.shape, _is_float(x.dtype), np.dtype(x.dtype).name, spec,
                   transpose)
     y = _from_torch_layout(x, path, transpose)
     out[path] = y if place is None else place(path, np.ascontiguousarray(y))

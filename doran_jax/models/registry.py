@@ -132,11 +132,15 @@ def get(name: str) -> Family:
   return _FAMILIES[name]
 
 
+def model_types() -> tuple[str, ...]:
+  """Every transformers `config.model_type` some registered family reads."""
+  return tuple(sorted(t for f in _FAMILIES.values() for t in f.model_types))
+
+
 def for_model_type(model_type: str) -> Family:
   """The family that reads transformers' `config.model_type`."""
   for family in _FAMILIES.values():
     if model_type in family.model_types:
       return family
-  supported = sorted(t for f in _FAMILIES.values() for t in f.model_types)
   raise ConfigError(f"unsupported model_type {model_type!r}; supported model types: "
-                    f"{', '.join(supported)}. A new family is one file in doran_jax/models/.")
+                    f"{', '.join(model_types())}. A new family is one file in doran_jax/models/.")

@@ -24,9 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from doran_jax.errors import CheckpointError
+from doran_jax.files import inside
 from doran_jax.models import gguf_io
 
 # llama.cpp's GPT-2 split (and the tail of several others).
@@ -188,5 +190,30 @@ def from_path(path: str):
   """
   if gguf_io.is_gguf(path):
     return from_gguf(path)
+  if os.path.isdir(path):
+    check_tokenizer_files(path)
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(path)
+
+
+# What transformers' tokenizer loading may open in a folder: tokenizer.json, tokenizer_config.json,
+# special_tokens_map.json, config.json, vocab.txt / vocab.json, merges.txt, *.model (SentencePiece),
+# chat_template.jinja, *.tiktoken and the additional_chat_templates/ folder.
+_TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+_TEMPLATES_DIR = "additional_chat_templates"
+
+
+def check_tokenizer_files(folder: str) -> None:
+  """Every tokenizer file of `folder` resolves inside it (`files.inside`), before transformers
+  opens any: a tokenizer.json or tokenizer_config.json symlinked out is a CheckpointError.
+
+  Example:
+    >>> check_tokenizer_files("ckpt/")
+  """
+  names = [n for n in sorted(os.listdir(folder)) if n.endswith(_TOKENIZER_SUFFIXES)]
+  if os.path.lexists(os.path.join(folder, _TEMPLATES_DIR)):
+    templates = inside(folder, _TEMPLATES_DIR, what="tokenizer folder")
+    if os.path.isdir(templates):
+      names += [os.path.join(_TEMPLATES_DIR, n) for n in sorted(os.listdir(templates))]
+  for name in names:
+    inside(folder, name, what="tokenizer file")
