@@ -47,12 +47,18 @@ from doran_jax import run as run_lib  # noqa: E402
 from doran_jax.adapters import AdapterConfig  # noqa: E402
 
 SST2 = REPO.parent / "shared" / "data" / "text" / "sst2"
-PROBES = []
+PROBES = []      # (group, name, fn) in the order they run
+_SECTION = ["workdir reuse and run identity"]
+
+
+def section(name):
+  """The group of the probes registered after this call (the summary table's rows)."""
+  _SECTION[0] = name
 
 
 def probe(name):
   def register(fn):
-    PROBES.append((name, fn))
+    PROBES.append((_SECTION[0], name, fn))
     return fn
   return register
 
@@ -242,6 +248,9 @@ def _(runs, tmp):
 # --------------------------------------------------------------------------- config values
 
 
+section('config values')
+
+
 def _invalid(key, value, *contains, **extra):
   def run(runs, tmp):
     workdir = pathlib.Path(tmp) / f"invalid_{key}"
@@ -268,6 +277,9 @@ def _(runs, tmp):
 
 
 # ------------------------------------------------------------------------------------- data
+
+
+section('data files')
 
 
 def _tsv(tmp, name, train, dev=b"1\tok\n"):
@@ -315,6 +327,9 @@ def _(runs, tmp):
 # ---------------------------------------------------------------------------------- exports
 
 
+section('exports (ours and PEFT)')
+
+
 @probe("load_peft_adapter on our own export")
 def _(runs, tmp):
   folder = runs.trained / "export" / "adapters"
@@ -333,6 +348,9 @@ def _(runs, tmp):
 
 
 # ------------------------------------------------------------------------ damaged checkpoints
+
+
+section('damaged checkpoints')
 
 
 def _data_files(step_dir) -> list:
@@ -465,6 +483,9 @@ def _(runs, tmp):
 # ---------------------------------------------------------------------------------- training
 
 
+section('training')
+
+
 def _with_optim(run, **optim):
   """`run` with its optimizer rebuilt from changed optim values, past config validation
   (run.with_optimizer), resuming by force since lr is part of the run's identity."""
@@ -559,6 +580,9 @@ def _(runs, tmp):
 # ------------------------------------------------------------------------------ entry points
 
 
+section('entry points')
+
+
 @probe("train.py with a bad value: one line, exit 2")
 def _(runs, tmp):
   proc = subprocess.run(
@@ -573,6 +597,9 @@ def _(runs, tmp):
 
 
 # ------------------------------------------------------------------- files from outside
+
+
+section('files from outside (model folders, tokenizers, GGUF, writers)')
 
 
 def _tiny_bert():
@@ -760,6 +787,9 @@ def _(runs, tmp):
 # ----------------------------------------------------------------------- exports (damaged)
 
 
+section('damaged exports')
+
+
 def _export_copy(runs) -> pathlib.Path:
   return runs.copy() / "export" / "adapters"
 
@@ -811,6 +841,9 @@ def _(runs, tmp):
 # ---------------------------------------------------------------------- one run per workdir
 
 
+section('one run per workdir')
+
+
 @probe("second run in a workdir a live run holds")
 def _(runs, tmp):
   from doran_jax import workdir_lock
@@ -842,6 +875,9 @@ def _(runs, tmp):
 
 
 # ---------------------------------------------------------------- run identity and changed data
+
+
+section('run identity and changed data')
 
 
 @probe("resume after every training label was flipped (same row count)")
@@ -883,22 +919,116 @@ def _(runs, tmp):
   return out if snapshot(workdir) == before else ("LOSSY", "the workdir changed")
 
 
+# ------------------------------------------------------------- labels, lengths and the CLI
+
+
+section('labels, lengths and the command line')
+
+
+@probe("training set with one class (dev has two)")
+def _(runs, tmp):
+  folder = _tsv(tmp, "one_class", b"1\tgood\n1\tfine\n1\tgreat\n", dev=b"0\tbad\n1\tok\n")
+  return expect_error(lambda: run_lib.setup(config(pathlib.Path(tmp) / "one_class_run",
+                                                   **{"data.path": str(folder)})),
+                      errors.DataError, "only label 1", loads=True)
+
+
+@probe("training labels {0, 5} (a 6-class head with 4 phantom classes)")
+def _(runs, tmp):
+  folder = _tsv(tmp, "labels_0_5", b"0\tbad\n5\tgood\n0\tpoor\n5\tfine\n", dev=b"0\tbad\n5\tok\n")
+  return expect_error(lambda: run_lib.setup(config(pathlib.Path(tmp) / "labels_0_5_run",
+                                                   **{"data.path": str(folder)})),
+                      errors.DataError, "4 of which", "Renumber", loads=True)
+
+
+@probe("data.max_length above the model's max_position_embeddings")
+def _(runs, tmp):
+  return expect_error(lambda: experiment.train(config(pathlib.Path(tmp) / "long",
+                                                      **{"data.max_length": 4096})),
+                      errors.ConfigError, "4096", "positions")
+
+
+@probe("eval_batch_size=10**9 (would be OOM-killed after training)")
+def _(runs, tmp):
+  return expect_error(lambda: run_lib.setup(config(pathlib.Path(tmp) / "huge_eval",
+                                                   eval_batch_size=10**9)),
+                      errors.ConfigError, "eval_batch_size", loads=True)
+
+
+def _train_py(tmp, name, *flags, timeout=600):
+  return subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/tiny.py", f"--config.data.path={SST2}",
+       f"--config.workdir={pathlib.Path(tmp) / name}", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=timeout,
+      env={**os.environ, "DORAN_VERBOSE": "0"})
+
+
+@probe("train.py on a model folder of an unsupported model_type: one line, exit 2")
+def _(runs, tmp):
+  folder = _model_folder(tmp, "unsupported_type")
+  cfg = json.loads((folder / "config.json").read_text())
+  cfg["model_type"] = "mamba"
+  (folder / "config.json").write_text(json.dumps(cfg))
+  proc = _train_py(tmp, "cli_type", "--config.model.tiny=", f"--config.model.name={folder}")
+  last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+  if proc.returncode != errors.EXIT_CODE or "Traceback" in proc.stderr or "mamba" not in last:
+    return "UNCLEAR", f"exit {proc.returncode}, traceback: {'Traceback' in proc.stderr}: {last}"
+  return "clear error", last
+
+
+@probe("train.py --config.checkpoint.max_to_keep=None --config.data.limit=None")
+def _(runs, tmp):
+  proc = _train_py(tmp, "cli_none", "--config.checkpoint.max_to_keep=None",
+                   "--config.data.limit=None", "--config.data.eval_limit=16",
+                   "--config.num_steps=1")
+  if proc.returncode != 0:
+    return "UNCLEAR", f"exit {proc.returncode}: {first_line(proc.stderr.strip().splitlines()[-1])}"
+  line = next((l for l in proc.stdout.splitlines() if l.startswith("training ")), "")
+  return "handled", f"exit 0; {line}"
+
+
+@probe("SIGTERM to train.py: a scheduler can tell it from a finished run")
+def _(runs, tmp):
+  proc = subprocess.Popen(
+      [sys.executable, "train.py", "--config", "configs/tiny.py", f"--config.data.path={SST2}",
+       f"--config.workdir={pathlib.Path(tmp) / 'sigterm'}", "--config.num_steps=100000",
+       "--config.checkpoint.every=100000"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  for line in proc.stdout:
+    if line.startswith("step 2/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  proc.communicate(timeout=300)
+  if proc.returncode != errors.PREEMPTED_EXIT_CODE:
+    return "WRONG", f"exit {proc.returncode} after SIGTERM"
+  return "handled", (f"checkpoint saved, exit {proc.returncode} (errors.PREEMPTED_EXIT_CODE; "
+                     "0 means finished, 2 a user error)")
+
+
 def main():
   t0 = time.time()
   failed = 0
   print(f"# scripts/probe_bad_inputs.py on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
         f"(jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} CPU cores)", flush=True)
+  counts = {}
   with tempfile.TemporaryDirectory() as tmp:
     with contextlib.redirect_stdout(io.StringIO()):
       runs = Runs(tmp)
-    for name, fn in PROBES:
+    for group, name, fn in PROBES:
       try:
         with contextlib.redirect_stdout(io.StringIO()):  # the runs' own progress lines
           verdict, message = fn(runs, tmp)
       except Exception as e:  # pylint: disable=broad-except
         verdict, message = "PROBE FAILED", f"{type(e).__name__}: {first_line(e)}"
-      failed += verdict not in ("clear error", "handled")
+      ok = verdict in ("clear error", "handled")
+      failed += not ok
+      total, good = counts.get(group, (0, 0))
+      counts[group] = (total + 1, good + ok)
       print(f"{name} | {verdict} | {message}", flush=True)
+  print("\n| group | probes | clear or handled |\n|---|---|---|")
+  for group, (total, good) in counts.items():
+    print(f"| {group} | {total} | {good} |")
   print(f"# {len(PROBES)} probes, {len(PROBES) - failed} clear or handled, {failed} not; "
         f"{time.time() - t0:.0f} s", flush=True)
   return 1 if failed else 0
