@@ -8,7 +8,7 @@ import pytest
 
 from configs import sst2
 from doran_jax import analysis
-from scripts import grid, lr_sweep, study_doran_ablation, study_dyndora_cola
+from scripts import grid, lr_sweep, study_commonsense_llm, study_doran_ablation, study_dyndora_cola
 
 
 def test_loss_spikes_against_a_hand_count():
@@ -156,3 +156,78 @@ def test_dyndora_cola_smoke_reports_budget_and_rank_plot(tmp_path):
   assert (out / "study_dyndora_cola_ranks.png").stat().st_size > 1000
   assert (out / "study_dyndora_cola.png").stat().st_size > 1000
   assert "live ranks per adapted kernel" in (out / "study_dyndora_cola.md").read_text()
+
+
+def _cs_row(variant, lr, seed, phase, mc, gen=float("nan"), status="ok"):
+  row = {"phase": phase, "variant": variant, "method": variant, "rank": 16, "targets": "q,v",
+         "lr": lr, "seed": seed, "steps": 40 if phase == "grid" else 80, "status": status,
+         "eval_per_task": 10, "scoring": "mc" if phase == "grid" else "mc+gen", "wall_s": 60.0,
+         "train_limit": 1000, "batch": 4, "max_length": 256, "model": "smollm2",
+         "mc_avg": mc, "gen_avg": gen, "loss_spikes": 0, "grad_norm_var": 0.1, "train_minutes": 1.0,
+         "adapter_params": 10, "adapter_params_stored": 10}
+  for t in study_commonsense_llm.TASKS:
+    row[f"mc_{t}"], row[f"gen_{t}"] = mc, gen
+  return row
+
+
+def test_commonsense_best_lr_report_and_welch():
+  """The lr comes from the seed-0 grid (a NaN run never wins); the table reads mean ± std over
+  the final seeds; differences carry Welch's t."""
+  cs = study_commonsense_llm
+  rows = [_cs_row("lora", 1e-3, 0, "grid", 0.50), _cs_row("lora", 3e-3, 0, "grid", 0.60),
+          _cs_row("dora", 1e-3, 0, "grid", 0.55),
+          _cs_row("dora", 3e-3, 0, "grid", float("nan"), status="nan")]
+  assert cs.best_lrs(rows) == {"lora": 3e-3, "dora": 1e-3}
+  rows += [_cs_row("lora", 3e-3, s, "final", m, g)
+           for s, m, g in [(0, .50, .30), (1, .52, .32), (2, .54, .34)]]
+  rows += [_cs_row("dora", 1e-3, s, "final", m, g)
+           for s, m, g in [(0, .60, .20), (1, .62, .22), (2, .64, .24)]]
+  w = cs.welch([.60, .62, .64], [.50, .52, .54])
+  assert w["diff"] == pytest.approx(0.10) and w["t"] == pytest.approx(0.10 / np.sqrt(2 * 0.0004 / 3))
+  assert w["df"] == pytest.approx(4.0)
+  text = cs.report(rows)
+  assert "| lora (r16, q,v) | 0.003 | 3 | 52.0 ± 2.0 |" in text
+  assert "| dora − lora | multiple choice | 10.0 | 1.6 | 6.12 | 4.0 | 3 vs 3 |" in text
+  assert "**the two scorings rank the methods differently**" in text
+  assert "0.001 (0.001: 55.0, 0.003: NaN)" in text     # dora's grid, its NaN run shown as such
+  assert "_to be written from the numbers above._" in text
+
+
+@pytest.mark.slow  # tiny random LLaMA: ~30-60 s on 2 loaded cores
+def test_commonsense_llm_smoke_resume_and_report_only(tmp_path, monkeypatch):
+  import time
+  from doran_jax import run as run_lib
+  from doran_jax import trainer
+  cs = study_commonsense_llm
+  argv = ["--smoke", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
+  cs.main(argv)
+  out = tmp_path / "out"
+  rows = analysis.read_csv(str(out / "commonsense_llm.csv"))
+  # lora and dora: the seed-0 grid run is also the seed-0 final run (same settings), then seed 1.
+  assert [(r["phase"], r["variant"], r["seed"]) for r in rows] == [
+      ("zero_shot", "zero_shot", ""), ("grid+final", "lora", 0), ("grid+final", "dora", 0),
+      ("final", "lora", 1), ("final", "dora", 1)]
+  numeric = [f"mc_{t}" for t in cs.TASKS] + ["mc_avg", "gen_avg"] + [f"gen_{t}" for t in cs.TASKS]
+  assert all(np.isfinite(float(r[k])) for r in rows for k in numeric + ["wall_s"])
+  assert all(np.isfinite(float(r[k])) and r["status"] == "ok" for r in rows[1:]
+             for k in ("loss_spikes", "grad_norm_var", "train_minutes", "final_loss"))
+  assert {r["rank"] for r in rows[1:]} == {4} and rows[1]["steps"] == 2
+  text = (out / "commonsense_llm.md").read_text()
+  assert "| zero-shot (base model) |" in text and "| dora − lora | multiple choice |" in text
+  assert (out / "commonsense_llm.png").stat().st_size > 1000
+  # --resume trains and loads nothing: every run is complete in its workdir.
+  def refuse(*a, **k):
+    raise AssertionError("--resume retrained a finished run")
+  monkeypatch.setattr(trainer, "fit", refuse)
+  monkeypatch.setattr(run_lib, "setup", refuse)
+  t0 = time.time()
+  cs.main(argv + ["--resume"])
+  assert time.time() - t0 < 20
+  assert analysis.read_csv(str(out / "commonsense_llm.csv")) == rows
+  assert (out / "commonsense_llm.md").read_text() == text
+  # --report-only rewrites the same markdown from the CSV alone.
+  (out / "commonsense_llm.md").unlink()
+  cs.main(argv + ["--report-only"])
+  assert (out / "commonsense_llm.md").read_text() == text
+  with pytest.raises(SystemExit, match="--resume"):   # no silent restart over finished runs
+    cs.main(argv)
