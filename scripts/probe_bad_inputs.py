@@ -607,10 +607,14 @@ def _tiny_bert():
   return models.from_config(models.tiny_config("bert"), "classification", num_labels=2)
 
 
-def _model_folder(tmp, name) -> pathlib.Path:
+def _model_folder(tmp, name, **config_changes) -> pathlib.Path:
+  """A tiny BERT saved as a model folder, its config.json changed by `config_changes`."""
   from doran_jax import models
   folder = pathlib.Path(tmp) / name
   models.save_pretrained(_tiny_bert(), _tiny_bert().params, str(folder))
+  if config_changes:
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config_changes}))
   return folder
 
 
@@ -629,6 +633,13 @@ def _replace_tensor(folder, name, value):
   save_file(tensors, path, metadata={"format": "pt"})
 
 
+def _link_out(folder, name, tmp):
+  """Moves folder/name out of the folder and leaves a symlink to it in its place."""
+  outside = pathlib.Path(tmp) / f"outside_{folder.name}_{name}"
+  os.rename(folder / name, outside)
+  os.symlink(outside, folder / name)
+
+
 @probe("model folder: index entry '../../../../etc/passwd'")
 def _(runs, tmp):
   folder = _model_folder(tmp, "index_escape")
@@ -641,10 +652,9 @@ def _(runs, tmp):
 
 @probe("model folder: config.json symlinked out of the folder")
 def _(runs, tmp):
-  folder = _model_folder(tmp, "config_link")
-  os.rename(folder / "config.json", pathlib.Path(tmp) / "elsewhere.json")
-  os.symlink(pathlib.Path(tmp) / "elsewhere.json", folder / "config.json")
   from doran_jax import models
+  folder = _model_folder(tmp, "config_link")
+  _link_out(folder, "config.json", tmp)
   return expect_error(lambda: models.read_config(str(folder)), errors.CheckpointError,
                       "lies outside", loads=True)
 
@@ -692,19 +702,13 @@ def _(runs, tmp):
 
 @probe("model folder: config.json with auto_map (remote code)")
 def _(runs, tmp):
-  folder = _model_folder(tmp, "auto_map")
-  cfg = json.loads((folder / "config.json").read_text())
-  cfg["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
-  (folder / "config.json").write_text(json.dumps(cfg))
+  folder = _model_folder(tmp, "auto_map", auto_map={"AutoModel": "modeling_evil.EvilModel"})
   return expect_error(_load(folder), errors.UserError, "auto_map", loads=True)
 
 
 @probe("model folder: config.json of another family (model_type 'llama' on BERT weights)")
 def _(runs, tmp):
-  folder = _model_folder(tmp, "other_family")
-  cfg = json.loads((folder / "config.json").read_text())
-  cfg["model_type"] = "llama"
-  (folder / "config.json").write_text(json.dumps(cfg))
+  folder = _model_folder(tmp, "other_family", model_type="llama")
   return expect_error(_load(folder), errors.UserError, "llama", loads=True)
 
 
@@ -713,8 +717,7 @@ def _(runs, tmp):
   from doran_jax import models
   folder = pathlib.Path(tmp) / "tokenizer_link"
   models.load_tokenizer("minilm").save_pretrained(str(folder))
-  os.rename(folder / "tokenizer.json", pathlib.Path(tmp) / "outside_tokenizer.json")
-  os.symlink(pathlib.Path(tmp) / "outside_tokenizer.json", folder / "tokenizer.json")
+  _link_out(folder, "tokenizer.json", tmp)
   return expect_error(lambda: models.load_tokenizer(str(folder)), errors.CheckpointError,
                       "tokenizer.json", loads=True)
 
@@ -768,15 +771,20 @@ def _(runs, tmp):
                       errors.UserError, "not empty", "overwrite=True", loads=True)
 
 
-@probe("save_peft_adapter over another PEFT adapter")
-def _(runs, tmp):
-  import jax
+def _peft_folder(tmp, name):
+  """(folder, backbone, adapters, cfg): a PEFT LoRA export of a tiny BERT, as a stranger's."""
   from doran_jax.adapters import init_adapters
   bb = _tiny_bert()
   cfg = AdapterConfig(method="lora", rank=2, targets=r".*query/kernel")
   adapters = init_adapters(jax.random.key(0), bb.params, cfg)
-  folder = pathlib.Path(tmp) / "their_peft"
+  folder = pathlib.Path(tmp) / name
   peft_io.save_peft_adapter(str(folder), bb.params, adapters, cfg, base_model_name_or_path="b")
+  return folder, bb, adapters, cfg
+
+
+@probe("save_peft_adapter over another PEFT adapter")
+def _(runs, tmp):
+  folder, bb, adapters, cfg = _peft_folder(tmp, "their_peft")
   before = snapshot(folder)
   out = expect_error(lambda: peft_io.save_peft_adapter(
       str(folder), bb.params, adapters, cfg, base_model_name_or_path="b"),
@@ -823,15 +831,8 @@ def _(runs, tmp):
 
 @probe("PEFT adapter with lora_alpha NaN")
 def _(runs, tmp):
-  import jax
-  from doran_jax.adapters import init_adapters
-  bb = _tiny_bert()
-  cfg = AdapterConfig(method="lora", rank=2, targets=r".*query/kernel")
-  adapters = init_adapters(jax.random.key(0), bb.params, cfg)
-  folder = pathlib.Path(tmp) / "nan_alpha"
-  peft_io.save_peft_adapter(str(folder), bb.params, adapters, cfg, base_model_name_or_path="b")
-  text = (folder / "adapter_config.json").read_text()
-  cfg_json = json.loads(text)
+  folder, bb, _, _ = _peft_folder(tmp, "nan_alpha")
+  cfg_json = json.loads((folder / "adapter_config.json").read_text())
   cfg_json["lora_alpha"] = float("nan")
   (folder / "adapter_config.json").write_text(json.dumps(cfg_json))
   return expect_error(lambda: peft_io.load_peft_adapter(str(folder), bb.params),
@@ -965,10 +966,7 @@ def _train_py(tmp, name, *flags, timeout=600):
 
 @probe("train.py on a model folder of an unsupported model_type: one line, exit 2")
 def _(runs, tmp):
-  folder = _model_folder(tmp, "unsupported_type")
-  cfg = json.loads((folder / "config.json").read_text())
-  cfg["model_type"] = "mamba"
-  (folder / "config.json").write_text(json.dumps(cfg))
+  folder = _model_folder(tmp, "unsupported_type", model_type="mamba")
   proc = _train_py(tmp, "cli_type", "--config.model.tiny=", f"--config.model.name={folder}")
   last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
   if proc.returncode != errors.EXIT_CODE or "Traceback" in proc.stderr or "mamba" not in last:

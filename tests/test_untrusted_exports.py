@@ -18,25 +18,16 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from doran_jax import checkpoint, errors, experiment, models, peft_io
 from doran_jax.adapters import init_adapters
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.models import hf_io
+# The shared tiny model (a fixture), its tensors, and the spy on what the loader reads.
+from test_untrusted_files import _reads, _tensors, tiny_bert  # noqa: F401
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
-
-
-@pytest.fixture(scope="module")
-def tiny_bert():
-  return models.from_config(models.tiny_config("bert"), "classification", num_labels=2)
-
-
-def _tensors(file) -> dict[str, np.ndarray]:
-  with safe_open(str(file), framework="np") as f:
-    return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _flip_byte(file, offset: int = -5) -> None:
@@ -159,17 +150,6 @@ def _set_config(folder, **changes) -> None:
   config = json.loads(open(path).read())
   config.update(changes)
   open(path, "w").write(json.dumps(config))
-
-
-def _reads(monkeypatch) -> list[str]:
-  read = []
-  original = hf_io._read_one
-
-  def spy(file, name, dtype):
-    read.append(name)
-    return original(file, name, dtype)
-  monkeypatch.setattr(hf_io, "_read_one", spy)
-  return read
 
 
 def test_peft_saved_adapter_still_loads(peft_folder, tiny_bert):

@@ -354,7 +354,7 @@ def test_bad_model_inputs_print_one_line_and_exit_2(shared_data, tmp_path, case)
   name, expected = {
       "no_config_json": (_hf_folder(tmp_path, "ckpt"), "file error: no config.json in "),
       "unsupported_model_type": (_hf_folder(tmp_path, "t5", '{"model_type": "t5"}'),
-                                 "config error: unsupported model_type 't5'"),
+                                 "checkpoint error: "),
       "unknown_hub_name": ("no-such-model", "checkpoint error: model 'no-such-model' is not a "
                            "local folder"),
   }[case]
@@ -364,6 +364,8 @@ def test_bad_model_inputs_print_one_line_and_exit_2(shared_data, tmp_path, case)
   assert proc.returncode == errors.EXIT_CODE, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-1000:]
+  if case == "unsupported_model_type":
+    assert "has model_type 't5', which is not one of doran_jax's families" in proc.stderr
 
 
 def test_huge_eval_batch_is_refused_before_training(shared_data, tmp_path, no_loading):
