@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 import jax
+import numpy as np
 from absl import logging
 from tqdm import tqdm
 
@@ -75,6 +76,19 @@ _SUSPECTS = (
     ("optim.clip_norm", lambda v: not math.isfinite(v) or v < 0, "clip_norm > 0 (or 0 for off)"),
     ("adapter.alpha", lambda v: not math.isfinite(v) or abs(v) > 1e4, "a finite, moderate alpha"),
 )
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (itself when there is one process).
+
+  A scheduler's SIGTERM reaches the processes of a job at slightly different times; without
+  this, one would save and stop while another ran the next step, and both would hang in their
+  collectives.
+  """
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def suspicious_config(config) -> list[str]:
@@ -262,7 +276,9 @@ def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
           t_last, last_step = now, done
         meta = {"data_step": done, "adapter": run.adapter_cfg.to_dict()}
         pause = max_steps is not None and done - start_step >= max_steps and done < run.num_steps
-        if done % ckpt_cfg.every == 0 or done == run.num_steps or preemption.requested or pause:
+        # Every process stops at the same step: the save and the steps are collectives.
+        stop = _any_process(preemption.requested)
+        if done % ckpt_cfg.every == 0 or done == run.num_steps or stop or pause:
           checkpoint.save(mngr, done, state, meta, max_to_keep=ckpt_cfg.max_to_keep,
                           damaged=damaged, force=True)
           saved = done
@@ -270,7 +286,7 @@ def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
         if pause:
           status = "paused"
           break
-        if preemption.requested:
+        if stop:
           mngr.wait_until_finished()
           log(f"preempted: checkpoint at step {done} saved in {mngr.directory}; rerun to resume.")
           status = "preempted"

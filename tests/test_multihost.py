@@ -5,9 +5,11 @@ configs/tiny.py to the losses and eval of one process with the same four devices
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -106,3 +108,39 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
   assert proc.returncode == errors.EXIT_CODE, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert f"coordinator localhost:{port} (process 0) did not answer within 5 s" in last
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_once_and_exits_preempted(shared_data, tmp_path):
+  # As a scheduler does: every process gets SIGTERM, not at the same moment.
+  workdir = tmp_path / "run"
+  port = _free_port()
+  command = [a for a in _command(shared_data, workdir)
+             if not a.startswith(("--config.num_steps", "--config.checkpoint.every"))]
+  procs = [subprocess.Popen(command + ["--config.num_steps=100000", "--config.checkpoint.every=100000",
+                                       "--config.distributed=on"], cwd=REPO,
+                            env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                     PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  lines = []
+  try:
+    for line in procs[0].stdout:
+      lines.append(line)
+      if line.startswith("step 3/"):
+        procs[0].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        break
+    # Before the fix the two stopped at different steps and hung in their collectives.
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  text = "".join(lines) + outs[0]
+  assert [p.returncode for p in procs] == [errors.PREEMPTED_EXIT_CODE] * 2, text[-3000:] + outs[1][-3000:]
+  saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert len(saved) == 1 and saved[0] >= 3, saved
+  assert text.count("preempted: checkpoint at step") == 1  # process 0 says it, once
+  assert not (workdir / "run.lock").exists()
