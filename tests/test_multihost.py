@@ -43,25 +43,39 @@ def _losses(workdir):
   return [r["train/loss"] for r in records if "train/loss" in r]
 
 
+def _launch(shared_data, workdir, processes, *flags):
+  """train.py on 4 CPU devices: one process, or `processes` processes launched as the README
+  says (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, --config.distributed=on).
+  Returns each process's stdout."""
+  command = _command(shared_data, workdir) + list(flags)
+  if processes == 1:
+    proc = subprocess.run(command, cwd=REPO, env=_env(4), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [proc.stdout]
+  port = _free_port()
+  procs = [subprocess.Popen(command + ["--config.distributed=on"], cwd=REPO,
+                            env=_env(4 // processes, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                     JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  try:
+    outs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outs]
+
+
 @pytest.mark.slow
 def test_readme_multihost_launch_equals_one_process(shared_data, tmp_path):
-  one = tmp_path / "one"
-  proc = subprocess.run(_command(shared_data, one), cwd=REPO, env=_env(4), capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-
-  two = tmp_path / "two"
-  port = _free_port()
-  procs = [subprocess.Popen(_command(shared_data, two) + ["--config.distributed=on"], cwd=REPO,
-                            env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert "training dora for 4 steps" in outs[0][0]
-  assert "training dora" not in outs[1][0]  # only process 0 prints
+  one, two = tmp_path / "one", tmp_path / "two"
+  _launch(shared_data, one, 1)
+  outs = _launch(shared_data, two, 2)
+  assert "training dora for 4 steps" in outs[0]
+  assert "training dora" not in outs[1]  # only process 0 prints
 
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
   ev_one = json.loads((one / "results.json").read_text())["eval"]
@@ -69,7 +83,26 @@ def test_readme_multihost_launch_equals_one_process(shared_data, tmp_path):
   assert ev_two["n"] == ev_one["n"]
   np.testing.assert_allclose(ev_two["accuracy"], ev_one["accuracy"])
   np.testing.assert_allclose(ev_two["eval_loss"], ev_one["eval_loss"], rtol=1e-5)
+  # Written once, by process 0: one record per step, one eval record, the export, no lock left.
+  records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+  assert len([r for r in records if "eval/accuracy" in r]) == 1
+  assert json.loads((two / "export" / "adapters" / "checksums.json").read_text())
   assert not (two / "run.lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_across_process_counts(shared_data, tmp_path, first, then):
+  # A constant lr, so stopping at step 3 and forcing the run on to 6 is the same run.
+  flags = ("--config.optim.schedule=constant", "--config.checkpoint.every=3")
+  straight = tmp_path / "straight"
+  _launch(shared_data, straight, 1, "--config.num_steps=6", *flags)
+  moved = tmp_path / "moved"
+  _launch(shared_data, moved, first, "--config.num_steps=3", *flags)
+  outs = _launch(shared_data, moved, then, "--config.num_steps=6", "--config.resume=force", *flags)
+  assert "resumed from step 3" in outs[0]
+  np.testing.assert_allclose(_losses(moved), _losses(straight), rtol=1e-5)
 
 
 def test_launch_environment_is_passed_to_jax():
