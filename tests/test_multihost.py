@@ -1,6 +1,7 @@
 """The README's multi-host launch, run as written on localhost: two processes with
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID and --config.distributed=on train
-configs/tiny.py to the losses and eval of one process with the same four devices."""
+configs/tiny.py (lora, dora, doran; FSDP rules on a 2 x 2 mesh) to the losses, eval and final
+adapters of one process with the same four devices."""
 
 import json
 import os
@@ -25,8 +26,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(shared_data, workdir):
-  return [sys.executable, "train.py", "--config", "configs/tiny.py:kind=text,method=dora",
+def _command(shared_data, workdir, method="dora"):
+  return [sys.executable, "train.py", "--config", f"configs/tiny.py:kind=text,method={method}",
           f"--config.data.path={shared_data / 'text' / 'sst2'}", f"--workdir={workdir}",
           "--config.num_steps=4", "--config.checkpoint.every=2", "--config.progress_bar=False",
           "--config.mesh=data:2,fsdp:2,model:1", "--config.sharding_rules=fsdp"]
@@ -43,11 +44,11 @@ def _losses(workdir):
   return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-def _launch(shared_data, workdir, processes, *flags):
+def _launch(shared_data, workdir, processes, *flags, method="dora"):
   """train.py on 4 CPU devices: one process, or `processes` processes launched as the README
   says (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, --config.distributed=on).
   Returns each process's stdout."""
-  command = _command(shared_data, workdir) + list(flags)
+  command = _command(shared_data, workdir, method) + list(flags)
   if processes == 1:
     proc = subprocess.run(command, cwd=REPO, env=_env(4), capture_output=True, text=True,
                           timeout=600)
@@ -70,12 +71,13 @@ def _launch(shared_data, workdir, processes, *flags):
 
 
 @pytest.mark.slow
-def test_readme_multihost_launch_equals_one_process(shared_data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora", "doran"])
+def test_readme_multihost_launch_equals_one_process(shared_data, tmp_path, method):
   one, two = tmp_path / "one", tmp_path / "two"
-  _launch(shared_data, one, 1)
-  outs = _launch(shared_data, two, 2)
-  assert "training dora for 4 steps" in outs[0]
-  assert "training dora" not in outs[1]  # only process 0 prints
+  _launch(shared_data, one, 1, method=method)
+  outs = _launch(shared_data, two, 2, method=method)
+  assert f"training {method} for 4 steps" in outs[0]
+  assert "training " not in outs[1]  # only process 0 prints
 
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
   ev_one = json.loads((one / "results.json").read_text())["eval"]
@@ -83,6 +85,14 @@ def test_readme_multihost_launch_equals_one_process(shared_data, tmp_path):
   assert ev_two["n"] == ev_one["n"]
   np.testing.assert_allclose(ev_two["accuracy"], ev_one["accuracy"])
   np.testing.assert_allclose(ev_two["eval_loss"], ev_one["eval_loss"], rtol=1e-5)
+  # The final adapters too (each tensor of the export).
+  from doran_jax import checkpoint
+  from doran_jax.targets import flatten
+  a_one = flatten(checkpoint.load_adapters(str(one / "export" / "adapters"))[0])
+  a_two = flatten(checkpoint.load_adapters(str(two / "export" / "adapters"))[0])
+  assert a_one.keys() == a_two.keys() and a_one
+  for name in a_one:
+    np.testing.assert_allclose(a_two[name], a_one[name], rtol=1e-5, atol=1e-6, err_msg=name)
   # Written once, by process 0: one record per step, one eval record, the export, no lock left.
   records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
