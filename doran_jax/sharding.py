@@ -230,7 +230,7 @@ def distributed_args(environ) -> dict:
   """jax.distributed.initialize's arguments from the environment.
 
   JAX 0.10 reads only the coordinator address from the environment, so JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID (the README's manual launch) are passed explicitly; without them JAX detects
+  JAX_PROCESS_ID (the manual launch in docs/scaling.md) are passed explicitly; without them JAX detects
   the cluster itself (SLURM, TPU pods, Kubernetes). DORAN_DISTRIBUTED_TIMEOUT bounds the wait.
 
   Example:

@@ -1,6 +1,6 @@
-"""The documented multi-host launch (docs/scaling.md), run as written on localhost: two processes with
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID and --config.distributed=on train
-configs/tiny.py (lora, dora, doran; FSDP rules on a 2 x 2 mesh) to the losses, eval and final
+"""The documented multi-host launch (docs/scaling.md), run as written on localhost: two
+processes with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID and
+--config.distributed=on train configs/tiny.py (lora, dora, doran; FSDP rules on a 2 x 2 mesh) to the losses, eval and final
 adapters of one process with the same four devices."""
 
 import json
@@ -45,9 +45,9 @@ def _losses(workdir):
 
 
 def _launch(shared_data, workdir, processes, *flags, method="dora"):
-  """train.py on 4 CPU devices: one process, or `processes` processes launched as docs/scaling.md
-  says (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, --config.distributed=on).
-  Returns each process's stdout."""
+  """train.py on 4 CPU devices: one process, or `processes` processes launched as
+  docs/scaling.md says (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID,
+  --config.distributed=on). Returns each process's stdout."""
   command = _command(shared_data, workdir, method) + list(flags)
   if processes == 1:
     proc = subprocess.run(command, cwd=REPO, env=_env(4), capture_output=True, text=True,
