@@ -231,9 +231,12 @@ def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
                                  tensorboard=bool(config.tensorboard),
                                  enabled=jax.process_index() == 0, truncate_after=start_step)
   t0 = time.time()
-  t_last, last_step, t_step = t0, start_step, t0
+  t_last, last_step = t0, start_step
   schedule = jax.jit(run.schedule)  # one compile, not one per eager op of the schedule
   saved = None
+  single = jax.process_count() == 1
+  pending = []  # (step, metrics still on the device) since the last fetch
+  t_fetch = t0
   log(f"training {run.adapter_cfg.method} for {run.num_steps} steps (batch {bs}, "
       f"{len(run.train_data)} train / {len(run.eval_data)} eval examples, "
       f"{count_params(state.trainable)} trainable parameters)")
@@ -246,39 +249,54 @@ def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
         with _CompileClock() as clock:
           state, metrics = run.train_step(state, run.frozen,
                                           sharding.global_batch(local, run.mesh))
-          metrics = jax.device_get(metrics)
+        done = step + 1
+        pending.append((done, metrics))
         if step == start_step:
+          jax.block_until_ready(metrics)
           log(f"first step after {time.time() - t_enter:.1f} s (compile {clock.seconds:.1f} s)")
         elif clock.seconds:
           logging.warning("the train step compiled again at step %d (%.1f s): its inputs changed "
-                          "shape or sharding.", step + 1, clock.seconds)
-        if not metrics["finite"]:
-          mngr.wait_until_finished()
-          last_good = saved if saved is not None else last_good
-          raise NonFiniteLossError(nonfinite_message(metrics, step + 1, config, last_good,
-                                                     str(mngr.directory)))
-        record = {"step": step + 1, "loss": float(metrics["loss"]),
-                  "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step))}
-        if "correct" in metrics:
-          record["train_accuracy"] = float(metrics["correct"] / max(metrics["examples"], 1))
-        history.append(record)
+                          "shape or sharding.", done, clock.seconds)
+        pause = max_steps is not None and done - start_step >= max_steps and done < run.num_steps
+        save_due = done % ckpt_cfg.every == 0 or done == run.num_steps or pause
+        log_due = done % config.log_every == 0 or done == run.num_steps or done == start_step + 1
+        # Metrics stay on the device between sync points, so the host dispatches the next step
+        # while this one runs; a single process also syncs at once when a signal arrived.
+        sync = save_due or log_due or (single and preemption.requested)
+        if not sync:
+          continue
+        # One host fetch for every step since the last one; NaN/Inf is caught here, before any
+        # save, so a checkpoint never holds a state past a non-finite step.
+        fetched = jax.device_get([m for _, m in pending])
         now = time.time()
-        writer.train_step(step + 1, {k.replace("train_", ""): v for k, v in record.items()
-                                     if k != "step"},
-                          examples_per_s=bs / max(now - t_step, 1e-9))
-        t_step = now
-        done = step + 1
-        if done % config.log_every == 0 or done == run.num_steps or done == start_step + 1:
+        per_step = (now - t_fetch) / len(pending)
+        for (at, _), values in zip(pending, fetched):
+          if not values["finite"]:
+            mngr.wait_until_finished()
+            last_good = saved if saved is not None else last_good
+            raise NonFiniteLossError(nonfinite_message(values, at, config, last_good,
+                                                       str(mngr.directory)))
+          record = {"step": at, "loss": float(values["loss"]),
+                    "grad_norm": float(values["grad_norm"]), "lr": float(schedule(at - 1))}
+          if "correct" in values:
+            record["train_accuracy"] = float(values["correct"] / max(values["examples"], 1))
+          history.append(record)
+          writer.train_step(at, {k.replace("train_", ""): v for k, v in record.items()
+                                 if k != "step"},
+                            examples_per_s=bs / max(per_step, 1e-9))
+        pending, t_fetch = [], now
+        if log_due:
           rate = (done - last_step) / max(now - t_last, 1e-9)
           eta = (run.num_steps - done) / max(rate, 1e-9)
           log(f"step {done}/{run.num_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
               f"{rate:.2f} step/s {rate * bs:.1f} examples/s eta {eta:.0f}s")
           t_last, last_step = now, done
         meta = {"data_step": done, "adapter": run.adapter_cfg.to_dict()}
-        pause = max_steps is not None and done - start_step >= max_steps and done < run.num_steps
-        # Every process stops at the same step: the save and the steps are collectives.
-        stop = _any_process(preemption.requested)
-        if done % ckpt_cfg.every == 0 or done == run.num_steps or stop or pause:
+        # Every process stops at the same step (the save and the steps are collectives), so
+        # several processes agree on a signal at the sync points only: one all-gather per sync
+        # point rather than per step. They honour SIGTERM within log_every steps.
+        stop = preemption.requested if single else _any_process(preemption.requested)
+        if save_due or stop:
           checkpoint.save(mngr, done, state, meta, max_to_keep=ckpt_cfg.max_to_keep,
                           damaged=damaged, force=True)
           saved = done

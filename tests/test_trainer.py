@@ -288,3 +288,75 @@ def test_train_step_compiles_once_also_after_resume(shared_data, tmp_path, caplo
   assert run.train_step._cache_size() == 1
   assert not [r for r in caplog.records if "compiled again" in r.getMessage()]
   assert re.search(r"first step after [\d.]+ s \(compile [\d.]+ s\)", capsys.readouterr().out)
+
+
+def _counting_device_get(monkeypatch):
+  calls = []
+  real = jax.device_get
+
+  def counted(x):
+    calls.append(x)
+    return real(x)
+
+  monkeypatch.setattr(trainer.jax, "device_get", counted)
+  return calls
+
+
+def test_metrics_stay_on_device_between_log_points(shared_data, tmp_path, monkeypatch):
+  # Same run, fetched every step and every 4 steps: the same records, far fewer host syncs.
+  every_step = tiny_config(shared_data, tmp_path / "a", "kind=text,method=dora", num_steps=9,
+                           **{"checkpoint.every": 100})
+  every_4 = tiny_config(shared_data, tmp_path / "b", "kind=text,method=dora", num_steps=9,
+                        log_every=4, **{"checkpoint.every": 100})
+  calls = _counting_device_get(monkeypatch)
+  a = trainer.fit(run_lib.setup(every_step), str(tmp_path / "a"))
+  syncs_a = len(calls)
+  calls.clear()
+  b = trainer.fit(run_lib.setup(every_4), str(tmp_path / "b"))
+  # One fetch per step against fetches at steps 1, 4, 8 and 9 (the end); setup's own fetches
+  # are the same in both.
+  assert syncs_a - len(calls) == 9 - 4, (syncs_a, len(calls))
+  assert a["history"] == b["history"]
+  assert [h["step"] for h in b["history"]] == list(range(1, 10))
+
+  def lines(d):
+    return [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+            if '"train/loss"' in x]
+
+  drop = ("train/examples_per_s", "time")
+  assert ([{k: v for k, v in r.items() if k not in drop} for r in lines("a")]
+          == [{k: v for k, v in r.items() if k not in drop} for r in lines("b")])
+
+
+def test_nan_between_log_points_is_caught_before_the_next_save(shared_data, tmp_path):
+  # Fetched at steps 1, 3, 4, 6, 8; saved at 4 and 8. The NaN at step 5 surfaces at the fetch
+  # of step 6, names step 5, and no checkpoint after step 4 is written.
+  c = tiny_config(shared_data, tmp_path, "kind=text,method=dora", num_steps=8, log_every=3,
+                  **{"checkpoint.every": 4})
+  run = run_lib.setup(c)
+  clean_batch = run.train_data.batch
+
+  def poisoned(step, batch_size, **kw):
+    batch = clean_batch(step, batch_size, **kw)
+    if step >= 4:
+      batch["input_ids"] = batch["input_ids"].copy()
+      batch["input_ids"][:, 1] = 1
+    return batch
+
+  run.train_data.batch = poisoned
+  run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"] = (
+      run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"].at[1].set(np.nan))
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: step 4"):
+    trainer.fit(run, str(tmp_path))
+  assert checkpoint.manager(str(tmp_path / "checkpoints")).all_steps() == [4]
+  steps = [json.loads(x).get("step") for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert 5 not in steps and 6 not in steps  # only what was checked finite is recorded
+
+
+def test_ctrl_c_between_log_points_stops_at_the_next_step(shared_data, tmp_path, capsys):
+  c = tiny_config(shared_data, tmp_path, "kind=text,method=lora", num_steps=20, log_every=100,
+                  **{"checkpoint.every": 100})
+  out = trainer.fit(_interrupting(run_lib.setup(c), at_step=5), str(tmp_path))
+  assert out["status"] == "preempted" and out["step"] == 6
+  assert [h["step"] for h in out["history"]] == list(range(1, 7))
+  assert checkpoint.manager(str(tmp_path / "checkpoints")).all_steps() == [6]
