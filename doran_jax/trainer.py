@@ -251,6 +251,11 @@ def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
                                           sharding.global_batch(local, run.mesh))
         done = step + 1
         pending.append((done, metrics))
+        if len(pending) > 1:
+          # At most one step queued behind the one running: the device never waits for the
+          # host, and the host never runs so far ahead that a signal or a NaN waits for a long
+          # queue (or queued batches fill memory).
+          jax.block_until_ready(pending[-2][1])
         if step == start_step:
           jax.block_until_ready(metrics)
           log(f"first step after {time.time() - t_enter:.1f} s (compile {clock.seconds:.1f} s)")
