@@ -121,6 +121,106 @@ def test_quantize_is_deterministic_and_rejects_bad_input():
     quant.quantize(w, "int8", double_quant=True)
 
 
+def _hard_kernels(rng):
+  """Kernels that probe every branch of the fast quantiser: shapes around the NF4 block and the
+  column stripes, values exactly on (and one ulp either side of) the NF4 midpoints, whole zero
+  blocks (with -0.0), zero columns, outliers, subnormals, a subnormal block."""
+  mids = quant._NF4_MIDPOINTS
+  out = {}
+  for shape in [(100, 40), (64, 2), (1, 7), (65, 3), (333, 257), (200, 4099), (130, 1)]:
+    w = rng.standard_normal(shape).astype(np.float32) * 0.02
+    out[f"random_{shape[0]}x{shape[1]}"] = w
+  # Each column: one block holding 1.0 (its absmax) and the 15 midpoints, each exact and one
+  # ulp below and above, negated for odd columns; v = w / 1.0 lies exactly on them.
+  col = np.concatenate([[1.0], mids, np.nextafter(mids, -2), np.nextafter(mids, 2)])
+  col = col.astype(np.float32)
+  ties = np.zeros((64 * 3 + 17, 12), np.float32)
+  for j in range(12):
+    ties[:len(col), j] = col * (1 if j % 2 == 0 else -1)
+    # A block with absmax 0.37: w = m·a rounded, so w / a lands on or beside a midpoint.
+    a = np.float32(0.37 + 0.01 * j)
+    ties[64, j] = a
+    ties[65:65 + 15, j] = mids * a
+    ties[80:95, j] = -mids * a
+  ties[128:192] = -0.0                                          # a whole zero block, signed
+  ties[192:, 5] = 0.0                                           # zero tail of a padded block
+  out["midpoints"] = ties
+  w = rng.standard_t(2, (300, 70)).astype(np.float32)
+  w[:, 3] = 0.0                                                 # a zero column
+  w[7, 9], w[250, 9] = 1e4, -3e4                                # outliers
+  w[:64, 11] = rng.standard_normal(64).astype(np.float32) * 1e-41   # a subnormal block
+  w[100:110, 12] = 1e-44                                        # subnormals among normals
+  out["outliers_subnormals"] = w
+  # ‖W0‖² whose float64 sum rounds to float32 differently in any order but row after row:
+  # 1 + 2^-24 (a float32 tie) from the first two blocks, then 128 squares of 2.5e-17, each
+  # below half an ulp of the total (lost one at a time) but not all together.
+  w = np.zeros((256, 4), np.float32)
+  w[0], w[64], w[128:] = 1.0, 2.0**-12, 5e-9
+  out["sum_order"] = w
+  return out
+
+
+def _assert_same_kernel(a, b, name):
+  assert (a.fmt, a.shape, a.dtype) == (b.fmt, b.shape, b.dtype), name
+  fields = ("codes", "scales", "dq_scales", "dq_offset", "col_sq_norm")
+  for f in fields:
+    x, y = getattr(a, f), getattr(b, f)
+    if y is None:
+      assert x is None, (name, f)
+      continue
+    assert x.dtype == y.dtype and x.shape == y.shape, (name, f, x.dtype, y.dtype, x.shape, y.shape)
+    # Bit for bit (NaN payloads aside): compare the raw bytes unless both hold NaN there.
+    xb, yb = np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8)
+    if not np.array_equal(xb, yb):
+      np.testing.assert_array_equal(x, y, err_msg=f"{name}: {f}")
+      assert np.all(np.isnan(x[x != y])), (name, f)
+
+
+@pytest.mark.parametrize("fmt,dq", FORMATS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("threads,chunk", [(1, None), (3, None), (2, 256)])
+def test_fast_quantize_equals_the_reference_bit_for_bit(monkeypatch, fmt, dq, dtype, threads,
+                                                        chunk):
+  reference = quant._reference_quantize
+  if chunk is not None:
+    monkeypatch.setattr(quant, "_CHUNK", chunk)      # many chunks: the carried column sums
+  taken = []
+  monkeypatch.setattr(quant, "_reference_quantize",
+                      lambda w, *a, **k: taken.append(w.shape) or reference(w, *a, **k))
+  for name, w in _hard_kernels(np.random.default_rng(5)).items():
+    w = w.astype(jnp.dtype(dtype))
+    _assert_same_kernel(quant.quantize(w, fmt, double_quant=dq, threads=threads),
+                        reference(w, fmt, double_quant=dq), name)
+  assert taken == [(130, 1)]        # one output unit: NumPy's pairwise sum, left to the reference
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("fmt,dq", FORMATS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_quantize_equals_the_reference_on_non_finite_kernels(fmt, dq, dtype):
+  rng = np.random.default_rng(6)
+  for bad in (np.nan, np.inf, -np.inf):
+    w = rng.standard_normal((150, 9)).astype(np.float32)
+    w[70, 4] = bad
+    w = w.astype(jnp.dtype(dtype))
+    _assert_same_kernel(quant.quantize(w, fmt, double_quant=dq, threads=2),
+                        quant._reference_quantize(w, fmt, double_quant=dq), str(bad))
+
+
+def test_fast_quantize_takes_jax_arrays_and_names_the_dtype():
+  w = np.random.default_rng(7).standard_normal((96, 16)).astype(np.float32)
+  x = jnp.asarray(w, jnp.bfloat16)
+  q = quant.quantize(x, "nf4")
+  assert q.dtype == "bfloat16"
+  _assert_same_kernel(q, quant._reference_quantize(np.asarray(x), "nf4"), "jax bf16")
+  assert quant.quantize(w, "int8", dtype=jnp.bfloat16).dtype == "bfloat16"
+  # A strided (non-contiguous) bf16 view, and float16 and float64 kernels.
+  for x in (np.asarray(w.T.astype(jnp.bfloat16)).T, w.astype(np.float16), w.astype(np.float64) / 3):
+    for fmt in ("int8", "nf4"):
+      _assert_same_kernel(quant.quantize(x, fmt, threads=2), quant._reference_quantize(x, fmt),
+                          f"{x.dtype} {fmt}")
+
+
 @pytest.mark.parametrize("fmt,dq", FORMATS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_quantized_dense_equals_float_dense_on_the_dequantised_kernel(fmt, dq, dtype):
@@ -294,8 +394,9 @@ def test_load_backbone_quantises_the_real_minilm_on_load():
   for p in quantised:
     for x, y in zip(jax.tree_util.tree_leaves(flat_a[p]), jax.tree_util.tree_leaves(flat_b[p])):
       np.testing.assert_array_equal(x, y)                  # deterministic: resume re-derives it
-    ref = quant.quantize(np.asarray(flat_f[p]), "int8")    # quantised from the checkpoint's float32
-    np.testing.assert_array_equal(flat_a[p].codes, ref.codes)
+    # Quantised from the checkpoint's float32, as the reference definition does it.
+    ref = quant._reference_quantize(np.asarray(flat_f[p]), "int8")
+    _assert_same_kernel(jax.tree_util.tree_map(np.asarray, flat_a[p]), ref, p)
   for p in set(flat_f) - set(quantised):
     np.testing.assert_array_equal(flat_a[p], flat_f[p])
   # int8 kernels: a quarter of float32 plus two float32 per output unit (scale, ‖W0‖²).
