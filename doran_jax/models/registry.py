@@ -54,6 +54,11 @@ class Family:
     learned_positions: its position embeddings are a learned table (BERT, GPT-2): a longer
       input has no row to look up, so data.max_length above max_positions is an error. Rotary
       families (LLaMA and kin) extrapolate, so it is only a warning there.
+
+  Example:
+    >>> bert = get("bert")
+    >>> bert.model_types, bert.tasks
+    (('bert',), ('classification', 'features'))
   """
 
   name: str
