@@ -22,7 +22,6 @@ myst_enable_extensions = ["dollarmath", "amsmath"]
 # The API reference: Google-style docstrings (Args:, Returns:, Example:) read by napoleon.
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_class_signature = "separated"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # dataclass `Attributes:` as fields, not a second entry per field

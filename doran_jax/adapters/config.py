@@ -36,7 +36,7 @@ class AdapterConfig:
     mode: 'factored' (the default: adapted layers run as x·(W0 + s·A·B) with low-rank gradients,
       W' never built; see adapted_apply) or 'merged' (build W' then run the model; for a model
       whose adapted kernels are not nn.Dense calls). Same values; factored is the faster step
-      (README, "Benchmarks against PEFT").
+      (docs/benchmarks.md).
     transposed: paths of kernels stored as (out, in) (GPT-2 Conv1D); see
       doran_jax.models.detect_transposed_kernels.
     norm_eps: floor on the per-output-unit norm (real checkpoints have all-zero columns).
