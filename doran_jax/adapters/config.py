@@ -37,8 +37,8 @@ class AdapterConfig:
       W' never built; see adapted_apply) or 'merged' (build W' then run the model; for a model
       whose adapted kernels are not nn.Dense calls). Same values; factored is the faster step
       (docs/benchmarks.md).
-    transposed: paths of kernels stored as (out, in) (GPT-2 Conv1D); see
-      doran_jax.models.detect_transposed_kernels.
+    transposed: paths of kernels stored as (out, in). Our model families store every kernel
+      (in, out), GPT-2's Conv1D included, so it stays empty for them (`Backbone.transposed`).
     norm_eps: floor on the per-output-unit norm (real checkpoints have all-zero columns).
     tau_init: DoRAN's initial tau = softplus(rho0).
     tau_per_output: one tau per output unit instead of one per matrix.
