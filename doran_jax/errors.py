@@ -39,7 +39,18 @@ FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirect
 
 
 class UserError(ValueError):
-  """Something the user can fix: the message names the bad value and the fix."""
+  """Something the user can fix: the message names the bad value and the fix.
+
+  Its subclasses say what kind (`kind`, the word before 'error:' in `format_error`).
+
+  Example:
+    >>> import doran_jax
+    >>> try:
+    ...   doran_jax.AdapterConfig(rank=0)
+    ... except UserError as e:
+    ...   print(format_error(e))
+    config error: rank must be a positive integer, got 0.
+  """
 
   kind = "error"
 
@@ -75,12 +86,27 @@ class CheckpointError(UserError):
 
 
 def verbose_from_env() -> bool:
-  """DORAN_VERBOSE=1 (or true/yes) asks for tracebacks."""
+  """DORAN_VERBOSE=1 (or true/yes) asks for tracebacks.
+
+  Example:
+    >>> os.environ["DORAN_VERBOSE"] = "yes"
+    >>> verbose_from_env()
+    True
+    >>> del os.environ["DORAN_VERBOSE"]
+  """
   return os.environ.get("DORAN_VERBOSE", "").strip().lower() in ("1", "true", "yes")
 
 
 def format_error(error: Exception) -> str:
-  """'<kind> error: <message>' — the one line (or short paragraph) the user sees."""
+  """'<kind> error: <message>' — the one line (or short paragraph) the user sees.
+
+  Example:
+    >>> format_error(DataError("train.tsv line 3 has 1 column, expected 2."))
+    'data error: train.tsv line 3 has 1 column, expected 2.'
+    >>> error = FileNotFoundError(2, "No such file or directory", "data/train.tsv")
+    >>> format_error(error).split(";")[0]
+    "file error: [Errno 2] No such file or directory: 'data/train.tsv'"
+  """
   if isinstance(error, FILE_ERRORS):
     return (f"file error: {error}; check the path and its permissions (data.path, model.name, "
             "workdir).")
@@ -94,6 +120,17 @@ def reported(verbose: bool = False, stream=None):
 
   Other exceptions propagate unchanged (they are bugs: the traceback is the useful part).
   With `verbose` (or DORAN_VERBOSE=1) the traceback is printed above the message.
+
+  Example:
+    >>> import io
+    >>> stream = io.StringIO()
+    >>> with reported(stream=stream):
+    ...   raise ConfigError("optim.lr must be a finite number > 0, got 0.0.")
+    Traceback (most recent call last):
+      ...
+    SystemExit: 2
+    >>> print(stream.getvalue().splitlines()[-1])
+    config error: optim.lr must be a finite number > 0, got 0.0.
   """
   try:
     yield

@@ -1,6 +1,6 @@
 r"""Probes what a new user gets wrong, against configs/tiny.py, and prints one line per probe.
 
-  PYTHONPATH=. python scripts/probe_bad_inputs.py > docs/results/probe_bad_inputs.txt
+  .venv/bin/python scripts/probe_bad_inputs.py > docs/results/probe_bad_inputs.txt
 
 Each probe is a small function registered with `@probe(name)` that returns (verdict, message):
 'clear error' (one of our UserErrors, naming the problem, with nothing damaged), 'handled'
@@ -33,7 +33,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("USE_TORCH", "0")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -861,8 +860,7 @@ def _(runs, tmp):
 def _(runs, tmp):
   from doran_jax import workdir_lock
   workdir = pathlib.Path(tmp) / "killed_lock"
-  code = (f"import os, sys; sys.path.insert(0, {str(REPO)!r});"
-          "from doran_jax import workdir_lock;"
+  code = ("import os; from doran_jax import workdir_lock;"
           f"workdir_lock.acquire({str(workdir)!r}); os.kill(os.getpid(), 9)")
   proc = subprocess.Popen([sys.executable, "-c", code])
   if proc.wait() != -signal.SIGKILL or workdir_lock.read(str(workdir)) is None:

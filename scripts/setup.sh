@@ -2,6 +2,7 @@
 # Creates .venv (if missing) and installs the pinned dependencies.
 #   bash scripts/setup.sh               core install
 #   bash scripts/setup.sh dev parity    plus requirements-dev.txt and requirements-parity.txt
+#   bash scripts/setup.sh docs          plus requirements-docs.txt (the site: bash scripts/docs.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

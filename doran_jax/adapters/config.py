@@ -36,9 +36,9 @@ class AdapterConfig:
     mode: 'factored' (the default: adapted layers run as x·(W0 + s·A·B) with low-rank gradients,
       W' never built; see adapted_apply) or 'merged' (build W' then run the model; for a model
       whose adapted kernels are not nn.Dense calls). Same values; factored is the faster step
-      (README, "Benchmarks against PEFT").
-    transposed: paths of kernels stored as (out, in) (GPT-2 Conv1D); see
-      doran_jax.models.detect_transposed_kernels.
+      (docs/benchmarks.md).
+    transposed: paths of kernels stored as (out, in). Our model families store every kernel
+      (in, out), GPT-2's Conv1D included, so it stays empty for them (`Backbone.transposed`).
     norm_eps: floor on the per-output-unit norm (real checkpoints have all-zero columns).
     tau_init: DoRAN's initial tau = softplus(rho0).
     tau_per_output: one tau per output unit instead of one per matrix.
@@ -52,7 +52,7 @@ class AdapterConfig:
       lora_a / lora_b leaves instead (LoRA's init), i.e. DoRA plus τ (the ablation's switch).
     learn_tau: DoRAN: τ is trained; False holds τ at tau_init (no gradient reaches ρ).
     init_rank_factor: DynDoRA: r0 = ceil(init_rank_factor * rank).
-    init: DynDoRA's A and B: 'official' (torch.nn.init.kaiming_uniform_ at its defaults, as the
+    init: DynDoRA's A and B: 'official' (`torch.nn.init.kaiming_uniform_` at its defaults, as the
       official code: A ~ U(±sqrt(6/in)), B ~ U(±sqrt(6/r0))) or 'gaussian' (this library's
       earlier choice: A ~ U(±1/sqrt(in)), B ~ N(0, 0.02²)).
   """
@@ -102,31 +102,77 @@ class AdapterConfig:
 
   @property
   def has_adapters(self) -> bool:
+    """False for the baselines that add no adapter ('full', 'frozen').
+
+    Example:
+      >>> AdapterConfig(method="full").has_adapters
+      False
+    """
     return method_registry.get(self.method).has_adapters
 
   @property
   def stored_rank(self) -> int:
-    """Rank of the stored factors (r0 for dyndora)."""
+    """Rank of the stored factors (r0 = ceil(init_rank_factor * rank) for dyndora).
+
+    Example:
+      >>> AdapterConfig(method="dyndora", rank=8).stored_rank
+      12
+    """
     return method_registry.get(self.method).stored_rank(self)
 
   @property
   def scale(self) -> float:
+    """s = alpha / r (alpha / sqrt(r) with rslora), r the stored rank.
+
+    Example:
+      >>> cfg = AdapterConfig(rank=4, alpha=8.0)
+      >>> cfg.scale, cfg.replace(rslora=True).scale
+      (2.0, 4.0)
+    """
     r = self.stored_rank
     return self.alpha / (math.sqrt(r) if self.rslora else r)
 
   def replace(self, **kw) -> "AdapterConfig":
+    """A copy with the given fields changed (checked again, like a new config).
+
+    Example:
+      >>> AdapterConfig(method="lora", rank=8).replace(method="dora").method
+      'dora'
+    """
     return dataclasses.replace(self, **kw)
 
   def to_dict(self) -> dict[str, Any]:
+    """Every field as plain Python values (`transposed` as a list), as exports store it.
+
+    Example:
+      >>> AdapterConfig(method="dora", rank=4).to_dict()["rank"]
+      4
+    """
     d = dataclasses.asdict(self)
     d["transposed"] = list(self.transposed)
     return d
 
   def to_json(self) -> str:
+    """`to_dict` as indented JSON with sorted keys (the adapter export's config file).
+
+    Example:
+      >>> json.loads(AdapterConfig(method="doran", rank=4).to_json())["method"]
+      'doran'
+    """
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    """The config of a dict such as `to_dict` writes; an unknown field is a ConfigError.
+
+    Example:
+      >>> AdapterConfig.from_dict({"method": "dora", "rank": 4}).rank
+      4
+      >>> AdapterConfig.from_dict({"rnak": 4})
+      Traceback (most recent call last):
+        ...
+      doran_jax.errors.ConfigError: unknown AdapterConfig fields ['rnak']; known: [...]
+    """
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -135,6 +181,13 @@ class AdapterConfig:
 
   @classmethod
   def from_json(cls, text: str) -> "AdapterConfig":
+    """The inverse of `to_json`.
+
+    Example:
+      >>> cfg = AdapterConfig(method="doran", rank=4, noise_std=0.0)
+      >>> AdapterConfig.from_json(cfg.to_json()) == cfg
+      True
+    """
     return cls.from_dict(json.loads(text))
 
 

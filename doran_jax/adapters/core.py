@@ -32,7 +32,22 @@ def leaf_shapes(t: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
 
 
 def targets_for(params: Mapping[str, Any], cfg: AdapterConfig) -> list[Target]:
-  """The kernels `cfg` adapts in `params`, validated (rank <= min(in, out))."""
+  """The kernels `cfg` adapts in `params`, validated (rank <= min(in, out)).
+
+  `cfg.targets` must fully match each kernel's '/'-joined path; a regex that matches nothing,
+  or a rank above a kernel's min(in, out), is a ConfigError naming the value.
+
+  Example:
+    >>> from doran_jax import models
+    >>> bb = models.from_config(models.tiny_config("bert"), "classification", num_labels=2)
+    >>> targets = targets_for(bb.params, AdapterConfig(rank=4))    # query and value, 2 layers
+    >>> len(targets), targets[0].path, (targets[0].d_in, targets[0].d_out)
+    (4, 'bert/encoder/layer/0/attention/self/query/kernel', (32, 32))
+    >>> targets_for(bb.params, AdapterConfig(rank=64))
+    Traceback (most recent call last):
+      ...
+    doran_jax.errors.ConfigError: rank 64 (stored rank 64) is larger than min(in, out) = 32 of ...
+  """
   targets = find_targets(params, cfg.targets, cfg.transposed)
   for t in targets:
     if cfg.stored_rank > min(t.d_in, t.d_out):
@@ -53,8 +68,9 @@ def init_adapters(key: jax.Array, params: Mapping[str, Any], cfg: AdapterConfig)
     dict_keys(['lora_a', 'lora_b', 'magnitude'])
 
   Returns:
-    {'targets': tree mirroring params down to each targeted kernel's module} plus, for doran,
-    {'hypernet': generator params per kernel-shape group}. Empty targets for 'full'/'frozen'.
+    A dict with 'targets', a tree mirroring params down to each targeted kernel's module, plus
+    for doran 'hypernet', the generator params per kernel-shape group. Empty targets for
+    'full'/'frozen'.
   """
   if not cfg.has_adapters:
     return {"targets": {}}
@@ -156,8 +172,9 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
   in train mode is drawn from `rng` (one fold per target).
 
   Example:
-    >>> eff = apply_adapters(params, adapters, cfg, rng=key, train=True)
-    >>> logits = model(**batch, params=eff).logits
+    >>> eff = apply_adapters(bb.params, adapters, cfg, rng=key, train=True)
+    >>> logits = bb.apply(eff, batch, train=True, rng=dropout_key)
+    >>> merged = apply_adapters(bb.params, adapters, cfg)          # train=False: the export
   """
   if not cfg.has_adapters:
     return params
@@ -184,5 +201,10 @@ def apply_adapters(params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: 
 
 
 def count_params(adapters: Mapping[str, Any]) -> int:
-  """Number of trainable scalars in an adapter (or any) pytree."""
+  """Number of trainable scalars in an adapter (or any) pytree.
+
+  Example:
+    >>> count_params({"a": jnp.zeros((3, 4)), "b": {"c": jnp.zeros(5)}})
+    17
+  """
   return int(sum(x.size for x in jax.tree_util.tree_leaves(adapters)))

@@ -32,6 +32,10 @@ class Training(NamedTuple):
       chained after the optimizer; its state lives in opt_state (checkpointed, NaN-guarded).
     regularizer: (adapters, step) -> scalar added to the loss.
     summary: (host adapters) -> dict of end-of-run results (e.g. live ranks).
+
+  Example:
+    >>> Training(regularizer=lambda adapters, step: 0.0).transform is None
+    True
   """
 
   transform: Any = None
@@ -62,6 +66,11 @@ class Method:
     recipe: the training recipe of the method's reference implementation as dotted config keys
       ({'adapter.alpha': 8.0, 'optim.weight_decay': 0.01, ...}); config_lib.apply_arg applies it
       to a config file's values, below the config argument and command-line flags.
+
+  Example:
+    >>> m = get("dora")
+    >>> m.needs_norm, m.has_adapters, sorted(m.leaf_axes(None))
+    (True, True, ['lora_a', 'lora_b', 'magnitude'])
   """
 
   name: str
@@ -81,10 +90,24 @@ class Method:
 
   @property
   def needs_norm(self) -> bool:
+    """Whether W' is rescaled per output unit (a `gain`: DoRA, DoRAN), so needs the norm of V.
+
+    Example:
+      >>> get("lora").needs_norm, get("doran").needs_norm
+      (False, True)
+    """
     return self.gain is not None
 
   def generator_for(self, cfg):
-    """The generator module `cfg` uses, or None."""
+    """The generator module `cfg` uses, or None.
+
+    Example:
+      >>> import doran_jax as dj
+      >>> get("doran").generator_for(dj.AdapterConfig(method="doran")).__name__
+      'doran_jax.adapters.hypernet'
+      >>> get("doran").generator_for(dj.AdapterConfig(method="doran", generator=False)) is None
+      True
+    """
     return self.generator if self.generator is not None and self.uses_generator(cfg) else None
 
 
@@ -92,7 +115,18 @@ _METHODS: dict[str, Method] = {}
 
 
 def register(method: Method, *, replace: bool = False) -> Method:
-  """Adds `method` to the registry (replace=True to redefine one, e.g. in a notebook)."""
+  """Adds `method` to the registry (replace=True to redefine one, e.g. in a notebook).
+
+  A method module ends with this call; `AdapterConfig(method=name)` then accepts the name.
+
+  Example:
+    >>> from doran_jax.adapters import lora
+    >>> m = register(Method(name="my_lora", leaf_axes=lambda cfg: lora.LEAF_AXES,
+    ...                     init_leaves=lora.init_leaves, low_rank=lora.low_rank))
+    >>> "my_lora" in names()
+    True
+    >>> unregister("my_lora")
+  """
   if method.name in _METHODS and not replace:
     raise ValueError(f"adapter method {method.name!r} is registered twice.")
   _METHODS[method.name] = method
@@ -100,20 +134,49 @@ def register(method: Method, *, replace: bool = False) -> Method:
 
 
 def unregister(name: str) -> None:
+  """Removes a registered method (no error if absent); for tests and notebooks.
+
+  Example:
+    >>> unregister("my_lora")
+    >>> "my_lora" in names()
+    False
+  """
   _METHODS.pop(name, None)
 
 
 def names() -> tuple[str, ...]:
+  """The registered method names, in registration order (`doran_jax.METHODS` at import).
+
+  Example:
+    >>> names()[:4]
+    ('lora', 'dora', 'doran', 'dyndora')
+  """
   return tuple(_METHODS)
 
 
 def get(name: str) -> Method:
+  """The method registered as `name`; a ConfigError listing the registered ones otherwise.
+
+  Example:
+    >>> get("dyndora").recipe["adapter.alpha"]
+    8.0
+    >>> get("qlora")
+    Traceback (most recent call last):
+      ...
+    doran_jax.errors.ConfigError: unknown method 'qlora'; choose one of lora, dora, doran, ...
+  """
   if name not in _METHODS:
     raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}.")
   return _METHODS[name]
 
 
 def leaf_shape(axes: tuple, d_in: int, d_out: int, rank: int) -> tuple[int, ...]:
+  """The shape of a leaf with logical `axes` at a (d_in, d_out) kernel and stored `rank`.
+
+  Example:
+    >>> leaf_shape(("in", "rank"), 384, 1536, 8), leaf_shape((), 384, 1536, 8)
+    ((384, 8), ())
+  """
   sizes = {"in": d_in, "out": d_out, "rank": rank}
   for a in axes:
     if a not in sizes:

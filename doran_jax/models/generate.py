@@ -71,7 +71,7 @@ def greedy_generate(apply_fn: Callable, params, input_ids, attention_mask=None,
     max_new_tokens: N (static).
 
   Returns:
-    (B, T + N) int32 tokens: row b holds its prompt, then its N new tokens, then padding.
+    (B, T + N) int32 tokens; row b holds its prompt, then its N new tokens, then padding.
 
   Example:
     >>> out = jax.jit(lambda p, i, m: greedy_generate(bb.apply, p, i, m, 8))(params, ids, mask)
@@ -132,7 +132,13 @@ class CacheSpec:
   dtype: str = "float32"
 
   def init(self, batch: int, length: int) -> tuple:
-    """Zeros: one {'k', 'v'} (batch, length, K, D) per layer."""
+    """Zeros: one {'k', 'v'} (batch, length, K, D) per layer.
+
+    Example:
+      >>> cache = CacheSpec(num_layers=2, num_kv_heads=4, head_dim=16).init(3, 32)
+      >>> len(cache), cache[0]["k"].shape
+      (2, (3, 32, 4, 16))
+    """
     shape = (batch, length, self.num_kv_heads, self.head_dim)
     return tuple({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                  for _ in range(self.num_layers))
@@ -231,7 +237,7 @@ def cached_generate(apply_fn: Callable, spec: CacheSpec, params, input_ids, atte
       `filter_logits`.
 
   Returns:
-    (B, N) int32: each row's new tokens, `pad_token_id` after its EOS.
+    (B, N) int32, each row's new tokens, `pad_token_id` after its EOS.
 
   Example:
     >>> run = jax.jit(cached_generate, static_argnums=(0, 1),

@@ -35,8 +35,9 @@ class Family:
     column_parallel: regex of kernels whose output axis is split over 'model'.
     row_parallel: regex of kernels whose input axis is split over 'model'.
     input_keys: task -> the batch keys the model consumes.
-    tiny_config: (**overrides) -> a tiny random transformers config for tests.
-    build: (config dict, task, *, dtype, num_labels, remat, memory_lean) -> our flax.linen module.
+    tiny_config: `(**overrides)` -> a tiny random transformers config for tests.
+    build: `(config dict, task, *, dtype, num_labels, remat, memory_lean)` -> our flax.linen
+      module.
     prefix: config dict -> transformers' base_model_prefix ('bert', 'model', ...).
     tied_params: (config dict, task) -> (our path, source path) pairs transformers ties.
     no_transpose: regex of kernels torch already stores (in, out) (GPT-2's Conv1D).
@@ -44,7 +45,8 @@ class Family:
     torch_modules: (checkpoint module name, torch module name) templates for modules that
       transformers (5.x) renames when it builds the torch model, '*' standing for a layer
       index. PEFT adapters name the built model's modules, so peft_io maps through these.
-    image_mean, image_std: the image processor's normalisation (vision families).
+    image_mean: the image processor's normalisation mean (vision families).
+    image_std: its standard deviation.
     cache_shape: config dict -> (layers, key/value heads, head dim) of its KV cache (causal
       LMs that support cached generation, models.generate); None for the others.
     max_positions: config dict -> the longest input (tokens) its positions were trained for;
@@ -52,6 +54,11 @@ class Family:
     learned_positions: its position embeddings are a learned table (BERT, GPT-2): a longer
       input has no row to look up, so data.max_length above max_positions is an error. Rotary
       families (LLaMA and kin) extrapolate, so it is only a warning there.
+
+  Example:
+    >>> bert = get("bert")
+    >>> bert.model_types, bert.tasks
+    (('bert',), ('classification', 'features'))
   """
 
   name: str
@@ -76,21 +83,46 @@ class Family:
   learned_positions: bool = False
 
   def head(self, task: str) -> str:
+    """The regex of `task`'s head params ('' when the task has none); checks the task.
+
+    Example:
+      >>> get("bert").head("classification")
+      'classifier/.*'
+    """
     self.check_task(task)
     return self.heads.get(task, "")
 
   def check_task(self, task: str) -> None:
+    """A ConfigError naming the supported tasks if this family cannot do `task`.
+
+    Example:
+      >>> get("vit").check_task("causal_lm")
+      Traceback (most recent call last):
+        ...
+      doran_jax.errors.ConfigError: model family 'vit' does not support task 'causal_lm'; ...
+    """
     if task not in self.tasks:
       raise ConfigError(f"model family {self.name!r} does not support task {task!r}; it supports "
                         f"{', '.join(self.tasks)}.")
 
   def tensor_parallel_rules(self) -> tuple:
-    """(regex, PartitionSpec tuple) rules: column/row parallel kernels, then the FSDP tail."""
+    """(regex, PartitionSpec tuple) rules: column/row parallel kernels, then the FSDP tail.
+
+    Example:
+      >>> get("bert").tensor_parallel_rules()[0]
+      ('.*/(query|key|value|intermediate/dense)/kernel', ('fsdp', 'model'))
+    """
     return ((rf".*/({self.column_parallel})/kernel", ("fsdp", "model")),
             (rf".*/({self.row_parallel})/kernel", ("model", "fsdp"))) + tuple(FSDP_RULES)
 
   def dummy_batch(self, cfg: Mapping[str, Any], task: str, batch: int = 1, seq: int = 8) -> dict:
-    """Inputs of the right shapes and dtypes for `module.init` / `jax.eval_shape`."""
+    """Inputs of the right shapes and dtypes for `module.init` / `jax.eval_shape`.
+
+    Example:
+      >>> batch = get("bert").dummy_batch({}, "classification", batch=2, seq=4)
+      >>> sorted(batch), batch["input_ids"].shape
+      (['attention_mask', 'input_ids', 'token_type_ids'], (2, 4))
+    """
     out = {}
     for key in self.input_keys[task]:
       if key == "pixel_values":
@@ -107,7 +139,12 @@ class Family:
     return out
 
   def targets(self, preset_or_regex: str) -> str:
-    """A preset name ('attention', 'all_linear') -> its regex; anything else is a regex already."""
+    """A preset name ('attention', 'all_linear') -> its regex; anything else is a regex already.
+
+    Example:
+      >>> get("llama").targets("attention"), get("llama").targets(r".*/o_proj/kernel")
+      ('.*/(q_proj|v_proj)/kernel', '.*/o_proj/kernel')
+    """
     return self.target_presets.get(preset_or_regex, preset_or_regex)
 
 
