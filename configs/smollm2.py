@@ -16,7 +16,7 @@ and after training, by multiple-choice log-likelihood and by the answer word ext
 greedy (KV-cached) generation, plus the perplexity of the held-out answers. DoRA at rank 16 on
 q, k, v, up and down (the DoRA paper's targets), float32 on the CPU.
 
-Sized for about 15 minutes on 2 CPU cores including both evaluations; the README gives the
+Sized for about 15 minutes on 2 CPU cores including both evaluations; docs/llm.md gives the
 measured table. The SFT format is the DoRA paper's (Alpaca prompt + 'the correct answer is X').
 """
 

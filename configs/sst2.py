@@ -26,7 +26,7 @@ from ml_collections import config_dict
 
 from doran_jax import config_lib, data
 
-# From the grid in the docstring (frozen not tuned). 'full' is the lr of the README's full row.
+# From the grid in the docstring (frozen not tuned). 'full' is the lr of the full row in docs/studies.md's SST-2 table.
 LR = {"lora": 1e-3, "dora": 1e-3, "doran": 1e-3, "dyndora": 3e-3, "frozen": 1e-3, "full": 5e-5}
 
 

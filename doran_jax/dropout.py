@@ -2,7 +2,7 @@
 
 `jax.random.bernoulli` draws threefry bits, which XLA:CPU lowers as a rolled loop whose rounds
 each read and write the whole uint32 mask: on MiniLM at batch 32 × 128 tokens the attention and
-hidden-state masks took about a quarter of a CPU training step (benchmarks/step.py, README). Here
+hidden-state masks took about a quarter of a CPU training step (benchmarks/step.py, docs/benchmarks.md). Here
 an element's bits are three rounds of a 32-bit integer mixer (C. Wellons' lowbias32) over its
 index, keyed by 64 bits drawn once from the JAX key with `jax.random.bits`. XLA fuses the whole
 hash into the op that consumes the mask, so a mask costs a few integer ops per element, can be

@@ -4,7 +4,7 @@ jaxlib 0.10 hands a CPU program's dots, with the elementwise work XLA fuses arou
 YNNPACK fusions. In a MiniLM DoRA training step (batch 32 × 128, 2-core AMD EPYC) those fusions
 ran the step's matmuls at about half the rate the same shapes reach as plain XLA dots, and held
 0.25 GB more: switching them off took the step from 2.75 to 2.29-2.47 s (interleaved runs,
-benchmarks/step.py; README "Benchmarks against PEFT"). Importing `doran_jax` applies these
+benchmarks/step.py; docs/benchmarks.md). Importing `doran_jax` applies these
 defaults (doran_jax/__init__.py), so train.py, the scripts, notebooks and tests all get them.
 
 It never overrides a flag already named in XLA_FLAGS (set `--xla_cpu_experimental_ynn_fusion_type=

@@ -19,7 +19,7 @@ training (global norm before clipping), both averaged over seeds.
 
   python scripts/study_doran_ablation.py                    # both tasks at the defaults below
   python scripts/study_doran_ablation.py --tasks sst2 --steps 200 --eval-limit 0 --tune-seeds 0
-                                  # the README's SST-2 table (40 runs, ~100 s each idle)
+                                  # docs/studies.md's SST-2 table (40 runs, ~100 s each idle)
   python scripts/study_doran_ablation.py --tasks sst2 --targets attention    # q+v only: cheaper
   python scripts/study_doran_ablation.py --tasks cola --variants lora,dora_tau --lrs 1e-3 --seeds 0
   python scripts/study_doran_ablation.py --smoke --out /tmp/abl   # 2 variants, 3 steps, 32 examples

@@ -15,7 +15,7 @@ changed, dyndora_gaussian (our earlier init: A ~ U(Â±1/sqrt(in)), B ~ N(0, 0.02Â
 dyndora_ours (the earlier setup: that init, alpha 16, no dropout, no weight decay, cola.py's
 warm-up steps).
 
-  python scripts/study_dyndora_cola.py                           # the README's table (~1 h)
+  python scripts/study_dyndora_cola.py                           # docs/studies.md's table (~1 h)
   python scripts/study_dyndora_cola.py --lrs 3e-4,1e-3,3e-3      # a 3-point grid (~1.5 h)
   python scripts/study_dyndora_cola.py --variants lora,dyndora,dyndora_gaussian,dyndora_ours
   python scripts/study_dyndora_cola.py --epochs 15               # the official length (hours)

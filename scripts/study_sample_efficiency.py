@@ -20,7 +20,7 @@ files with an `_lr0.001` suffix.
 
 Writes into --out (docs/results; runs/study_smoke for --smoke): study_sample_efficiency.csv (one
 row per run), study_sample_efficiency.png (accuracy vs training-set size) and
-study_sample_efficiency.md (the table printed at the end, for the README).
+study_sample_efficiency.md (the table printed at the end, for docs/studies.md).
 
 Cost: about 15 s per run plus 0.4 s per step on the idle 2-core machine (see
 study_stability.py).

@@ -16,7 +16,7 @@ adapter init, data order, dropout and DoRAN noise (the task head starts from the
 
 Writes into --out (docs/results; runs/study_smoke for --smoke): study_stability.csv (one row per
 run), study_stability.png (accuracy vs learning rate), study_stability.md (the table printed at
-the end, for the README).
+the end, for docs/studies.md).
 
 Cost on the idle 2-core machine: about 15 s per run (tokenising, compiling, evaluating 512
 sentences; MiniLM is loaded once and compiled steps are cached on disk across seeds, in
