@@ -31,8 +31,12 @@ DOCS = REPO / "docs"
 REFERENCE_PAGES = ("api.md", "errors.md")
 
 
+def python_blocks_of(text: str) -> list[str]:
+  return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+
+
 def python_blocks(page: pathlib.Path) -> list[str]:
-  return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)
+  return python_blocks_of(page.read_text(encoding="utf-8"))
 
 
 def test_getting_started_examples_run(tmp_path, monkeypatch, capsys):
@@ -50,6 +54,18 @@ def test_getting_started_examples_run(tmp_path, monkeypatch, capsys):
       "lora", "dora", "doran", "dyndora"}
   assert (tmp_path / "out" / "merged" / "config.json").is_file()
   assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
+
+
+def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
+  # The README's API block on the real MiniLM (the PyPI package): what a newcomer pastes first.
+  readme = (REPO / "README.md").read_text(encoding="utf-8")
+  block = python_blocks_of(readme.split("## The API", 1)[1])[0]
+  monkeypatch.chdir(tmp_path)   # it writes out/merged
+  namespace = {"__name__": "readme"}
+  exec(compile(block, "README.md API block", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["logits"].shape == (2, 2)
+  assert capsys.readouterr().out.split() == [str(namespace["dj"].count_params(namespace["adapters"]))]
+  assert (tmp_path / "out" / "merged" / "config.json").is_file()
 
 
 def _directives(page: pathlib.Path):
