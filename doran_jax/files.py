@@ -10,6 +10,12 @@ that takes a folder (transformers' tokenizer) writes into `staging` and never se
 own names. Our exports carry `checksums.json` (`write_checksums` / `read_checksums` /
 `check_sha256`), and numbers read from outside pass `check_finite` and `check_positive`.
 
+A folder may also be a URL (gs://bucket/..., read and written through `doran_jax.paths`). Object
+stores have no symlinks, so there the rule is lexical: a name read from the folder may not be
+absolute, hold '..', '.' or an empty part; an upload replaces an object whole (no temp file
+needed), and a writer that takes a folder writes into a local staging folder that is uploaded
+file by file. Local paths keep the symlink and O_NOFOLLOW protections above unchanged.
+
 Example:
   >>> shard = inside("ckpt/", "model-00001-of-00002.safetensors", what="model.safetensors.index.json entry")
   >>> write_json("runs/x/results.json", {"accuracy": 0.9})
@@ -29,6 +35,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from doran_jax import paths
 from doran_jax.errors import CheckpointError, UserError
 
 
@@ -37,6 +44,7 @@ def inside(folder, name, *, what: str = "file") -> str:
 
   The returned path is the real one, so a symlink swapped in after the check cannot redirect the
   open that follows. A Hugging Face hub cache snapshot's files may point into that repo's blobs/.
+  For a URL folder (no symlinks in an object store) the check is lexical (`_inside_url`).
 
   Example:
     >>> inside("ckpt/", "model.safetensors")
@@ -51,6 +59,8 @@ def inside(folder, name, *, what: str = "file") -> str:
     raise CheckpointError(f"{what} {name!r} in {folder!r} is not a name inside that folder (an "
                           "absolute path or empty); a model or adapter folder may only name its "
                           "own files. Fix or re-download the folder.")
+  if paths.is_remote(folder):
+    return _inside_url(folder, name, what)
   lexical = os.path.normpath(name)
   real = os.path.realpath(os.path.join(folder, name))
   roots = _allowed_roots(folder)
@@ -60,6 +70,21 @@ def inside(folder, name, *, what: str = "file") -> str:
                           f"{real!r}); a model or adapter folder may only name its own files, not "
                           "'..' paths or symlinks pointing out. Fix or re-download the folder.")
   return real
+
+
+def _inside_url(folder: str, name: str, what: str) -> str:
+  """`folder`/`name` for a URL folder, when `name` is a plain relative name: no '..', '.' or
+  empty part (object stores take such keys literally, and there is no symlink to resolve)."""
+  parts = name.split("/")
+  if ".." in parts:
+    raise CheckpointError(f"{what} {name!r} in {folder!r} lies outside that folder (a '..' "
+                          "path); a model or adapter folder may only name its own files. Fix or "
+                          "re-upload the folder.")
+  if any(part in ("", ".") for part in parts) or "\\" in name:
+    raise CheckpointError(f"{what} {name!r} in {folder!r} is not a plain name inside that folder "
+                          "(an empty or '.' part, a backslash, or a URL); a model or adapter "
+                          "folder may only name its own files. Fix or re-upload the folder.")
+  return paths.join(folder, name)
 
 
 def _allowed_roots(folder: str) -> list[str]:
@@ -77,6 +102,8 @@ def _allowed_roots(folder: str) -> list[str]:
 
 
 def _refuse_symlink(path: str) -> None:
+  if paths.is_remote(path):
+    return  # object stores have no symlinks
   if os.path.islink(path):
     raise UserError(f"{path!r} is a symlink (to {os.readlink(path)!r}); refusing to write through "
                     "it, which would overwrite whatever it points to. Remove the link or write "
@@ -89,12 +116,23 @@ def replacing(path) -> Iterator[str]:
 
   For writers that take a file name (safetensors' save_file). A symlink at `path` is refused
   (never written through); on an error the temp file is removed and `path` is left as it was.
+  For a URL the temp file is local and is uploaded on success (one upload: the object appears
+  whole or not at all).
 
   Example:
     >>> with replacing("out/model.safetensors") as tmp:
     ...   save_file(tensors, tmp)
   """
   path = os.fspath(path)
+  if paths.is_remote(path):
+    fd, tmp = tempfile.mkstemp(prefix=".doran-upload-", suffix=".tmp")
+    os.close(fd)
+    try:
+      yield tmp
+      paths.upload(tmp, path)
+    finally:
+      os.remove(tmp)
+    return
   _refuse_symlink(path)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                              prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -114,6 +152,9 @@ def write_bytes(path, data: bytes) -> str:
     >>> write_bytes("export/adapters.msgpack", blob)
   """
   path = os.fspath(path)
+  if paths.is_remote(path):
+    paths.write_bytes(path, data)  # an object is replaced whole or not at all
+    return path
   with replacing(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)
@@ -125,10 +166,17 @@ def write_bytes(path, data: bytes) -> str:
 def append_text(path, text: str) -> str:
   """Appends UTF-8 `text` to `path` (created if absent), never through a symlink (O_NOFOLLOW).
 
+  An object store has no append: a URL's object is read and uploaded again with `text` added
+  (so callers batch their appends there; `progress.MetricWriter` does).
+
   Example:
     >>> append_text("runs/x/metrics.jsonl", json.dumps(record) + "\n")
   """
   path = os.fspath(path)
+  if paths.is_remote(path):
+    old = paths.read_bytes(path) if paths.exists(path) else b""
+    paths.write_bytes(path, old + text.encode("utf-8"))
+    return path
   _refuse_symlink(path)
   try:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -172,13 +220,16 @@ def check_output_folder(path, *, overwrite: bool = False, sources: Sequence[Opti
 
   Refused always: a symlink, and any of `sources` (the folder a backbone was loaded from, or the
   folder holding its GGUF file), however it is spelt. Refused unless `overwrite`: an existing
-  folder that is not empty. A file at `path` is refused too.
+  folder that is not empty. A file at `path` is refused too. A URL gets the same checks (no
+  symlinks there; its sources compared as URLs).
 
   Example:
     >>> check_output_folder("out/merged", sources=[bb.source])
     'out/merged'
   """
   path = os.fspath(path)
+  if paths.is_remote(path):
+    return _check_output_url(path, overwrite=overwrite, sources=sources, what=what)
   _refuse_symlink(path.rstrip(os.sep) or path)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"{what} {path!r} is a file, not a folder; pass a folder path.")
@@ -192,10 +243,28 @@ def check_output_folder(path, *, overwrite: bool = False, sources: Sequence[Opti
                       f"({os.fspath(source)!r}); writing there would overwrite the original "
                       "weights. Write to another folder.")
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    listing = sorted(os.listdir(path))
-    shown = ", ".join(listing[:8]) + (" ..." if len(listing) > 8 else "")
-    raise UserError(f"{what} {path!r} is not empty (it holds {shown}); refusing to overwrite it. "
-                    "Write to a new or empty folder, or pass overwrite=True to replace its files.")
+    raise _not_empty(what, path, sorted(os.listdir(path)))
+  return path
+
+
+def _not_empty(what: str, path: str, listing: list[str]) -> UserError:
+  shown = ", ".join(listing[:8]) + (" ..." if len(listing) > 8 else "")
+  return UserError(f"{what} {path!r} is not empty (it holds {shown}); refusing to overwrite it. "
+                   "Write to a new or empty folder, or pass overwrite=True to replace its files.")
+
+
+def _check_output_url(path: str, *, overwrite: bool, sources, what: str) -> str:
+  if paths.isfile(path):
+    raise UserError(f"{what} {path!r} is a file, not a folder; pass a folder path.")
+  for source in sources:
+    if source and paths.is_remote(source) and paths.normal(source) == paths.normal(path):
+      raise UserError(f"{what} {path!r} is the folder the model was loaded from ({source!r}); "
+                      "writing there would overwrite the original weights. Write to another "
+                      "folder.")
+  if not overwrite and paths.isdir(path):
+    listing = paths.listdir(path)
+    if listing:
+      raise _not_empty(what, path, listing)
   return path
 
 
@@ -208,11 +277,25 @@ def staging(folder) -> Iterator[str]:
   symlink is refused (`folder` is left as it was), and each file then replaces its target
   (`os.replace`, which never follows a link). The staging folder is removed either way.
 
+  For a URL `folder` the staging folder is local and each of its files is uploaded on success.
+
   Example:
     >>> with staging("out/merged") as tmp:
     ...   tokenizer.save_pretrained(tmp)
   """
   folder = os.fspath(folder)
+  if paths.is_remote(folder):
+    tmp = tempfile.mkdtemp(prefix=".doran-staging-")
+    try:
+      yield tmp
+      for root, _, names in os.walk(tmp):
+        rel = os.path.relpath(root, tmp)
+        for name in names:
+          target = paths.join(folder, *([] if rel == os.curdir else rel.split(os.sep)), name)
+          paths.upload(os.path.join(root, name), target)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
   tmp = tempfile.mkdtemp(dir=folder, prefix=".staging-")
   try:
     yield tmp
@@ -240,7 +323,7 @@ CHECKSUMS_VERSION = 1
 def file_sha256(path) -> str:
   """SHA-256 (hex) of a file, read in 1 MiB blocks."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_read(path) as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -257,7 +340,7 @@ def write_checksums(folder, names: Sequence[str]) -> str:
   """
   folder = os.fspath(folder)
   sums = {name: file_sha256(inside(folder, name)) for name in names}
-  return write_json(os.path.join(folder, CHECKSUMS),
+  return write_json(paths.join(folder, CHECKSUMS),
                     {"version": CHECKSUMS_VERSION, "sha256": sums}, sort_keys=True)
 
 
@@ -267,11 +350,10 @@ def read_checksums(folder, *, fix: str) -> Optional[dict[str, str]]:
   A checksums.json that is not a version-1 record is a CheckpointError ending with `fix`.
   """
   folder = os.fspath(folder)
-  if not os.path.lexists(os.path.join(folder, CHECKSUMS)):
+  if not paths.lexists(paths.join(folder, CHECKSUMS)):
     return None
   try:
-    with open(inside(folder, CHECKSUMS), "rb") as f:
-      record = json.loads(f.read().decode("utf-8"))
+    record = json.loads(paths.read_bytes(inside(folder, CHECKSUMS)).decode("utf-8"))
     sums = record["sha256"] if record.get("version") == CHECKSUMS_VERSION else None
   except (ValueError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
     sums = None
