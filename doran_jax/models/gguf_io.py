@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from doran_jax import paths
 from doran_jax.errors import CheckpointError
 from doran_jax.models import hf_io
 
@@ -80,6 +81,18 @@ _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "out
 def is_gguf(path) -> bool:
   """Whether `path` names a GGUF file (by its suffix; the file itself is checked on open)."""
   return isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(SUFFIX)
+
+
+def remote_error(url: str) -> CheckpointError:
+  """Why a GGUF file at a URL is not read: the gguf package maps the file into memory
+  (np.memmap), which needs it on local disk, and copying gigabytes behind the user's back on
+  every run of every host would be worse than saying so."""
+  name = url.rstrip("/").rsplit("/", 1)[-1]
+  return CheckpointError(
+      f"GGUF file {url!r} is in remote storage; GGUF files are read from local disk (memory-"
+      f"mapped). Copy it first (e.g. `gcloud storage cp {url} /tmp/{name}`) and pass "
+      f"--config.model.name=/tmp/{name}, or convert the model to a safetensors folder, which "
+      "is read from the bucket directly.")
 
 
 def _float32(x) -> float:
@@ -232,6 +245,8 @@ def open_gguf(path) -> GGUFCheckpoint:
     (100000.0, True)
   """
   path = os.fspath(path)
+  if paths.is_remote(path):
+    raise remote_error(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"GGUF file {path!r} does not exist.")
   size = os.path.getsize(path)

@@ -16,6 +16,10 @@ Which torch `weight` an our-path leaf came from is decided by our leaf name, so 
 tree of the Flax module (from `jax.eval_shape` of its init) drives loading: every leaf is looked
 up in the checkpoint, and what the checkpoint lacks is reported, not invented.
 
+A folder may be a URL (gs://bucket/llama-7b, through `doran_jax.paths`): its safetensors headers
+are read and checked first, then each tensor is fetched by one ranged read as it is placed, so
+the host never holds a whole shard.
+
 Example:
   >>> state = read_state("ckpt/", dtype=ml_dtypes.bfloat16)          # host numpy, cast on read
   >>> abstract = jax.eval_shape(module.init, key, batch)["params"]
@@ -33,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from flax import traverse_util
 
+from doran_jax import paths
 from doran_jax.errors import CheckpointError
 from doran_jax.files import check_output_folder, inside, replacing, write_json
 
@@ -48,8 +53,8 @@ _WEIGHT_LEAVES = ("kernel", "embedding", "scale")
 
 def _listing(path: str) -> str:
   try:
-    names = sorted(os.listdir(path))
-  except OSError:
+    names = sorted(paths.listdir(path))
+  except (OSError, ValueError):
     return "(the folder does not exist)"
   return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "(empty)"
 
@@ -63,10 +68,9 @@ def read_config(path: str) -> dict:
   """
   path = os.fspath(path)
   file = inside(path, CONFIG)
-  if not os.path.isfile(file):
+  if not paths.isfile(file):
     raise FileNotFoundError(f"no {CONFIG} in {path!r}; it holds: {_listing(path)}.")
-  with open(file) as f:
-    return json.load(f)
+  return json.loads(paths.read_bytes(file))
 
 
 def weight_files(path: str) -> list[str]:
@@ -77,30 +81,30 @@ def weight_files(path: str) -> list[str]:
   """
   path = os.fspath(path)
   index = inside(path, INDEX)
-  if os.path.lexists(os.path.join(path, INDEX)):
-    with open(index) as f:
-      try:
-        weight_map = json.load(f)["weight_map"]
-      except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{INDEX} in {path!r} is not a safetensors index (a JSON object "
-                              f"with a 'weight_map'): {e}. Fix or re-download the folder.") from None
+  if paths.lexists(paths.join(path, INDEX)):
+    try:
+      weight_map = json.loads(paths.read_bytes(index))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{INDEX} in {path!r} is not a safetensors index (a JSON object "
+                            f"with a 'weight_map'): {e}. Fix or re-download the folder.") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
       raise CheckpointError(f"{INDEX} in {path!r}: 'weight_map' must map tensor names to shard "
                             "file names. Fix or re-download the folder.")
     # dict.fromkeys keeps the index's first-seen order and drops repeats.
     files = [inside(path, name, what=f"{INDEX} entry")
              for name in dict.fromkeys(weight_map.values())]
-    absent = [f for f in files if not os.path.isfile(f)]
+    absent = [f for f in files if not paths.isfile(f)]
     if absent:
       raise FileNotFoundError(f"{INDEX} in {path!r} names shards that are not there: "
                               f"{[os.path.basename(f) for f in absent]}; it holds: {_listing(path)}.")
     return files
-  if os.path.lexists(os.path.join(path, WEIGHTS)):
+  if paths.lexists(paths.join(path, WEIGHTS)):
     single = inside(path, WEIGHTS)
-    if os.path.isfile(single):
+    if paths.isfile(single):
       return [single]
   hint = ""
-  if os.path.isdir(path) and any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(path)):
+  if paths.isdir(path) and any(n.endswith(".bin") or n.endswith(".pt")
+                               for n in paths.listdir(path)):
     hint = (" PyTorch pickles (.bin) are not read without torch: convert them once with "
             "transformers (`model.save_pretrained(path, safe_serialization=True)`).")
   raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {path!r}; it holds: {_listing(path)}.{hint}")
@@ -119,6 +123,10 @@ def iter_state(path: str, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   from safetensors import safe_open
   dtype = as_numpy_dtype(dtype)
   for file in weight_files(path):
+    if paths.is_remote(file):
+      for name, reader in lazy_file(file, dtype=dtype).items():
+        yield name, reader()
+      continue
     with safe_open(file, framework="np") as f:
       for name in f.keys():
         x = f.get_tensor(name)
@@ -160,10 +168,11 @@ def _read_one(file: str, name: str, dtype):
 
 class _Reader:
   """A zero-argument reader of one tensor that knows the shape and dtype its file's header
-  declares, so `to_flax` checks both before any data is read."""
+  declares, so `to_flax` checks both before any data is read. `span` (numpy dtype, start, end):
+  where a URL's tensor lies in its file, fetched by one ranged read."""
 
-  def __init__(self, file: str, name: str, dtype, shape, header_dtype: str):
-    self.file, self.name, self.dtype = file, name, dtype
+  def __init__(self, file: str, name: str, dtype, shape, header_dtype: str, span=None):
+    self.file, self.name, self.dtype, self.span = file, name, dtype, span
     self.shape, self.header_dtype = tuple(int(n) for n in shape), header_dtype
 
   @property
@@ -172,7 +181,63 @@ class _Reader:
     return self.header_dtype.startswith(("F", "BF"))
 
   def __call__(self):
-    return _read_one(self.file, self.name, self.dtype)
+    if self.span is None:
+      return _read_one(self.file, self.name, self.dtype)
+    np_dtype, start, end = self.span
+    data = paths.read_bytes(self.file, start, end)
+    if len(data) != end - start:
+      raise CheckpointError(f"{self.file!r} is truncated: tensor {self.name!r} needs bytes "
+                            f"{start}..{end}, the file gave {len(data)}. Re-upload the folder.")
+    return cast(np.frombuffer(data, np_dtype).reshape(self.shape), self.dtype)
+
+
+# safetensors' dtype codes that a checkpoint of ours may hold, as numpy / ml_dtypes types.
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+    "F32": "float32", "F64": "float64", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2"}
+_MAX_HEADER = 100_000_000  # the bound safetensors itself puts on a header
+
+
+def _url_header(url: str) -> dict[str, tuple]:
+  """{name: (shape, code, numpy dtype, start, end)} of a safetensors file at a URL, from its
+  header alone (a ranged read or two), every entry checked against the file's size."""
+  bad = lambda why: CheckpointError(  # noqa: E731
+      f"{url!r} is not a valid safetensors file ({why}). Re-upload or re-download the folder.")
+  size = paths.getsize(url)
+  head = paths.read_bytes(url, 0, min(size, 1 << 16))
+  if len(head) < 8:
+    raise bad("shorter than its 8-byte header length")
+  n = int.from_bytes(head[:8], "little")
+  if n > _MAX_HEADER or 8 + n > size:
+    raise bad(f"a header of {n} bytes in a file of {size}")
+  raw = head[8:8 + n] if 8 + n <= len(head) else paths.read_bytes(url, 8, 8 + n)
+  try:
+    header = json.loads(raw)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise bad(f"its header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise bad("its header is not a JSON object")
+  out, data_size = {}, size - 8 - n
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      code, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+      ok = (all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size)
+    except (KeyError, TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise bad(f"tensor {name!r} has no valid dtype, shape and data_offsets within the file")
+    if code not in _SAFETENSORS_DTYPES:
+      raise bad(f"tensor {name!r} has dtype {code!r}, which doran_jax does not read")
+    np_dtype = as_numpy_dtype(_SAFETENSORS_DTYPES[code])
+    if end - start != int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize:
+      raise bad(f"tensor {name!r}: {end - start} bytes for shape {shape} of {code}")
+    out[name] = (tuple(shape), code, np_dtype, 8 + n + start, 8 + n + end)
+  return out
 
 
 def lazy_state(path: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
@@ -203,6 +268,9 @@ def lazy_file(file: str, *, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
   """
   from safetensors import safe_open
   dtype = as_numpy_dtype(dtype)
+  if paths.is_remote(file):
+    return {name: _Reader(file, name, dtype, shape, code, span=(np_dtype, start, end))
+            for name, (shape, code, np_dtype, start, end) in _url_header(file).items()}
   out = {}
   with safe_open(file, framework="np") as f:
     for name in f.keys():
@@ -440,7 +508,7 @@ def save_pretrained(params, hf_config_dict: Mapping[str, Any], path: str, *,
   """
   from safetensors.numpy import save_file
   path = check_output_folder(path, overwrite=overwrite, sources=sources, what="save_pretrained target")
-  os.makedirs(path, exist_ok=True)
+  paths.makedirs(path)
   drop = set(drop)
   flat = {p: x for p, x in _flat(params).items() if p not in drop}
   # Group our paths into shards by byte size before converting, so only one shard is on the host.
@@ -455,24 +523,24 @@ def save_pretrained(params, hf_config_dict: Mapping[str, Any], path: str, *,
   # transformers rejects safetensors files without this metadata.
   meta = {"format": "pt"}
   # A previous save's files would otherwise shadow or mix with these (the index wins on load).
-  for stale in os.listdir(path):
+  for stale in paths.listdir(path) if paths.isdir(path) else []:
     if stale in (WEIGHTS, INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
-      os.remove(os.path.join(path, stale))
-  write_json(os.path.join(path, CONFIG), dict(hf_config_dict), indent=2, sort_keys=True)
+      paths.remove(paths.join(path, stale))
+  write_json(paths.join(path, CONFIG), dict(hf_config_dict), indent=2, sort_keys=True)
   if len(shards) == 1:
-    with replacing(os.path.join(path, WEIGHTS)) as tmp:
+    with replacing(paths.join(path, WEIGHTS)) as tmp:
       save_file(to_torch_names(_nest({p: flat[p] for p in shards[0]}), no_transpose=no_transpose),
                 tmp, metadata=meta)
-    return [os.path.join(path, WEIGHTS)]
+    return [paths.join(path, WEIGHTS)]
   files, weight_map, total = [], {}, 0
   for i, group in enumerate(shards):
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     tensors = to_torch_names(_nest({p: flat[p] for p in group}), no_transpose=no_transpose)
-    with replacing(os.path.join(path, name)) as tmp:
+    with replacing(paths.join(path, name)) as tmp:
       save_file(tensors, tmp, metadata=meta)
     weight_map.update({k: name for k in tensors})
     total += sum(v.nbytes for v in tensors.values())
-    files.append(os.path.join(path, name))
+    files.append(paths.join(path, name))
     del tensors
-  write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+  write_json(paths.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
   return files

@@ -24,12 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from typing import Optional
 
+from doran_jax import paths
 from doran_jax.errors import CheckpointError
 from doran_jax.files import inside
-from doran_jax.models import gguf_io
+from doran_jax.models import gguf_io, hf_io
 
 # llama.cpp's GPT-2 split (and the tail of several others).
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -182,6 +186,7 @@ def _sentencepiece(ckpt: "gguf_io.GGUFCheckpoint"):
 def from_path(path: str):
   """The tokenizer of a resolved model path: a GGUF file's rebuilt one, else transformers'
   AutoTokenizer of the folder (`models.load_tokenizer` resolves names such as 'smollm2' first).
+  A URL folder's tokenizer files are copied to a local folder first (`local_copy`).
 
   Example:
     >>> tok = from_path(models.resolve("smollm2"))
@@ -190,6 +195,8 @@ def from_path(path: str):
   """
   if gguf_io.is_gguf(path):
     return from_gguf(path)
+  if paths.is_remote(path):
+    path = local_copy(path)
   if os.path.isdir(path):
     check_tokenizer_files(path)
   from transformers import AutoTokenizer
@@ -217,3 +224,29 @@ def check_tokenizer_files(folder: str) -> None:
       names += [os.path.join(_TEMPLATES_DIR, n) for n in sorted(os.listdir(templates))]
   for name in names:
     inside(folder, name, what="tokenizer file")
+
+
+def local_copy(url: str) -> str:
+  """A fresh local folder holding the tokenizer files of the URL folder `url` (transformers'
+  AutoTokenizer reads only local folders).
+
+  The files copied are those transformers may open (`_TOKENIZER_SUFFIXES`, config.json included,
+  and additional_chat_templates/), each name checked with `files.inside` (lexical for a URL: no
+  '..' or absolute names); the weights are never copied. The folder lives until the process
+  exits: a tokenizer may reread its vocabulary file when it is saved with a merged export.
+
+  Example:
+    >>> tok = AutoTokenizer.from_pretrained(local_copy("gs://my-bucket/llama-7b"))
+  """
+  names = [n for n in paths.listdir(url) if n.endswith(_TOKENIZER_SUFFIXES) and n != hf_io.INDEX]
+  templates = paths.join(url, _TEMPLATES_DIR)
+  if paths.isdir(templates):
+    names += [f"{_TEMPLATES_DIR}/{n}" for n in paths.listdir(templates)]
+  folder = tempfile.mkdtemp(prefix="doran-tokenizer-")
+  atexit.register(shutil.rmtree, folder, True)
+  for name in names:
+    source = inside(url, name, what="tokenizer file")
+    target = os.path.join(folder, *name.split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    paths.download(source, target)
+  return folder
