@@ -12,6 +12,8 @@ Exports:
     (their SHA-256, `files.write_checksums`), verified by `load_adapters`, which also refuses
     NaN/inf tensors and a non-positive rank or alpha;
   - merged: doran_jax.models.save_pretrained (the backbone with the adapters folded in).
+A run's folder may be a gs:// URL: orbax writes there itself (`paths.for_orbax`), and our own
+reads of its small JSON files, listings and exports go through `doran_jax.paths`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging as std_logging
-import os
 from typing import Any, Optional
 
 import jax
@@ -29,7 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
-from doran_jax import files
+from doran_jax import files, paths
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.errors import CheckpointError
 from doran_jax.files import inside, write_bytes, write_json
@@ -53,6 +54,9 @@ DAMAGED_DIR = "damaged"  # damaged steps are moved here (never deleted) when a n
 def manager(directory: str, *, async_save: bool = True) -> ocp.CheckpointManager:
   """The run's checkpoint manager. Retention is `prune`'s job, not orbax's (see the module doc).
 
+  `directory` may be a gs:// URL (orbax's own support); any other URL is a UserError naming
+  what orbax can write (`paths.for_orbax`).
+
   Example:
     >>> mngr = manager("runs/x/checkpoints")
     >>> state, meta = restore(mngr, sharding.abstract(run.state))
@@ -62,7 +66,7 @@ def manager(directory: str, *, async_save: bool = True) -> ocp.CheckpointManager
   options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                          enable_async_checkpointing=async_save)
   # Handlers are named up front so a fresh process can read the metadata before restoring.
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers={
+  return ocp.CheckpointManager(paths.for_orbax(directory), options=options, item_handlers={
       "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
       "integrity": ocp.JsonCheckpointHandler()})
 
@@ -125,7 +129,7 @@ def integrity_record(state, meta: dict) -> dict:
 
 
 def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(mngr.directory), str(step))
+  return paths.join(str(mngr.directory), str(step))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, *,
@@ -152,13 +156,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, *,
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
   source = step_path(mngr, step)
   if jax.process_index() == 0:
-    target = os.path.join(str(mngr.directory), DAMAGED_DIR, str(step))
+    target = paths.join(str(mngr.directory), DAMAGED_DIR, str(step))
     n = 1
-    while os.path.exists(target):
+    while paths.exists(target):
       n += 1
-      target = os.path.join(str(mngr.directory), DAMAGED_DIR, f"{step}.{n}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(source, target)
+      target = paths.join(str(mngr.directory), DAMAGED_DIR, f"{step}.{n}")
+    paths.makedirs(paths.join(str(mngr.directory), DAMAGED_DIR))
+    paths.move(source, target)  # on an object store: copied, then deleted
     logging.warning("checkpoint step %d at %s was not restorable; moved to %s (not deleted) to "
                     "save the new step %d.", step, source, target, step)
   if jax.process_count() > 1:
@@ -205,11 +209,10 @@ def _short(error: BaseException, limit: int = 160) -> str:
 def _read_json(path: str, what: str):
   """The parsed file, or raises _Damaged naming what is wrong with it."""
   try:
-    with open(path, "rb") as f:
-      return json.loads(f.read().decode("utf-8"))
+    return json.loads(paths.read_bytes(path).decode("utf-8"))
   except FileNotFoundError:
-    raise _Damaged(f"{what} is missing ({os.path.basename(os.path.dirname(path))}/"
-                   f"{os.path.basename(path)})") from None
+    parent, name = path.rstrip("/").rsplit("/", 2)[-2:]
+    raise _Damaged(f"{what} is missing ({parent}/{name})") from None
   except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
     raise _Damaged(f"{what} is not valid JSON ({_short(e)})") from None
 
@@ -230,13 +233,13 @@ def problem(mngr: ocp.CheckpointManager, step: int) -> Optional[str]:
 
 def _structure(mngr: ocp.CheckpointManager, step: int):
   base = step_path(mngr, step)
-  _read_json(os.path.join(base, "_CHECKPOINT_METADATA"), "the step metadata")
-  _read_json(os.path.join(base, "meta", "metadata"), "the data-position record")
-  _read_json(os.path.join(base, "state", "_METADATA"), "the state's array metadata")
+  _read_json(paths.join(base, "_CHECKPOINT_METADATA"), "the step metadata")
+  _read_json(paths.join(base, "meta", "metadata"), "the data-position record")
+  _read_json(paths.join(base, "state", "_METADATA"), "the state's array metadata")
   try:
-    record = _read_json(os.path.join(base, "integrity", "metadata"), "the checksum record")
+    record = _read_json(paths.join(base, "integrity", "metadata"), "the checksum record")
   except _Damaged as e:
-    if os.path.isdir(os.path.join(base, "integrity")):
+    if paths.isdir(paths.join(base, "integrity")):
       raise
     raise _Damaged(f"{e}; checkpoints written before doran_jax recorded checksums have none, "
                    "so they cannot be verified") from None
@@ -348,11 +351,11 @@ def export_adapters(directory: str, trainable, cfg: AdapterConfig, extra: Option
     >>> export_adapters("runs/x/export", state.trainable, adapter_cfg)
     >>> trainable, cfg = load_adapters("runs/x/export")
   """
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   host = jax.device_get(trainable)
-  write_bytes(os.path.join(directory, ADAPTERS),
+  write_bytes(paths.join(directory, ADAPTERS),
               serialization.msgpack_serialize(serialization.to_state_dict(host)))
-  write_json(os.path.join(directory, ADAPTER_CONFIG),
+  write_json(paths.join(directory, ADAPTER_CONFIG),
              {"adapter": cfg.to_dict(), **(extra or {})}, indent=2, sort_keys=True)
   files.write_checksums(directory, [ADAPTERS, ADAPTER_CONFIG])
   logging.info("export: adapters (%d tensors) to %s", len(flatten(host)), directory)
@@ -368,10 +371,8 @@ def load_adapters(directory: str) -> tuple[Any, AdapterConfig, dict]:
     CheckpointError: a symlink out, a file whose checksum differs, a NaN/inf tensor (named),
       or an adapter config that is not valid (rank or alpha not a finite number > 0).
   """
-  with open(inside(directory, ADAPTER_CONFIG), "rb") as f:
-    config_bytes = f.read()
-  with open(inside(directory, ADAPTERS), "rb") as f:
-    blob = f.read()
+  config_bytes = paths.read_bytes(inside(directory, ADAPTER_CONFIG))
+  blob = paths.read_bytes(inside(directory, ADAPTERS))
   # The bytes that are checked are the bytes that are parsed.
   sums = files.read_checksums(directory, fix=_REEXPORT)
   if sums is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import time
 import types
 from typing import Optional
@@ -19,7 +18,7 @@ import jax
 from absl import logging
 
 from doran_jax import (checkpoint, commonsense, config_lib, errors, evaluate, files, fingerprint,
-                       models, probe, progress, quant, scoring, sharding, trainer,
+                       models, paths, probe, progress, quant, scoring, sharding, trainer,
                        workdir_lock)
 from doran_jax import run as run_lib
 from doran_jax.adapters import count_params
@@ -118,18 +117,19 @@ def _finished_results(config, workdir: str, *, validate: bool = True) -> Optiona
     config_lib.validate(config)
     # Before any JAX call (the workdir lock asks for the process index).
     sharding.maybe_initialize_distributed(config.distributed)
+  paths.for_orbax(trainer.checkpoint_dir(workdir))  # memory:// etc.: refused before any write
   results = fingerprint.completed(workdir, fingerprint.check(config, workdir))
   if results is None:
     return None
   log(f"this run is complete: {workdir} holds its final checkpoint (step {results['steps']}) and "
-      f"{os.path.join(workdir, fingerprint.RESULTS)}; nothing was retrained or rewritten. For "
+      f"{paths.join(workdir, fingerprint.RESULTS)}; nothing was retrained or rewritten. For "
       "another run use a new --config.workdir; to re-score the checkpoint use eval.py.")
   return {**results, "status": "complete"}
 
 
 def _write_results(workdir: str, results: dict) -> None:
   if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, "results.json"),
+    files.write_json(paths.join(workdir, "results.json"),
                      {k: v for k, v in results.items() if k not in ("history", "state")})
 
 
@@ -186,7 +186,7 @@ def export(run, state, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   extra = {"model": run.config.model.to_dict(), "head": run.config.head, "step": int(state.step)}
-  checkpoint.export_adapters(os.path.join(workdir, "export", "adapters"), state.trainable,
+  checkpoint.export_adapters(paths.join(workdir, "export", "adapters"), state.trainable,
                              run.adapter_cfg, extra)
   if run.config.export.merged:
     # A quantised base is dequantised for the merged export (its dtype: model.param_dtype).
@@ -195,7 +195,7 @@ def export(run, state, workdir: str) -> None:
     # export/merged belongs to this run (its workdir identity was checked): a re-export of the
     # same run (resume=force to more steps) replaces it. Symlinks and the base's own folder
     # stay refused.
-    models.save_pretrained(run.backbone, merged, os.path.join(workdir, "export", "merged"),
+    models.save_pretrained(run.backbone, merged, paths.join(workdir, "export", "merged"),
                            tokenizer=run.tokenizer, overwrite=True)
 
 
@@ -237,7 +237,7 @@ def _run_experiment(config, workdir: str) -> dict:
       table = frozen_config.optim.get("lr_by_method", None) or {}
       if "frozen" in table:
         frozen_config.optim.lr = float(table["frozen"])
-    frozen_results = train(frozen_config, os.path.join(workdir, "baseline_frozen"))
+    frozen_results = train(frozen_config, paths.join(workdir, "baseline_frozen"))
     baselines["frozen"] = {**frozen_results["eval"], "train_minutes": frozen_results["train_minutes"],
                            "trainable_params": frozen_results["trainable_params"],
                            "lr": frozen_results["lr"]}
@@ -306,7 +306,7 @@ def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
     if step is not None:
       raise errors.ConfigError("step selects a checkpoint in a workdir; an adapter export has no "
                                "steps.")
-    if not os.path.isfile(os.path.join(adapters_dir, "adapter_config.json")):
+    if not paths.isfile(paths.join(adapters_dir, "adapter_config.json")):
       raise errors.CheckpointError(
           f"{adapters_dir!r} is not an adapter export (no adapter_config.json); pass the "
           "<workdir>/export/adapters folder a training run wrote.")
@@ -319,13 +319,13 @@ def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
     return run, trainable, cfg, extra.get("step"), adapters_dir
   workdir = workdir or config.workdir
   # Never create anything under a workdir that is not a run (orbax would make checkpoints/).
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise errors.CheckpointError(
         f"workdir {workdir!r} does not exist; pass the run's folder with --workdir (or "
         "--config.workdir), or an adapter export with --adapters.")
   if not fingerprint.checkpoint_steps(workdir):
     raise errors.CheckpointError(
-        f"workdir {workdir!r} has no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+        f"workdir {workdir!r} has no checkpoint in {trainer.checkpoint_dir(workdir)}; "
         "train it first (train.py) or pass an adapter export with --adapters.")
   config = _run_settings(config, workdir)
   record = fingerprint.check(config, workdir, purpose="eval")
@@ -337,7 +337,7 @@ def _load_trained(config, *, workdir=None, adapters_dir=None, step=None):
       raise errors.RunMismatchError(
           f"workdir {workdir} was trained on other data than this config loads ({'; '.join(diffs)}); "
           "evaluate with the data it was trained on, or pass --config.resume=force.")
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  mngr = checkpoint.manager(trainer.checkpoint_dir(workdir))
   state, _ = checkpoint.restore(mngr, sharding.abstract(run.state), step)
   mngr.close()
   return run, state.trainable, run.adapter_cfg, int(state.step), workdir
@@ -370,8 +370,8 @@ def evaluate_run(config, *, workdir=None, adapters_dir=None, step=None, save=Tru
   """
   run, trainable, cfg, step, source = _load_trained(config, workdir=workdir,
                                                     adapters_dir=adapters_dir, step=step)
-  out_path = (os.path.join(adapters_dir, "eval.json") if adapters_dir
-              else os.path.join(source, f"eval_step{step}.json"))
+  out_path = (paths.join(adapters_dir, "eval.json") if adapters_dir
+              else paths.join(source, f"eval_step{step}.json"))
   metrics = {"step": step, "source": source, **evaluate_state(run, trainable, cfg)}
   if save and jax.process_index() == 0:
     files.write_json(out_path, metrics)  # never through a symlink planted in the export

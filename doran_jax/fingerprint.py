@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
-from doran_jax import optim
+from doran_jax import optim, paths
 from doran_jax.errors import RunMismatchError
 from doran_jax.files import write_json
 
@@ -75,6 +75,8 @@ def _jsonable(value):
 
 
 def _normal_path(value):
+  if isinstance(value, str) and paths.is_remote(value):
+    return value.rstrip("/")  # never a network call for the identity
   if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
     return os.path.abspath(os.path.expanduser(value))
   return value
@@ -144,12 +146,11 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def read(workdir: str) -> Optional[dict]:
   """The run.json record of `workdir`, or None when there is none."""
-  path = os.path.join(workdir, RECORD)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, RECORD)
+  if not paths.isfile(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_bytes(path))
   except (OSError, ValueError) as e:
     raise RunMismatchError(
         f"{path} cannot be read ({type(e).__name__}: {e}); restore it, or continue this workdir "
@@ -158,10 +159,10 @@ def read(workdir: str) -> Optional[dict]:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Steps of the committed checkpoints in <workdir>/checkpoints (orbax names them by step)."""
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder):
+  folder = paths.join(workdir, "checkpoints")
+  if not paths.isdir(folder):
     return []
-  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+  return sorted(int(name) for name in paths.listdir(folder) if name.isdigit())
 
 
 def _resume_mode(config) -> str:
@@ -249,8 +250,8 @@ def claim(config, workdir: str, resolved_values: Mapping[str, Any]) -> Optional[
 def commit(workdir: str, record: Optional[dict]) -> None:
   """Writes a record from `claim` as <workdir>/run.json (None: nothing to write)."""
   if record is not None:
-    os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, RECORD), record, indent=2, sort_keys=True)
+    paths.makedirs(workdir)
+    write_json(paths.join(workdir, RECORD), record, indent=2, sort_keys=True)
 
 
 def completed(workdir: str, record: Optional[dict]) -> Optional[dict]:
@@ -262,12 +263,11 @@ def completed(workdir: str, record: Optional[dict]) -> Optional[dict]:
     return None
   num_steps = record.get("resolved", {}).get("num_steps")
   steps = checkpoint_steps(workdir)
-  path = os.path.join(workdir, RESULTS)
-  if num_steps is None or not steps or steps[-1] < num_steps or not os.path.isfile(path):
+  path = paths.join(workdir, RESULTS)
+  if num_steps is None or not steps or steps[-1] < num_steps or not paths.isfile(path):
     return None
   try:
-    with open(path) as f:
-      results = json.load(f)
+    results = json.loads(paths.read_bytes(path))
   except (OSError, ValueError):
     return None  # an unreadable results.json is rewritten by evaluating the final checkpoint
   if results.get("status") != "done" or results.get("steps") != num_steps:

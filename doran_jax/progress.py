@@ -5,6 +5,10 @@ prefixed names (`train/loss`, `train/lr`, `train/examples_per_s`, `eval/accuracy
 same scalars go to TensorBoard (`<workdir>/tensorboard`, via tensorboardX, no TensorFlow) when
 `config.tensorboard=True`. Only the writer built with `enabled=True` (process 0) writes.
 
+In a bucket (a URL workdir) an object cannot be appended to, so the records are kept and the
+object is uploaded again at most every `REMOTE_FLUSH_S` seconds and on `close` (a killed run
+loses at most that much of the file; a resume rewrites the steps after its checkpoint anyway).
+
 Example:
   >>> with MetricWriter("runs/x", total_steps=100) as writer:
   ...   writer.train_step(1, {"loss": 0.69, "lr": 1e-3}, examples_per_s=55.0)
@@ -13,16 +17,21 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
-import os
 import sys
+import time
 from typing import Optional
 
 from tqdm import tqdm
 
+from doran_jax import paths
+from doran_jax.errors import ConfigError
 from doran_jax.files import append_text, write_text
+
+REMOTE_FLUSH_S = 30.0
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -49,10 +58,9 @@ def truncate_metrics(path: str, step: int) -> int:
   Example:
     >>> truncate_metrics("runs/x/metrics.jsonl", 200)   # resumed from the step-200 checkpoint
   """
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return 0
-  with open(path) as f:
-    lines = f.readlines()
+  lines = io.StringIO(paths.read_bytes(path).decode("utf-8"), newline=None).readlines()
   kept = []
   for line in lines:
     try:
@@ -81,7 +89,8 @@ class MetricWriter:
                enabled: bool = True, truncate_after: Optional[int] = None):
     """`truncate_after=step` first drops the records of later steps (a resume from `step`)."""
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self._pending, self._flushed = [], time.time()  # a bucket's unwritten records
     if enabled and truncate_after is not None:
       truncate_metrics(self.path, truncate_after)
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -93,13 +102,23 @@ class MetricWriter:
       except ImportError as e:
         raise ValueError("config.tensorboard=True needs tensorboardX (no TensorFlow): "
                          "pip install tensorboardX==2.6.5, or set --config.tensorboard=False.") from e
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if paths.is_remote(workdir) and paths.scheme(workdir) not in ("gs", "s3"):
+        raise ConfigError(f"config.tensorboard=True with workdir {workdir!r}: tensorboardX "
+                          "writes local folders, gs:// and s3:// only; set "
+                          "--config.tensorboard=False.")
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Appends {'step': step, **scalars} to metrics.jsonl (and TensorBoard)."""
     if not self.enabled:
       return
-    append_text(self.path, json.dumps({"step": int(step), **scalars}) + "\n")
+    line = json.dumps({"step": int(step), **scalars}) + "\n"
+    if paths.is_remote(self.path):
+      self._pending.append(line)
+      if time.time() - self._flushed >= REMOTE_FLUSH_S:
+        self.flush()
+    else:
+      append_text(self.path, line)
     if self._tb is not None:
       for name, value in scalars.items():
         if math.isfinite(value):
@@ -114,7 +133,15 @@ class MetricWriter:
       self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             ex_s=f"{examples_per_s:.1f}", refresh=False)
 
+  def flush(self) -> None:
+    """Writes the records kept for a bucket (one upload of the whole file)."""
+    if self._pending:
+      append_text(self.path, "".join(self._pending))
+      self._pending = []
+    self._flushed = time.time()
+
   def close(self) -> None:
+    self.flush()
     self._bar.close()
     if self._tb is not None:
       self._tb.close()

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from doran_jax import checkpoint, errors, fingerprint, progress, sharding, workdir_lock
+from doran_jax import checkpoint, errors, fingerprint, paths, progress, sharding, workdir_lock
 from doran_jax.adapters import count_params
 
 
@@ -168,6 +167,11 @@ class _CompileClock:
     jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """<workdir>/checkpoints (a local path or a URL)."""
+  return paths.join(workdir, "checkpoints")
+
+
 def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   """Trains `run` from its latest checkpoint in `workdir` (or from its initial state).
 
@@ -177,6 +181,7 @@ def fit(run, workdir: str, *, max_steps: Optional[int] = None) -> dict:
   Returns:
     {'status': 'done' | 'paused' | 'preempted', 'step', 'history', 'state', 'train_minutes'}.
   """
+  paths.for_orbax(checkpoint_dir(workdir))  # a workdir orbax cannot write: refused up front
   with workdir_lock.held(workdir, enabled=jax.process_index() == 0):
     return _fit(run, workdir, max_steps)
 
@@ -201,9 +206,9 @@ def _fit(run, workdir: str, max_steps: Optional[int]) -> dict:
   # Another run's workdir stops here, before anything in it is written (see doran_jax.fingerprint).
   record = fingerprint.claim(config, workdir, fingerprint.resolved(run.num_steps, run.train_data))
   _beyond_the_run(workdir, run.num_steps)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   ckpt_cfg = config.checkpoint
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+  mngr = checkpoint.manager(checkpoint_dir(workdir))
   # The step donates its input state: train a copy, so `run.state` stays the initial state
   # (one jitted copy of the whole tree, not one compile per leaf).
   state = jax.jit(lambda tree: jax.tree_util.tree_map(lambda x: x.copy(), tree),

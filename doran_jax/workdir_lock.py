@@ -10,6 +10,14 @@ the process is gone and takes it over. A lock from another host cannot be checke
 says which file to delete once that run is known to be dead. Taking the lock again in the
 process that holds it is a no-op (run_experiment -> train -> fit).
 
+In a bucket (a gs:// workdir) there is no O_EXCL or O_NOFOLLOW: the lock is an object uploaded
+only if none is there (`paths.write_bytes(create=True)`: an ifGenerationMatch=0 precondition
+with gcsfs, which gcsfs calls experimental; fsspec filesystems without a create mode check, then
+write), then read back to see that it is ours. Best effort, then: two runs starting within the
+same second on a filesystem without an atomic create may both think they hold it. An upload
+appears whole or not at all, so a bucket lock is never torn; a stale one (its holder killed) is
+taken over on the same host as locally, and one from another host names the URL to delete.
+
 Example:
   >>> with held("runs/sst2"):              # what experiment.train and trainer.fit do
   ...   ...                                # train, evaluate, export
@@ -26,6 +34,7 @@ from typing import Optional
 
 from absl import logging
 
+from doran_jax import paths
 from doran_jax.errors import WorkdirBusyError
 
 LOCK = "run.lock"
@@ -73,23 +82,32 @@ def _alive(record: dict) -> bool:
 
 def read(workdir: str) -> Optional[dict]:
   """The lock record of `workdir` ({} for an unreadable one), or None when it is not locked."""
-  path = os.path.join(workdir, LOCK)
+  path = paths.join(workdir, LOCK)
+  if paths.is_remote(path):
+    try:
+      return _record(paths.read_bytes(path))
+    except FileNotFoundError:
+      return None
   try:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
   except FileNotFoundError:
     return None
   except OSError:
     return {}  # a symlink or something else planted there: not a lock we can trust
-  with os.fdopen(fd) as f:
-    try:
-      record = json.load(f)
-    except ValueError:
-      return {}
+  with os.fdopen(fd, "rb") as f:
+    return _record(f.read())
+
+
+def _record(data: bytes) -> dict:
+  try:
+    record = json.loads(data)
+  except ValueError:
+    return {}
   return record if isinstance(record, dict) else {}
 
 
 def _busy(workdir: str, record: dict) -> WorkdirBusyError:
-  path = os.path.join(workdir, LOCK)
+  path = paths.join(workdir, LOCK)
   who = (f"process {record.get('pid')} on host {record.get('host')} (since {record.get('since')})"
          if record else "a lock file that cannot be read")
   if record and record.get("host") == socket.gethostname():
@@ -105,7 +123,9 @@ def _busy(workdir: str, record: dict) -> WorkdirBusyError:
 def _stale(workdir: str, record: dict) -> bool:
   """A lock left by a holder that is gone: same host and not alive, or torn and old."""
   if not record:
-    path = os.path.join(workdir, LOCK)
+    path = paths.join(workdir, LOCK)
+    if paths.is_remote(path):
+      return not paths.exists(path)  # uploads are never torn: an unreadable lock is not ours
     try:
       return (not os.path.islink(path) and
               time.time() - os.lstat(path).st_mtime > _TORN_AFTER_S)
@@ -120,9 +140,11 @@ def acquire(workdir: str) -> dict:
   Raises:
     WorkdirBusyError: another live process holds it, or a host this one cannot check does.
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK)
+  paths.makedirs(workdir)
+  path = paths.join(workdir, LOCK)
   me = holder()
+  if paths.is_remote(path):
+    return _acquire_url(workdir, path, me)
   for _ in range(2):
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -141,12 +163,33 @@ def acquire(workdir: str) -> dict:
   raise _busy(workdir, read(workdir) or {})
 
 
+def _acquire_url(workdir: str, path: str, me: dict) -> dict:
+  """`acquire` in a bucket: create-if-absent, then read back (see the module docstring)."""
+  for _ in range(2):
+    try:
+      paths.write_bytes(path, json.dumps(me).encode(), create=True)
+    except FileExistsError:
+      record = read(workdir) or {}
+      if not _stale(workdir, record):
+        raise _busy(workdir, record) from None
+      logging.warning("removing the stale lock %s of %s (that process is gone).", path,
+                      f"process {record.get('pid')}" if record else "a holder that left no record")
+      with contextlib.suppress(FileNotFoundError):
+        paths.remove(path)
+      continue
+    now = read(workdir)
+    if now is None or not _same(now, me):
+      raise _busy(workdir, now or {})  # another run wrote it between our check and our write
+    return me
+  raise _busy(workdir, read(workdir) or {})
+
+
 def release(workdir: str, record: dict) -> None:
   """Removes the lock of `workdir` if `record` still holds it (never another run's)."""
   held_now = read(workdir)
   if held_now and _same(held_now, record):
     with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(workdir, LOCK))
+      paths.remove(paths.join(workdir, LOCK))
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ KNOWN_WRITERS = {
     "doran_jax/checkpoint.py:_set_aside": "os.rename of a damaged step dir inside checkpoints/",
     "doran_jax/models/__init__.py:save_pretrained": (
         "tokenizer.save_pretrained into a folder check_output_folder accepted"),
+    "doran_jax/workdir_lock.py:_acquire_url": (
+        "paths.write_bytes(create=True): uploads the lock only where none exists"),
     "doran_jax/models/tokenizer.py:local_copy": "paths.download into a fresh mkdtemp folder",
 }
 _WRITE_CALLS = {("os", "rename"), ("os", "replace"), ("np", "save"), ("np", "savez"),
