@@ -134,6 +134,10 @@ def config_problems(data_cfg, task: Optional[str] = None) -> list[str]:
     example = {"tsv": "../shared/data/text/sst2", "commonsense": "../shared/data/commonsense"}
     problems.append(f"data source {name!r} needs data.path (e.g. "
                     f"{example.get(name, 'a folder with train.jsonl and dev.jsonl')}).")
+  elif path and "://" in path:
+    problems.append(f"data.path={path!r} is a URL; data files are read from local disk (only "
+                    "model folders and workdirs may be in a bucket). Copy the data to each "
+                    "worker (e.g. `gcloud storage cp -r`) and pass the local folder.")
   elif path and not os.path.exists(os.path.expanduser(path)):
     problems.append(f"data.path={path!r} does not exist (relative to {os.getcwd()}); point it "
                     "at the data folder.")
