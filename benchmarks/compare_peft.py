@@ -116,14 +116,21 @@ def main(argv=None):
   if ("ours", "doran") in t and ("ours", "dora") in t:
     print(f"ours doran / ours dora = {t[('ours', 'doran')] / t[('ours', 'dora')]:.2f} (target <= 1.10)")
   if args.matmul_probe:
-    print("\n| ours | matmul GFLOP/step | matmul alone GFLOP/s | step's matmul GFLOP/s | "
-          "fraction_of_matmul |")
+    print("\n| ours | dots | GFLOP / step | ms alone | GFLOP/s alone |")
     print("|---|---|---|---|---|")
     for (impl, method), rs in sorted(results.items()):
-      if impl == "ours" and "matmul_gflops" in rs[0]:
-        med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-        print(f"| {method} | {med('matmul_flops_per_step') / 1e9:.1f} | {med('matmul_gflops'):.1f} | "
-              f"{med('step_matmul_gflops'):.1f} | {med('fraction_of_matmul'):.2f} |")
+      if impl != "ours" or "matmul_by_kind" not in rs[0]:
+        continue
+      med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+      for k in rs[0]["matmul_by_kind"]:
+        print(f"| {method} | {k} | {med(lambda r: r['matmul_by_kind'][k]['gflop']):.1f} | "
+              f"{med(lambda r: r['matmul_by_kind'][k]['ms_alone']):.0f} | "
+              f"{med(lambda r: r['matmul_by_kind'][k]['gflops']):.1f} |")
+      print(f"| {method} | all | {med(lambda r: r['matmul_flops_per_step']) / 1e9:.1f} | "
+            f"{med(lambda r: r['matmul_s_alone']) * 1e3:.0f} | {med(lambda r: r['matmul_gflops']):.1f} |")
+      print(f"| {method} | step | | {med(lambda r: r['median_step_s']) * 1e3:.0f} "
+            f"(beyond the dots alone: {med(lambda r: r['beyond_matmul_s']) * 1e3:.0f}; "
+            f"fraction_of_matmul {med(lambda r: r['fraction_of_matmul']):.2f}) | |")
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump({f"{i}/{m}": v for (i, m), v in results.items()}, f, indent=1)

@@ -210,13 +210,14 @@ def main(argv=None):
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  times = []
+  times, cpu_times = [], []
   for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, run.frozen, device_batches[i % len(device_batches)])
     jax.block_until_ready((state, metrics))
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
+      cpu_times.append(time.process_time() - c)
   median = statistics.median(times)
   result = {
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
@@ -226,16 +227,24 @@ def main(argv=None):
       "frozen_param_bytes": quant.param_bytes(run.frozen),
       "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
+      # CPU seconds of all the process's threads per step: with other work on the cores, a
+      # steadier measure of our own variants' work than wall time (not comparable with torch,
+      # whose idle threads spin).
+      "median_step_cpu_s": statistics.median(cpu_times), "min_step_cpu_s": min(cpu_times),
       "peak_rss_mb": peak_rss_mb(), "trainable_params": count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,
       "achieved_gflops": flops_model / median / 1e9,
       "final_loss": float(metrics["loss"]), "tag": args.tag,
   }
   if args.matmul_probe:
-    probe = matmul_probe.matmul_rate(lowered.as_text())
+    hf = run.backbone.config
+    probe = matmul_probe.matmul_rate(lowered.as_text(), vocab=getattr(hf, "vocab_size", None),
+                                     max_rank=max(64, args.rank))
     # The step's own dot FLOPs over its time, against the same dots timed alone.
     result.update(probe, step_matmul_gflops=probe["matmul_flops_per_step"] / median / 1e9)
     result["fraction_of_matmul"] = result["step_matmul_gflops"] / probe["matmul_gflops"]
+    # What the step spends beyond its dots' time alone: everything else, and dots slowed down.
+    result["beyond_matmul_s"] = median - probe["matmul_s_alone"]
   if jax.devices()[0].platform == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_device_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
