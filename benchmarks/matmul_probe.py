@@ -104,17 +104,51 @@ def time_dot(d: Dot, *, repeats: int = 5) -> float:
   return float(np.median(times))
 
 
-def matmul_rate(stablehlo_text: str, *, repeats: int = 5, min_flops: float = 1e6) -> dict:
-  """FLOP-weighted GFLOP/s of the step's own dots, each timed alone.
+def kind(d: Dot, *, vocab: int | None = None, max_rank: int = 64) -> str:
+  """What a dot computes in a transformer step, from its shapes alone.
+
+  'attention': batched (scores, probabilities × values, and their gradients); 'lm_head': an
+  operand spans the vocabulary (`vocab`; the LM head forward and its input gradient);
+  'low_rank': a free or contracted dimension of at most `max_rank` (the adapters' A and B and
+  their gradients, the DoRA norm's AᵀA); 'dense': the rest (the model's linears, forward and
+  input gradients). Example: kind(d, vocab=32000) -> 'lm_head'.
+  """
+  if d.lhs_batch:
+    return "attention"
+  if vocab and vocab in d.lhs + d.rhs:
+    return "lm_head"
+  free_l = [n for i, n in enumerate(d.lhs) if i not in d.lhs_contract]
+  free_r = [n for i, n in enumerate(d.rhs) if i not in d.rhs_contract]
+  contracted = int(np.prod([d.lhs[i] for i in d.lhs_contract]))
+  if min([contracted, *free_l[-1:], *free_r[-1:]]) <= max_rank:
+    return "low_rank"
+  return "dense"
+
+
+def matmul_rate(stablehlo_text: str, *, repeats: int = 5, min_flops: float = 1e6,
+                vocab: int | None = None, max_rank: int = 64) -> dict:
+  """FLOP-weighted GFLOP/s of the step's own dots, each timed alone, in all and by `kind`.
 
   Dots under `min_flops` (scalars, tiny adapter products) are left out: their time is launch
-  overhead, not a rate. Returns {'matmul_gflops', 'matmul_flops_per_step', 'distinct_dots'}.
+  overhead, not a rate. Returns {'matmul_gflops', 'matmul_flops_per_step', 'matmul_s_alone',
+  'distinct_dots', 'matmul_by_kind': {kind: {'gflop', 'ms_alone', 'gflops'}}}: the seconds the
+  step's dots take alone, per kind, so a step's time minus 'matmul_s_alone' is roughly what its
+  other work (norms, softmax, cross-entropy, elementwise passes) and the dots' slowdown inside
+  the step cost.
   """
   dots = {d: n for d, n in dots_in_stablehlo(stablehlo_text).items() if dot_flops(d) >= min_flops}
-  flops = sum(dot_flops(d) * n for d, n in dots.items())
-  seconds = sum(time_dot(d, repeats=repeats) * n for d, n in dots.items())
+  by_kind = collections.defaultdict(lambda: [0.0, 0.0])
+  for d, n in dots.items():
+    entry = by_kind[kind(d, vocab=vocab, max_rank=max_rank)]
+    entry[0] += dot_flops(d) * n
+    entry[1] += time_dot(d, repeats=repeats) * n
+  flops = sum(f for f, _ in by_kind.values())
+  seconds = sum(t for _, t in by_kind.values())
   return {"matmul_gflops": flops / seconds / 1e9 if seconds else float("nan"),
-          "matmul_flops_per_step": flops, "distinct_dots": len(dots)}
+          "matmul_flops_per_step": flops, "matmul_s_alone": seconds, "distinct_dots": len(dots),
+          "matmul_by_kind": {k: {"gflop": f / 1e9, "ms_alone": t * 1e3,
+                                 "gflops": f / t / 1e9 if t else float("nan")}
+                             for k, (f, t) in sorted(by_kind.items())}}
 
 
 # Widest vector unit first: the /proc/cpuinfo flag and how describe_cpu names it.

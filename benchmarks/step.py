@@ -7,10 +7,10 @@ r"""Times complete jitted training steps (forward, backward, AdamW) and prints o
   python benchmarks/step.py --method dora --profile 3    # + where the step's time goes
 
 Models: minilm (the real all-MiniLM-L6-v2), bert-base (BERT-base sizes, random weights),
-vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-smollm2, llama-1b (LLaMA-shaped, random). Inputs are random
-token ids / pixels from a fixed seed. Timing: after compilation, each step is timed with
-block_until_ready; FLOPs come from XLA's cost analysis of the lowered step (every matmul,
-forward and backward, as the program computes it).
+vit-b16 (ViT-B/16 sizes, random), llama-tiny, llama-512, llama-smollm2, llama-1b (LLaMA-shaped,
+random; benchmarks/llama_shapes.py). Inputs are random token ids / pixels from a fixed seed.
+Timing: after compilation, each step is timed with block_until_ready; FLOPs come from XLA's cost
+analysis of the lowered step (every matmul, forward and backward, as the program computes it).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from doran_jax import config_lib, models, quant, sharding  # noqa: E402
 from doran_jax.adapters import count_params  # noqa: E402
 
-from benchmarks import matmul_probe, thunk_profile  # noqa: E402
+from benchmarks import llama_shapes, matmul_probe, thunk_profile  # noqa: E402
 
 from doran_jax import run as run_lib  # noqa: E402
 
@@ -54,19 +54,8 @@ def hf_config(name: str, model_dropout, attention_dropout=None):
     cfg = transformers.BertConfig(num_labels=2)
   elif name == "vit-b16":
     cfg = transformers.ViTConfig(num_labels=100)
-  elif name == "llama-tiny":
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
-                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-  elif name == "llama-1b":
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                   num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                                   max_position_embeddings=2048)
-  elif name == "llama-smollm2":
-    # SmolLM2-135M's shape (random weights): the LLM main job's step, without loading the GGUF.
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                   max_position_embeddings=8192, rope_theta=100000.0,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+  elif name in llama_shapes.LLAMA_SHAPES:
+    cfg = transformers.LlamaConfig(**llama_shapes.LLAMA_SHAPES[name])
   else:
     return None
   if model_dropout is not None:
@@ -176,7 +165,7 @@ def peak_rss_mb() -> float:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--method", default="dora", choices=["frozen", "lora", "dora", "doran", "dyndora", "full"])
-  p.add_argument("--model", default="minilm", help="minilm | bert-base | vit-b16 | llama-tiny | llama-smollm2 | llama-1b")
+  p.add_argument("--model", default="minilm", help="minilm | bert-base | vit-b16 | llama-tiny | llama-512 | llama-smollm2 | llama-1b")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--rank", type=int, default=8)
@@ -221,13 +210,14 @@ def main(argv=None):
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  times = []
+  times, cpu_times = [], []
   for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, run.frozen, device_batches[i % len(device_batches)])
     jax.block_until_ready((state, metrics))
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
+      cpu_times.append(time.process_time() - c)
   median = statistics.median(times)
   result = {
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
@@ -237,16 +227,24 @@ def main(argv=None):
       "frozen_param_bytes": quant.param_bytes(run.frozen),
       "n_devices": jax.device_count(),
       "median_step_s": median, "min_step_s": min(times), "examples_per_s": args.batch / median,
+      # CPU seconds of all the process's threads per step: with other work on the cores, a
+      # steadier measure of our own variants' work than wall time (not comparable with torch,
+      # whose idle threads spin).
+      "median_step_cpu_s": statistics.median(cpu_times), "min_step_cpu_s": min(cpu_times),
       "peak_rss_mb": peak_rss_mb(), "trainable_params": count_params(state.trainable),
       "compile_s": compile_s, "xla_flops_per_step": flops, "model_flops_per_step": flops_model,
       "achieved_gflops": flops_model / median / 1e9,
       "final_loss": float(metrics["loss"]), "tag": args.tag,
   }
   if args.matmul_probe:
-    probe = matmul_probe.matmul_rate(lowered.as_text())
+    hf = run.backbone.config
+    probe = matmul_probe.matmul_rate(lowered.as_text(), vocab=getattr(hf, "vocab_size", None),
+                                     max_rank=max(64, args.rank))
     # The step's own dot FLOPs over its time, against the same dots timed alone.
     result.update(probe, step_matmul_gflops=probe["matmul_flops_per_step"] / median / 1e9)
     result["fraction_of_matmul"] = result["step_matmul_gflops"] / probe["matmul_gflops"]
+    # What the step spends beyond its dots' time alone: everything else, and dots slowed down.
+    result["beyond_matmul_s"] = median - probe["matmul_s_alone"]
   if jax.devices()[0].platform == "gpu":
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_device_mem_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20

@@ -37,8 +37,9 @@ def _scope(op_name: str) -> tuple[str, str]:
   parts = [p for p in re.sub(r"\w+\(|\)", "", op_name).split("/")
            if p and not p.startswith("_") and p not in ("step", "closed_call")]
   parts = parts[:-1] or parts   # the op itself
-  if "layer" in parts:          # per-layer ops fold into one row: the path inside the block
-    i = parts.index("layer")
+  block = next((p for p in ("layer", "layers") if p in parts), None)
+  if block:                     # per-layer ops fold into one row: the path inside the block
+    i = parts.index(block)
     parts = parts[i + 2:] or parts[i:i + 1]
   return ("backward" if backward else "forward", "/".join(parts[-3:]) or "?")
 
@@ -114,7 +115,7 @@ def profile(compiled, args: tuple, steps: int = 3) -> dict:
   return {"wall_s": wall, "thunk_s": sum(totals.values()), "rows": rows}
 
 
-def markdown(result: dict, top: int = 25) -> str:
+def markdown(result: dict, top: int = 30) -> str:
   """The profile as a markdown table (top rows, with each row's share of the thunk total)."""
   lines = [f"step wall {result['wall_s']:.3f} s; sum of thunk times {result['thunk_s']:.3f} s "
            "(large dots may run outside their thunk: see benchmarks/thunk_profile.py)", "",

@@ -158,3 +158,56 @@ def test_updated_matmul_gradients_are_exact_and_stay_low_rank():
   full_dot = 2 * n_tok * d_in * d_out
   assert flops(plain) >= full_dot                      # autodiff builds xᵀ·dy ...
   assert flops(loss) < full_dot / 2                    # ... the custom VJP does not
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_column_norm_from_v_and_from_the_identity_match_float64(transposed):
+  """Both ways the factored layer gets ‖W0 + s·A·B‖: read off the float32 V its dot builds, and
+  the column-norm identity (dropout, bf16, quantised kernels), on perturbed A and B, with an
+  all-zero column floored at eps."""
+  d_in, d_out, r = 24, 10, 3
+  k = jax.random.split(jax.random.key(0), 3)
+  w0 = np.array(jax.random.normal(k[0], (d_in, d_out)))
+  a, b = jax.random.normal(k[1], (d_in, r)), 0.3 * jax.random.normal(k[2], (r, d_out))
+  b = b.at[:, 4].set(0.0)
+  w0[:, 4] = 0.0                                   # V's column 4 is all zero
+  cfg = dj.AdapterConfig(method="dora", rank=r, alpha=2.0 * r, targets=r"query/kernel")
+  kernel = jnp.asarray(w0.T if transposed else w0)
+  ref = np.linalg.norm(w0 + cfg.scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64),
+                       axis=0)
+  ref[4] = cfg.norm_eps
+  for fused, dtype in ((True, jnp.float32), (False, jnp.float32), (True, jnp.bfloat16)):
+    got = factored._column_norm(kernel, a, b, transposed, cfg, dtype, fused)
+    assert got.dtype == jnp.float32
+    assert_close(got, ref, 1e-6, f"norm fused={fused} {jnp.dtype(dtype).name}")
+
+
+def test_doran_norm_in_the_gradient_path_factored_equals_merged(tiny_backbones):
+  """detach_norm=False: the norm taken from V carries its gradient to A and B (and τ) as merged
+  mode's does."""
+  bb = tiny_backbones["llama"]
+  cfg = dj.AdapterConfig(method="doran", rank=4, alpha=8.0, targets=r".*/(q_proj|down_proj)/kernel",
+                         detach_norm=False, noise_std=0.1)
+  adapters = perturb(dj.init_adapters(jax.random.key(0), bb.params, cfg), jax.random.key(1))
+  inputs, key = _inputs(bb), jax.random.key(7)
+  w = jax.random.normal(jax.random.key(5), bb.apply(bb.params, inputs).shape)
+
+  def merged(ad):
+    return jnp.sum(bb.apply(dj.apply_adapters(bb.params, ad, cfg, rng=key, train=True), inputs,
+                            train=True) * w)
+
+  def fact(ad):
+    return jnp.sum(factored.adapted_apply(bb.apply, bb.params, ad, cfg, inputs, rng=key,
+                                          train=True) * w)
+
+  detached = dataclasses.replace(cfg, detach_norm=True)
+  g_d = jax.grad(lambda ad: jnp.sum(factored.adapted_apply(bb.apply, bb.params, ad, detached,
+                                                           inputs, rng=key, train=True) * w))(adapters)
+  g_m, g_f = jax.grad(merged)(adapters), jax.grad(fact)(adapters)
+  leaves_d = jax.tree_util.tree_leaves(g_d)
+  differs = False
+  for (path, a), b, d in zip(jax.tree_util.tree_leaves_with_path(g_f), jax.tree_util.tree_leaves(g_m),
+                             leaves_d):
+    assert_close(a, b, 1e-3, f"grad {jax.tree_util.keystr(path)}")
+    differs |= np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-3 * np.abs(np.asarray(a)).max()
+  assert differs   # not vacuous: the norm's gradient changes the adapters' gradients

@@ -104,3 +104,25 @@ def test_thunk_profile_groups_a_train_step_by_pass_scope_and_kind():
   assert result["rows"] == sorted(result["rows"], key=lambda r: -r[3])
   table = thunk_profile.markdown(result)
   assert table.count("\n|") >= 3 and "ms / step" in table
+
+
+def test_dots_are_told_apart_by_kind():
+  Dot = matmul_probe.Dot
+  lm_head = Dot("f32", (4, 256, 512), (512, 32000), (), (), (2,), (0,))
+  lm_head_grad = Dot("f32", (1024, 32000), (512, 32000), (), (), (1,), (1,))
+  attention = Dot("f32", (4, 2, 1024, 64), (4, 2, 256, 64), (0, 1), (0, 1), (3,), (3,))
+  x_a = Dot("f32", (1024, 512), (512, 16), (), (), (1,), (0,))
+  da = Dot("f32", (1024, 16), (1024, 512), (), (), (0,), (0,))
+  dense = Dot("f32", (1024, 512), (512, 1408), (), (), (1,), (0,))
+  kinds = [matmul_probe.kind(d, vocab=32000) for d in (lm_head, lm_head_grad, attention, x_a, da,
+                                                      dense)]
+  assert kinds == ["lm_head", "lm_head", "attention", "low_rank", "low_rank", "dense"]
+  # Without a vocabulary the head is a dense dot.
+  assert matmul_probe.kind(lm_head) == "dense"
+  text = jax.jit(lambda a, b, c: (a @ b) @ c).lower(
+      jnp.ones((128, 256)), jnp.ones((256, 256)), jnp.ones((256, 8))).as_text()
+  out = matmul_probe.matmul_rate(text, repeats=1, min_flops=0)
+  assert set(out["matmul_by_kind"]) == {"dense", "low_rank"}
+  assert out["matmul_by_kind"]["dense"]["gflop"] == 2 * 128 * 256 * 256 / 1e9
+  assert abs(sum(v["ms_alone"] for v in out["matmul_by_kind"].values()) / 1e3
+             - out["matmul_s_alone"]) < 1e-9

@@ -7,9 +7,11 @@
 The backward pass never builds a full-size weight gradient for an adapted kernel: without
 dropout the layer runs x·(W0 + s·A·B) in one dot whose custom VJP returns A's and B's gradients
 in low-rank form (`_updated_matmul`; merged mode's autodiff builds xᵀ·dy, one (in, out) matmul
-over every token per kernel, and projects it). The norm n comes from the column-norm identity
+over every token per kernel, and projects it). In float32 the norm n is read off the V = W0 + s·A·B
+that dot builds anyway; with dropout, in other dtypes or on a quantised W0 it comes from the
+column-norm identity
   n² = ‖W0‖² + 2s·Σ_r (W0ᵀA)∘Bᵀ + s²·diag(Bᵀ(AᵀA)B),
-which needs (out, r) temporaries (and works on a quantised W0). Dropout follows PEFT exactly
+which needs (out, r) temporaries. Dropout follows PEFT exactly
 (peft.tuners.lora DoRA variant): the base layer's output sees the clean input, DoRA's rescaling
 of it and the low-rank path see the dropped input (one extra x·W0 matmul, as in PEFT). Layers
 are swapped in with `flax.linen.intercept_methods`, so the model code stays untouched and the
@@ -28,10 +30,11 @@ from flax import linen as nn
 from doran_jax import dropout as dropout_lib
 from doran_jax import quant
 from doran_jax.adapters import core
+from doran_jax.adapters import norms
 from doran_jax.adapters import method as method_registry
 from doran_jax.adapters.config import AdapterConfig
 from doran_jax.errors import ConfigError
-from doran_jax.targets import SEP, flatten
+from doran_jax.targets import SEP
 
 DROPOUT_STREAM = 2**31 - 1
 
@@ -59,21 +62,44 @@ def column_norm_factored(w0_IxO, a_IxR, b_RxO, scale: float, eps: float):
 
 
 def layer_factors(params, adapters, cfg: AdapterConfig, *, rng=None, train=False) -> dict:
-  """{module path tuple: (A, B, g or None, transposed, index)} for every adapted kernel."""
+  """{module path tuple: (A, B, gain_of or None, transposed, index)} for every adapted kernel.
+
+  `gain_of(norm_O)` gives the method's per-output gain for the layer's column norm, which the
+  layer computes where it holds the kernel (`_column_norm`).
+  """
   method = method_registry.get(cfg.method)
-  flat = None
   out = {}
   for i, (t, leaves, a_IxR, b_RxO) in enumerate(core.target_factors(params, adapters, cfg)):
-    g_O = None
+    gain_of = None
     if method.needs_norm:
-      if flat is None:
-        flat = flatten(params)
-      w0 = flat[t.path]
-      w0_IxO = w0.T if t.transposed else w0
-      norm_O = column_norm_factored(w0_IxO, a_IxR, b_RxO, cfg.scale, cfg.norm_eps)
-      g_O = method.gain(norm_O, leaves, cfg, core.target_key(rng, i), train)
-    out[tuple(t.module_path.split(SEP))] = (a_IxR, b_RxO, g_O, t.transposed, i)
+      key = core.target_key(rng, i)
+      gain_of = functools.partial(_gain, method.gain, leaves, cfg, key, train)
+    out[tuple(t.module_path.split(SEP))] = (a_IxR, b_RxO, gain_of, t.transposed, i)
   return out
+
+
+def _gain(gain_fn, leaves, cfg, key, train, norm_O):
+  return gain_fn(norm_O, leaves, cfg, key, train)
+
+
+def _column_norm(kernel, a_IxR, b_RxO, transposed: bool, cfg: AdapterConfig, dtype, fused: bool):
+  """‖W0 + s·A·B‖ per output unit (float32) for a layer computing in `dtype`.
+
+  On the fused path (`_updated_matmul`, no dropout) in float32 on a float kernel this is the
+  norm of V = W0 + s·A·B written with the same ops as `_updated_matmul`'s forward, so XLA builds
+  V once for both and the norm is one more read of it; the column-norm identity
+  (`column_norm_factored`) would read W0 twice more (its squares, then W0ᵀA) per adapted kernel
+  and step. Elsewhere (dropout, another dtype, a quantised kernel) V is not built in float32, and
+  the identity gives the norm from (out, r) temporaries.
+  """
+  if fused and jnp.dtype(dtype) == jnp.float32 and not quant.is_quantized(kernel):
+    kernel = jnp.asarray(kernel, dtype)
+    w0_IxO = kernel.T if transposed else kernel
+    ab_IxO = a_IxR.astype(dtype) @ b_RxO.astype(dtype)
+    v_IxO = w0_IxO + jnp.asarray(cfg.scale, w0_IxO.dtype) * ab_IxO
+    return norms.column_norm(v_IxO, cfg.norm_eps)
+  w0_IxO = kernel.T if transposed else kernel
+  return column_norm_factored(w0_IxO, a_IxR, b_RxO, cfg.scale, cfg.norm_eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -102,7 +128,9 @@ def _updated_matmul_bwd(scale, res, dy):
 
   s = jnp.asarray(scale, dy.dtype)
   dx = dy @ v_IxO.T
-  da_IxR = over_tokens(x, dy @ b_RxO.T) * s
+  # (dy·Bᵀ)ᵀ·x, then the (r, in) result transposed: as xᵀ·(dy·Bᵀ) XLA:CPU copied every adapted
+  # layer's (tokens, in) input transposed in the forward pass to feed this dot.
+  da_IxR = over_tokens(dy @ b_RxO.T, x).T * s
   db_RxO = over_tokens(x @ a_IxR, dy) * s
   return dx, over_tokens(x, dy), da_IxR, db_RxO
 
@@ -111,11 +139,14 @@ _updated_matmul.defvjp(_updated_matmul_fwd, _updated_matmul_bwd)
 
 
 def _adapted_dense(module, x, factors, cfg: AdapterConfig, dropout_key, train: bool):
-  a_IxR, b_RxO, g_O, transposed, _ = factors
+  a_IxR, b_RxO, gain_of, transposed, _ = factors
   dtype = getattr(module, "dtype", None) or x.dtype
   kernel = module.get_variable("params", "kernel")
   x = jnp.asarray(x, dtype)
   dropped = train and cfg.dropout > 0
+  g_O = None
+  if gain_of is not None:
+    g_O = gain_of(_column_norm(kernel, a_IxR, b_RxO, transposed, cfg, dtype, fused=not dropped))
   if not dropped and not quant.is_quantized(kernel):
     kernel = jnp.asarray(kernel, dtype)
     w0 = kernel.T if transposed else kernel
