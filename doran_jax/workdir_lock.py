@@ -149,18 +149,23 @@ def acquire(workdir: str) -> dict:
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     except FileExistsError:
-      record = read(workdir) or {}
-      if not _stale(workdir, record):
-        raise _busy(workdir, record) from None
-      logging.warning("removing the stale lock %s of %s (that process is gone).", path,
-                      f"process {record.get('pid')}" if record else "an unreadable holder")
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+      _remove_if_stale(workdir, path, os.remove)
       continue
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
     return me
   raise _busy(workdir, read(workdir) or {})
+
+
+def _remove_if_stale(workdir: str, path: str, remove) -> None:
+  """Removes the lock at `path` if its holder is gone, else raises WorkdirBusyError."""
+  record = read(workdir) or {}
+  if not _stale(workdir, record):
+    raise _busy(workdir, record) from None
+  logging.warning("removing the stale lock %s of %s (that process is gone).", path,
+                  f"process {record.get('pid')}" if record else "an unreadable holder")
+  with contextlib.suppress(FileNotFoundError):
+    remove(path)
 
 
 def _acquire_url(workdir: str, path: str, me: dict) -> dict:
@@ -169,13 +174,7 @@ def _acquire_url(workdir: str, path: str, me: dict) -> dict:
     try:
       paths.write_bytes(path, json.dumps(me).encode(), create=True)
     except FileExistsError:
-      record = read(workdir) or {}
-      if not _stale(workdir, record):
-        raise _busy(workdir, record) from None
-      logging.warning("removing the stale lock %s of %s (that process is gone).", path,
-                      f"process {record.get('pid')}" if record else "a holder that left no record")
-      with contextlib.suppress(FileNotFoundError):
-        paths.remove(path)
+      _remove_if_stale(workdir, path, paths.remove)
       continue
     now = read(workdir)
     if now is None or not _same(now, me):

@@ -107,9 +107,8 @@ def test_restore_with_other_rank_is_a_clear_error(shared_data, tmp_path):
     experiment.train(tiny_config(shared_data, tmp_path, "kind=text,method=lora,rank=4", num_steps=4))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, tmp_path):
-  c = tiny_config(shared_data, tmp_path, "kind=text,method=dora", num_steps=8)
-  run = run_lib.setup(c)
+def _nan_from_step_5(run):
+  """`run` (tiny BERT) whose batches from step 5 on hit a NaN embedding row."""
   clean_batch = run.train_data.batch
 
   def poisoned(step, batch_size, **kw):
@@ -122,6 +121,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, tmp_path):
   run.train_data.batch = poisoned
   run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"] = (
       run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"].at[1].set(np.nan))
+  return run
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared_data, tmp_path):
+  c = tiny_config(shared_data, tmp_path, "kind=text,method=dora", num_steps=8)
+  run = _nan_from_step_5(run_lib.setup(c))
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: step 4"):
     experiment.train(c, run=run)
   mngr = checkpoint.manager(str(tmp_path / "checkpoints"))
@@ -333,19 +338,7 @@ def test_nan_between_log_points_is_caught_before_the_next_save(shared_data, tmp_
   # of step 6, names step 5, and no checkpoint after step 4 is written.
   c = tiny_config(shared_data, tmp_path, "kind=text,method=dora", num_steps=8, log_every=3,
                   **{"checkpoint.every": 4})
-  run = run_lib.setup(c)
-  clean_batch = run.train_data.batch
-
-  def poisoned(step, batch_size, **kw):
-    batch = clean_batch(step, batch_size, **kw)
-    if step >= 4:
-      batch["input_ids"] = batch["input_ids"].copy()
-      batch["input_ids"][:, 1] = 1
-    return batch
-
-  run.train_data.batch = poisoned
-  run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"] = (
-      run.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"].at[1].set(np.nan))
+  run = _nan_from_step_5(run_lib.setup(c))
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: step 4"):
     trainer.fit(run, str(tmp_path))
   assert checkpoint.manager(str(tmp_path / "checkpoints")).all_steps() == [4]
