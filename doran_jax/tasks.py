@@ -17,12 +17,12 @@ def _ce_stats(logits_NxV, labels_N):
   """
   x = logits_NxV.astype(jnp.float32)
   v = x.shape[-1]
-  m = jnp.max(x, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))   # jax.nn.logsumexp's guard
+  row_max = jnp.max(x, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))  # logsumexp's guard
   lse = m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
   label = jnp.take_along_axis(x, labels_N[..., None], axis=-1)[..., 0]
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  first_max = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), iota, v), axis=-1)
+  first_max = jnp.min(jnp.where(x == row_max, iota, v), axis=-1)
   return lse, label, (first_max == labels_N).astype(jnp.float32)
 
 
