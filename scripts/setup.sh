@@ -7,6 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  # jax 0.10.2 and its neighbours publish wheels for Python 3.11 and newer only: say so, rather
+  # than leave pip to report "no matching distribution" for jaxlib.
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    found=$("$PY" --version 2>&1 | head -n 1) || found="not found"
+    echo "[setup] error: PYTHON=$PY is $found; doran_jax needs Python >= 3.11" \
+         "(set PYTHON=/path/to/python3.11 and rerun)" >&2
+    exit 1
+  fi
   echo "[setup] creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
