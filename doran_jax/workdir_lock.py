@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import time
 from typing import Optional
@@ -35,7 +36,7 @@ from typing import Optional
 from absl import logging
 
 from doran_jax import paths
-from doran_jax.errors import WorkdirBusyError
+from doran_jax.errors import PREEMPTED_EXIT_CODE, WorkdirBusyError
 
 LOCK = "run.lock"
 # A lock file still empty this long after it was created is a holder killed mid-write.
@@ -201,6 +202,33 @@ def held(workdir: str, *, enabled: bool = True):
     return
   record = acquire(workdir)
   try:
-    yield
+    with _sigterm_unwinds():
+      yield
   finally:
     release(workdir, record)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+  """SIGTERM inside the block exits through `finally` (the lock is released) with the preempted
+  exit code, instead of Python's default of dying on the spot with the lock left behind.
+
+  The training loop installs its own handler (save, then stop) while it runs; this one covers the
+  rest of a run: loading the model, the zero-shot evaluation, the exports after training.
+  """
+  def handle(signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received outside the training loop: stopping without a new "
+                    "checkpoint (the last saved one, if any, is kept); rerun the same command to "
+                    "resume.")
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+  try:
+    previous = signal.signal(signal.SIGTERM, handle)
+  except ValueError:  # not the main thread: leave signals to whoever owns them
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -96,6 +96,37 @@ def test_held_is_reentrant_and_released_on_error(tmp_path):
   assert workdir_lock.read(str(tmp_path)) is None
 
 
+def test_sigterm_while_held_exits_preempted_and_releases_the_lock(tmp_path):
+  # What a scheduler's SIGTERM does while a run loads its model or evaluates (outside the
+  # training loop, whose own handler saves a checkpoint): Python's default would kill the process
+  # with the lock left behind.
+  code = ("import signal, sys, time; from doran_jax import workdir_lock\n"
+          "before = signal.getsignal(signal.SIGTERM)\n"
+          f"with workdir_lock.held({str(tmp_path)!r}):\n"
+          "  assert signal.getsignal(signal.SIGTERM) is not before\n"
+          "  print('held', flush=True); time.sleep(60)\n")
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "held", proc.stderr.read()
+  assert workdir_lock.read(str(tmp_path))["pid"] == proc.pid
+  proc.send_signal(15)
+  assert proc.wait(timeout=30) == errors.PREEMPTED_EXIT_CODE
+  assert "SIGTERM received outside the training loop" in proc.stderr.read()
+  assert workdir_lock.read(str(tmp_path)) is None
+
+
+def test_held_restores_the_callers_sigterm_handler(tmp_path):
+  import signal
+  mine = lambda signum, frame: None  # noqa: E731
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    with workdir_lock.held(str(tmp_path)):
+      assert signal.getsignal(signal.SIGTERM) is not mine
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------------------------- in a run
 
 
