@@ -49,6 +49,7 @@ ran 1.8x slower on the loaded machine).
   python scripts/study_commonsense_llm.py                  # the study (start)
   python scripts/study_commonsense_llm.py --resume         # continue in a later session
   python scripts/study_commonsense_llm.py --report-only    # rewrite the .md / .png from the CSV
+  python scripts/study_commonsense_llm.py --reproduce lora,0.001,0,final   # rerun one cell, compare
   python scripts/study_commonsense_llm.py --smoke --out /tmp/cs --runs /tmp/cs_runs   # tiny model
 
 Writes into --out (docs/results): commonsense_llm.csv (one row per run and the zero-shot row),
@@ -305,6 +306,67 @@ def zero_shot_one(config) -> tuple[dict, bool]:
   return row, trained
 
 
+# ------------------------------------------------------------------------------- reproduce
+
+# What a rerun of a cell must give again: every score exactly (they count questions), the training
+# statistics to float32 rounding of the logged values.
+EXACT_FIELDS = tuple(f"{p}_{t}" for p in ("mc", "gen") for t in (*TASKS, "avg")) + (
+    "adapter_params", "adapter_params_stored", "status")
+CLOSE_FIELDS = ("final_loss", "grad_norm_mean", "grad_norm_var", "loss_spikes")
+
+
+def compare_rows(recorded: dict, rerun: dict, rtol: float = 1e-6) -> list[str]:
+  """The fields where a rerun of a cell differs from the recorded row ([] when it reproduces).
+
+  Example:
+    >>> compare_rows({"mc_avg": 0.5, "final_loss": 1.0}, {"mc_avg": 0.5, "final_loss": 1.0})
+    []
+  """
+  diffs = []
+  for key in EXACT_FIELDS + CLOSE_FIELDS:
+    if key not in recorded:
+      continue
+    a, b = recorded[key], rerun.get(key)
+    try:
+      a, b = float(a), float(b)
+    except (TypeError, ValueError):
+      if str(a) != str(b):
+        diffs.append(f"{key}: recorded {a!r}, rerun {b!r}")
+      continue
+    same = ((math.isnan(a) and math.isnan(b)) or a == b or
+            (key in CLOSE_FIELDS and abs(a - b) <= rtol * max(abs(a), abs(b))))
+    if not same:
+      diffs.append(f"{key}: recorded {a!r}, rerun {b!r}")
+  return diffs
+
+
+def reproduce(args, cell: str, rows: Sequence[dict]) -> list[str]:
+  """Reruns one recorded cell ('variant,lr,seed,phase') from scratch in a new workdir under
+  <runs>/reproduce and returns compare_rows(recorded, rerun); the recorded run is not touched."""
+  try:
+    name, lr, seed, phase_name = [x.strip() for x in cell.split(",")]
+    lr, seed = float(lr), int(seed)
+  except ValueError:
+    raise SystemExit(f"--reproduce {cell!r}: expected 'variant,lr,seed,phase', e.g. "
+                     "'lora,0.001,0,final'.") from None
+  phase = {p.name: p for p in phases(args)}.get(phase_name)
+  recorded = [r for r in rows if r["variant"] == name and r["seed"] != "" and
+              float(r["lr"]) == lr and int(r["seed"]) == seed and _in_phase(r, phase_name)]
+  if phase is None or name not in {**VARIANTS, **QV_VARIANTS} or not recorded:
+    cells = ", ".join(f"{r['variant']},{r['lr']:g},{r['seed']},{r['phase'].split('+')[-1]}"
+                      for r in rows if r["phase"] != "zero_shot")
+    raise SystemExit(f"--reproduce {cell!r}: no such recorded cell; the CSV holds {cells}.")
+  scratch = argparse.Namespace(**{**vars(args), "runs": os.path.join(
+      args.runs, "reproduce", time.strftime("%Y%m%d-%H%M%S"))})
+  config = run_config({**VARIANTS, **QV_VARIANTS}[name], lr, seed, phase, scratch)
+  rerun, _ = train_one(config, phase, name)
+  diffs = compare_rows(recorded[0], rerun)
+  print(f"reproduce {cell} in {config.workdir}: " +
+        ("every score and training statistic as recorded" if not diffs else
+         "DIFFERS: " + "; ".join(diffs)), flush=True)
+  return diffs
+
+
 # ------------------------------------------------------------------------------------ report
 
 def _in_phase(row: dict, phase: str) -> bool:
@@ -532,6 +594,8 @@ def report(rows: Sequence[dict]) -> str:
       "- DoRAN vs DoRA: _to be written from the numbers above._",
       "- DoRA at half rank, DynDoRA: _to be written from the numbers above._",
       "- Where the two scorings disagree: _to be written from the numbers above._",
+      "- Reproducibility (a final cell rerun from scratch with `--reproduce "
+      "VARIANT,LR,SEED,final`): _to be written._",
       "- What a 7B run would need: _to be written._",
       ""])
 
@@ -619,6 +683,9 @@ def _parse(argv):
   p.add_argument("--resume", action="store_true", help="continue: finished runs are skipped")
   p.add_argument("--report-only", action="store_true",
                  help="train nothing: rewrite the .md and .png from the CSV")
+  p.add_argument("--reproduce", default="", metavar="VARIANT,LR,SEED,PHASE",
+                 help="rerun one recorded cell from scratch (in <runs>/reproduce) and compare it "
+                      "with its CSV row; exit 1 if anything differs")
   p.add_argument("--smoke", action="store_true",
                  help="configs/tiny.py's causal model, a few steps, 2 records per task")
   args = p.parse_args(argv)
@@ -639,10 +706,14 @@ def main(argv=None):
   args = _parse(argv)
   csv_path = os.path.join(args.out, f"{NAME}.csv")
   os.makedirs(args.out, exist_ok=True)
-  if args.report_only:
+  if args.report_only or args.reproduce:
     if not os.path.exists(csv_path):
-      raise FileNotFoundError(f"--report-only: no {csv_path} to report; run the study first.")
-    print(write_report(analysis.read_csv(csv_path), args.out))
+      raise FileNotFoundError(f"no {csv_path} to report or reproduce; run the study first.")
+    rows = analysis.read_csv(csv_path)
+    if args.reproduce:
+      experiment.quiet_third_party_logs()
+      return 1 if reproduce(args, args.reproduce, rows) else 0
+    print(write_report(rows, args.out))
     return
   if os.path.isdir(args.runs) and os.listdir(args.runs) and not args.resume:
     raise SystemExit(f"{args.runs} already holds runs: pass --resume to continue the study (finished "

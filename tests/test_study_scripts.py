@@ -231,3 +231,27 @@ def test_commonsense_llm_smoke_resume_and_report_only(tmp_path, monkeypatch):
   assert (out / "commonsense_llm.md").read_text() == text
   with pytest.raises(SystemExit, match="--resume"):   # no silent restart over finished runs
     cs.main(argv)
+  # --reproduce: one cell rerun from scratch elsewhere gives its recorded row again.
+  monkeypatch.undo()
+  recorded = _snapshot_tree(tmp_path / "runs" / "lora")
+  assert cs.main(argv + ["--reproduce", "lora,0.001,1,final"]) == 0
+  assert _snapshot_tree(tmp_path / "runs" / "lora") == recorded     # the recorded run untouched
+  assert len(list((tmp_path / "runs" / "reproduce").glob("*/lora/*/results.json"))) == 1
+  with pytest.raises(SystemExit, match="no such recorded cell; the CSV holds lora,0.001,0,final"):
+    cs.main(argv + ["--reproduce", "lora,0.003,1,final"])
+
+
+def _snapshot_tree(root):
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_commonsense_reproduce_names_every_field_that_differs():
+  cs = study_commonsense_llm
+  row = _cs_row("dora", 1e-3, 1, "final", 0.50, 0.30)
+  row.update(final_loss=0.25, grad_norm_var=0.1, loss_spikes=0)
+  assert cs.compare_rows(row, dict(row)) == []
+  near = {**row, "final_loss": 0.25 * (1 + 1e-8)}          # float32 rounding of a logged value
+  assert cs.compare_rows(row, near) == []
+  off = {**row, "mc_avg": 0.51, "gen_boolq": float("nan"), "final_loss": 0.26, "status": "nan"}
+  diffs = cs.compare_rows(row, off)
+  assert [d.split(":")[0] for d in diffs] == ["mc_avg", "gen_boolq", "status", "final_loss"]
