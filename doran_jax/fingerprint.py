@@ -32,12 +32,13 @@ RESULTS = "results.json"
 RESUME_MODES = ("auto", "force")
 # Config keys (or whole sections) that do not change what is trained. adapter.mode is how the
 # adapted layers are computed (the same values to float rounding), like remat: a run started in
-# one mode resumes in the other (runs from before factored became the default included).
+# one mode resumes in the other (runs from before factored became the default included);
+# data.target_logits_only likewise (which positions the LM head is computed at).
 NOT_IDENTITY = (
     "workdir", "resume", "log_every", "progress_bar", "tensorboard", "checkpoint", "export",
     "baselines", "generate", "eval_batch_size", "mesh", "sharding_rules", "distributed",
     "model.remat", "model.fused_layers", "adapter.mode", "data.eval_split", "data.eval_limit",
-    "data.eval_per_task",
+    "data.eval_per_task", "data.target_logits_only",
 )
 # Identity keys added after run.json files already existed, with the value every older run
 # implicitly had: a record without the key matches a config at that value.

@@ -74,6 +74,15 @@ def loss_and_metrics(task: str, logits, batch: dict):
     targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros_like(ids_BxT[:, :1])], axis=1)
     mask_BxT = batch["loss_mask"].astype(jnp.float32)
     mask_BxT = jnp.concatenate([mask_BxT[:, 1:], jnp.zeros_like(mask_BxT[:, :1])], axis=1)
+    positions_BxK = batch.get("logit_positions")
+    if positions_BxK is not None:
+      # The model computed the logits at these positions only (data.causal.target_positions).
+      targets_BxT = jnp.take_along_axis(targets_BxT, positions_BxK, axis=1)
+      mask_BxT = jnp.take_along_axis(mask_BxT, positions_BxK, axis=1)
+    if logits.shape[:2] != targets_BxT.shape:
+      raise ValueError(f"causal-LM logits {logits.shape} do not match the targets "
+                       f"{targets_BxT.shape}: a model that takes batch['logit_positions'] must "
+                       "return logits at those positions only.")
     ce, correct = softmax_cross_entropy(logits, targets_BxT)
     n = jnp.maximum(mask_BxT.sum(), 1.0)
     return (ce * mask_BxT).sum() / n, {"tokens": mask_BxT.sum(),

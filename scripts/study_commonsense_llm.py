@@ -187,6 +187,10 @@ def run_config(variant: grid.Variant, lr: float, seed: int, phase: Phase, args):
     config.generate.enabled = phase.generate
     # A checkpoint every 20 steps: a run cut short at the end of a session resumes mid-way.
     config.checkpoint.every = 20
+    # The LM head over every position, as the study's first runs computed it (before
+    # data.target_logits_only): every cell of the study on one code path, so --reproduce of an
+    # early cell compares like with like.
+    config.data.target_logits_only = False
   return config
 
 

@@ -261,15 +261,59 @@ def causal_dataset(ids, masks, data_cfg, split: str, *, pad_id: int,
                     f"{length} and data.drop_long=True dropped them; raise data.max_length.")
   records = [records[i] for i in kept] if records is not None else None
   stats = dict(counts)
-  if split == "train" and data_cfg.get("packing", False):
-    arrays, packed = packing.pack(ids, masks, length, pad_id=pad_id)
-    stats.update(packed)
+  packed = split == "train" and data_cfg.get("packing", False)
+  if packed:
+    arrays, packing_stats = packing.pack(ids, masks, length, pad_id=pad_id)
+    stats.update(packing_stats)
     logging.info("%s: packed %d examples into %d rows of %d tokens: %.1f%% of row tokens are "
-                 "real (%.1f%% one example a row).", what, packed["examples"], packed["rows"],
-                 length, 100 * packed["efficiency"],
-                 100 * packed["tokens"] / (packed["examples"] * length))
-    return Dataset(arrays, None, None, source=where or None, stats=stats)
-  arrays = pad(ids, masks, length, pad_id=pad_id)
-  tokens = int(arrays["attention_mask"].sum())
-  stats.update(rows=len(ids), tokens=tokens, efficiency=tokens / float(len(ids) * length))
-  return Dataset(arrays, None, None, examples=records, source=where or None, stats=stats)
+                 "real (%.1f%% one example a row).", what, packing_stats["examples"],
+                 packing_stats["rows"], length, 100 * packing_stats["efficiency"],
+                 100 * packing_stats["tokens"] / (packing_stats["examples"] * length))
+  else:
+    arrays = pad(ids, masks, length, pad_id=pad_id)
+    tokens = int(arrays["attention_mask"].sum())
+    stats.update(rows=len(ids), tokens=tokens, efficiency=tokens / float(len(ids) * length))
+  transform = None
+  if data_cfg.get("target_logits_only", True):
+    transform = target_positions_transform(arrays["loss_mask"], what)
+  # Packed rows hold several examples: records line up with rows only unpacked.
+  return Dataset(arrays, None, None, examples=None if packed else records, transform=transform,
+                 source=where or None, stats=stats)
+
+
+def target_positions(loss_mask_BxT: np.ndarray, k: int) -> np.ndarray:
+  """(B, k) int32: per row, the positions t whose next token is a target (loss_mask[t + 1] = 1),
+  in order, then T - 1 (a position that predicts nothing) for the rest.
+
+  Example:
+    >>> target_positions(np.array([[0, 0, 1, 1, 0]]), 3).tolist()
+    [[1, 2, 4]]
+  """
+  predicts_BxT1 = np.asarray(loss_mask_BxT)[:, 1:] > 0
+  t = loss_mask_BxT.shape[1]
+  first_k = np.argsort(~predicts_BxT1, axis=1, kind="stable")[:, :k]
+  real = np.arange(k)[None, :] < predicts_BxT1.sum(1)[:, None]
+  return np.where(real, first_k, t - 1).astype(np.int32)
+
+
+def target_positions_transform(loss_mask_NxT: np.ndarray, what: str = ""):
+  """A Dataset transform adding `logit_positions` (B, k) to every batch, k = the most targets any
+  row has (rounded up to a multiple of 8): the model then computes the LM head at those positions
+  only and the task reads its targets there. None where k would exceed half the row (the full
+  logits cost little more then).
+
+  Example:
+    >>> ds = Dataset(arrays, None, None, transform=target_positions_transform(arrays["loss_mask"]))
+  """
+  t = loss_mask_NxT.shape[1]
+  most = int((np.asarray(loss_mask_NxT)[:, 1:] > 0).sum(1).max())
+  k = max(8, -(-most // 8) * 8)
+  if k > t // 2:
+    return None
+  logging.info("%s: the LM head runs at %d of %d positions a row (the most targets in a row: %d).",
+               what or "causal LM data", k, t, most)
+
+  def add_positions(batch: dict) -> dict:
+    return {**batch, "logit_positions": target_positions(batch["loss_mask"], k)}
+
+  return add_positions

@@ -23,7 +23,7 @@ COMMON_KEYS = dict(
     source=None, path=None, format=None, name=None, data_dir=None, text_keys=("sentence",),
     label_key="label", image_key="image", max_length=128, image_size=None, train_split=None,
     eval_split=None, limit=None, eval_limit=None, seed=0, split_seed=0, num_classes=None,
-    packing=False, drop_long=False)
+    packing=False, drop_long=False, target_logits_only=True)
 # The type of every key whose default is None, so that `--config.data.<key>=...` can set it (a
 # plain None field has no type and ml_collections refuses to override it).
 TYPES = dict(
@@ -64,6 +64,10 @@ def default_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
       restart per example); eval keeps one example a row.
     drop_long: causal LM: drop examples longer than max_length instead of truncating them
       (both are counted in the log).
+    target_logits_only: causal LM: compute the LM head only at the positions whose next token
+      is a target (the answer of an SFT example), not over every position: the same loss and
+      gradients with a fraction of the (tokens x vocabulary) work and memory; False computes
+      the logits everywhere.
     min_examples, eval_fraction: chatterbot: keep topics with at least this many utterances;
       the stratified share held out for eval.
     tasks, train_tasks, task, train_file, eval_per_task: commonsense: task folders to evaluate
@@ -116,7 +120,7 @@ def config_problems(data_cfg, task: Optional[str] = None) -> list[str]:
     value = data_cfg.get(key, 0)
     if not is_int(value) or value < 0:
       problems.append(f"data.{key}={value!r} must be an integer >= 0.")
-  for key in ("packing", "drop_long"):
+  for key in ("packing", "drop_long", "target_logits_only"):
     if data_cfg.get(key, False) not in (True, False):
       problems.append(f"data.{key}={data_cfg.get(key)!r} must be True or False.")
   if data_cfg.get("packing", False) is True:

@@ -21,7 +21,7 @@ GPT2 = register(Family(
     # GPT-2 adds wte(token_type_ids) when given them, so they are never passed.
     # segment_ids: packed rows; cache/cache_index: KV-cached decoding (models.generate).
     input_keys={"causal_lm": ("input_ids", "attention_mask", "position_ids", "segment_ids",
-                              "cache", "cache_index"),
+                              "cache", "cache_index", "logit_positions"),
                 "classification": ("input_ids", "attention_mask"),
                 "features": ("input_ids", "attention_mask")},
     tiny_config=tiny_gpt2, build=modeling.build, prefix=modeling.prefix,

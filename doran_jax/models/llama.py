@@ -31,9 +31,10 @@ def _record(name: str, model_type: str, tiny) -> Family:
                                     r"up_proj|down_proj)/kernel"},
       column_parallel=r"q_proj|k_proj|v_proj|gate_proj|up_proj", row_parallel=r"o_proj|down_proj",
       # position_ids: generation's padded slots keep the true positions (dynamic rope), packed
-      # rows restart them per segment; cache/cache_index: KV-cached decoding (models.generate).
+      # rows restart them per segment; cache/cache_index: KV-cached decoding (models.generate);
+      # logit_positions: the LM head only where a target follows (data.causal.target_positions).
       input_keys={"causal_lm": ("input_ids", "attention_mask", "position_ids", "segment_ids",
-                                "cache", "cache_index"),
+                                "cache", "cache_index", "logit_positions"),
                   "classification": ("input_ids", "attention_mask"),
                   "features": ("input_ids", "attention_mask")},
       tiny_config=tiny, build=_build, prefix=lambda cfg: "model", cache_shape=modeling.cache_shape,

@@ -132,8 +132,10 @@ class Family:
         out[key] = np.full((batch, seq), 1, np.int32)
       elif key in ("attention_mask", "segment_ids"):
         out[key] = np.ones((batch, seq), np.int32)
-      elif key in ("cache", "cache_index"):
-        continue   # decoding state (models.generate), not a model input to initialise from
+      elif key in ("cache", "cache_index", "logit_positions"):
+        # decoding state (models.generate) and the LM head's positions (data.causal): not
+        # inputs to initialise from
+        continue
       else:
         out[key] = np.zeros((batch, seq), np.int32)
     return out

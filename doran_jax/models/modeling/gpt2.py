@@ -219,7 +219,8 @@ class GPT2Model(nn.Module):
 
 
 class LMHeadModel(nn.Module):
-  """GPT2LMHeadModel: logits (B, T, V); tied to wte (no lm_head param) unless the config unties."""
+  """GPT2LMHeadModel: logits (B, T, V), or (B, K, V) at `logit_positions` (B, K) when the batch
+  has them; tied to wte (no lm_head param) unless the config unties."""
 
   cfg: GPT2Config
   dtype: Any = jnp.float32
@@ -231,6 +232,8 @@ class LMHeadModel(nn.Module):
     cache = None
     if batch.get("cache") is not None:
       x, cache = x
+    else:
+      x = layers.at_logit_positions(x, batch)
     if self.cfg.tie_word_embeddings:
       logits = model.attend(x)
     else:

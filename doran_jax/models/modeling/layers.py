@@ -303,6 +303,20 @@ def attention_keys(batch: dict, key: str = "input_ids") -> Array:
   return segment_mask(batch["segment_ids"], key_mask)
 
 
+def at_logit_positions(h_BxTxD: Array, batch: dict) -> Array:
+  """The hidden states the LM head reads: (B, K, D) at `batch['logit_positions']` (B, K) when the
+  batch names positions (training and eval batches of causal-LM data, see
+  data.causal.target_positions), else all (B, T, D).
+
+  Example:
+    >>> logits_BxKxV = lm_head(at_logit_positions(h_BxTxD, batch))
+  """
+  positions_BxK = batch.get("logit_positions")
+  if positions_BxK is None:
+    return h_BxTxD
+  return jnp.take_along_axis(h_BxTxD, jnp.asarray(positions_BxK)[..., None], axis=1)
+
+
 def padding_mask(batch: dict, key: str = "input_ids") -> Array:
   """`batch['attention_mask']` as bool (B, T), all True when absent (T from `batch[key]`)."""
   if batch.get("attention_mask") is not None:
