@@ -63,6 +63,9 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=None)
   p.add_argument("--rank", type=int, default=None)
   p.add_argument("--targets", default=None, help="query,value | all")
+  p.add_argument("--answer-tokens", type=int, default=0,
+                 help="causal LM: the loss on each row's last N tokens only, both sides (an SFT "
+                      "step; ours computes the LM head there only)")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--mode", default="factored")
@@ -83,6 +86,10 @@ def main(argv=None):
         f"rank {args.rank}, targets {args.targets}", flush=True)
   common = ["--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
             "--steps", str(args.steps)]
+  if args.answer_tokens:
+    if family != "llama":
+      raise SystemExit("--answer-tokens is for the causal-LM models (llama-*).")
+    common += ["--answer-tokens", str(args.answer_tokens)]
   results = {}
   for _ in range(args.rounds):
     for method in args.methods.split(","):

@@ -97,6 +97,8 @@ def main(argv=None):
   p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout")
   p.add_argument("--attn", default=None, choices=["eager", "sdpa"],
                  help="attn_implementation (default: transformers' default, sdpa)")
+  p.add_argument("--answer-tokens", type=int, default=0,
+                 help="labels -100 except each row's last N tokens (an SFT shape); 0 = every token")
   p.add_argument("--steps", type=int, default=20, help="timed steps")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
   p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -141,7 +143,10 @@ def main(argv=None):
   batches = []
   for _ in range(max(1, args.n_batches)):
     ids = torch.randint(1, min(30000, shape["vocab_size"]), (args.batch, args.seq), generator=gen)
-    batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    labels = ids.clone()
+    if args.answer_tokens:   # an SFT row: transformers ignores label -100 (the prompt)
+      labels[:, :-args.answer_tokens] = -100
+    batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
   gc.collect()
 
   steps, fwd_t, bwd_t, opt_t, losses = [], [], [], [], []
@@ -174,7 +179,7 @@ def main(argv=None):
   base = model.get_base_model() if hasattr(model, "get_base_model") else model
   result = {
       "bench": "peft_causal_step", "impl": "peft", "tag": args.tag, "model": args.model,
-      "method": args.method, "batch": args.batch, "seq": args.seq,
+      "method": args.method, "batch": args.batch, "seq": args.seq, "answer_tokens": args.answer_tokens,
       "rank": args.rank if args.method in ("lora", "dora") else None, "alpha": args.alpha,
       "targets": ",".join(names), "dtype": "float32",
       "attn_implementation": getattr(base.config, "_attn_implementation", None),

@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from doran_jax import config_lib, models, quant, sharding  # noqa: E402
+from doran_jax.data import causal  # noqa: E402
 from doran_jax.adapters import count_params  # noqa: E402
 
 from benchmarks import llama_shapes, matmul_probe, thunk_profile  # noqa: E402
@@ -154,6 +155,12 @@ def batches(fam, args, n=4):
         b["labels"] = rng.integers(0, 2, args.batch).astype(np.int32)
       else:
         b["loss_mask"] = np.ones_like(ids)
+        if args.answer_tokens:
+          # An SFT row: the loss on its last answer_tokens tokens only, and the LM head at the
+          # positions that predict them, as the causal-LM Dataset batches carry them.
+          b["loss_mask"][:, :-args.answer_tokens] = 0
+          k = -(-args.answer_tokens // 8) * 8
+          b["logit_positions"] = causal.target_positions(b["loss_mask"], k)
     out.append(b)
   return out
 
@@ -185,6 +192,9 @@ def main(argv=None):
   p.add_argument("--no-fused", action="store_true",
                  help="plain XLA attention and GELU instead of the memory-lean custom VJPs (model.fused_layers=False)")
   p.add_argument("--sharding", default="replicated", help="replicated | fsdp | tensor_parallel")
+  p.add_argument("--answer-tokens", type=int, default=0,
+                 help="causal LM: the loss on each row's last N tokens only (an SFT shape), the LM "
+                      "head at those positions (data.target_logits_only); 0 = every token")
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--peak-gflops", type=float, default=None, help="machine peak to report the fraction")
@@ -221,7 +231,7 @@ def main(argv=None):
   median = statistics.median(times)
   result = {
       "impl": "doran_jax", "method": args.method, "model": args.model, "mode": args.mode,
-      "batch": args.batch, "seq": args.seq, "rank": args.rank, "targets": args.targets,
+      "batch": args.batch, "seq": args.seq, "answer_tokens": args.answer_tokens, "rank": args.rank, "targets": args.targets,
       "dtype": args.dtype, "fused": not args.no_fused, "device": jax.devices()[0].device_kind,
       "quantize": args.quantize + ("+dq" if args.double_quant else ""), "cpu": matmul_probe.cpu_model(),
       "frozen_param_bytes": quant.param_bytes(run.frozen),
