@@ -118,19 +118,21 @@ def build(args):
   return run, fam
 
 
-def model_flops(hf, fam: str, batch: int, seq: int, method: str) -> float:
+def model_flops(hf, fam: str, batch: int, seq: int, method: str,
+                lm_head_positions: int = 0) -> float:
   """Analytic matmul FLOPs of one step (2 per multiply-add), MFU style.
 
   Forward: every linear layer plus attention scores and mixing. Backward: frozen trains only the
   head (no backward through the backbone); adapter methods need input gradients through every
-  block (one more forward's worth); full fine-tuning adds the weight gradients (two more).
+  block (one more forward's worth); full fine-tuning adds the weight gradients (two more). The
+  LM head counts at `lm_head_positions` a row (0: every position).
   """
   d, n_layers = hf.hidden_size, hf.num_hidden_layers
   if fam == "llama":
     kv = hf.num_key_value_heads * (d // hf.num_attention_heads)
     tokens = seq
     linear = 2 * d * d + 2 * d * kv + 3 * d * hf.intermediate_size
-    extra = 2 * batch * tokens * d * hf.vocab_size  # lm head
+    extra = 2 * batch * (lm_head_positions or tokens) * d * hf.vocab_size  # lm head
   else:
     tokens = (hf.image_size // hf.patch_size) ** 2 + 1 if fam == "vit" else seq
     linear = 4 * d * d + 2 * d * hf.intermediate_size
@@ -207,9 +209,11 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   run, fam = build(args)
-  flops_model = model_flops(run.backbone.config, fam, args.batch, args.seq, args.method)
-  step_fn = run.train_step
   host_batches = batches(fam, args)
+  positions = host_batches[0].get("logit_positions")
+  flops_model = model_flops(run.backbone.config, fam, args.batch, args.seq, args.method,
+                            lm_head_positions=0 if positions is None else positions.shape[1])
+  step_fn = run.train_step
   device_batches = [sharding.global_batch(b, run.mesh) for b in host_batches]
   state = run.state
   t0 = time.perf_counter()
