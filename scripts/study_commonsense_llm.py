@@ -542,7 +542,8 @@ def report(rows: Sequence[dict]) -> str:
   wall = [float(r["wall_s"]) for r in timed]
   by_phase = {p: sum(float(r["wall_s"]) for r in timed if r["phase"] == p)
               for p in dict.fromkeys(r["phase"] for r in rows)}
-  cost = (f"{len(runs)} training runs + the zero-shot evaluation: {sum(wall) / 3600:.2f} h of wall "
+  cost = (f"{len(runs)} training runs" + (" + the zero-shot evaluation" if zero else "")
+          + f": {sum(wall) / 3600:.2f} h of wall "
           f"time on the runs' machine (" + ", ".join(f"{p} {s / 60:.0f} min" for p, s in by_phase.items())
           + "; a run cut off mid-way counts only the session that finished it).")
   model = "a tiny random LLaMA (smoke test)" if smoke else "SmolLM2-135M-Instruct"
