@@ -38,9 +38,7 @@ def _config(path: str, arg: str, target_logits_only: bool):
   config = module.get_config(arg or None)
   with config.unlocked():
     config.data.target_logits_only = target_logits_only
-    if config.data.get("path") and not os.path.isabs(config.data.path):
-      config.data.path = os.path.join(REPO, config.data.path)
-  config_lib.validate(config)
+  config_lib.validate(config)   # data paths are the config's, relative to the repo (children's cwd)
   return config
 
 
@@ -52,17 +50,18 @@ def child(args) -> dict:
   config = _config(args.config, args.arg, on)
   run = run_lib.setup(config)
   state = run.state
-  times, losses = [], []
+  times, losses, positions = [], [], None
   for step in range(args.warmup + args.steps):
-    batch = sharding.global_batch(run.train_data.batch(step, config.batch_size, seed=config.seed),
-                                  run.mesh)
+    local = run.train_data.batch(step, config.batch_size, seed=config.seed)
+    if step == 0:
+      positions = local.get("logit_positions")
+    batch = sharding.global_batch(local, run.mesh)
     t0 = time.perf_counter()
     state, metrics = run.train_step(state, run.frozen, batch)
     jax.block_until_ready(metrics)
     if step >= args.warmup:
       times.append(time.perf_counter() - t0)
       losses.append(float(metrics["loss"]))
-  positions = run.train_data.batch(0, config.batch_size, seed=config.seed).get("logit_positions")
   return {"target_logits_only": on, "config": f"{args.config}:{args.arg}",
           "batch": int(config.batch_size), "max_length": int(config.data.max_length),
           "lm_head_positions_per_row": (int(positions.shape[1]) if positions is not None
@@ -87,9 +86,10 @@ def main(argv=None):
   results = {"on": [], "off": []}
   for _ in range(args.rounds):
     for which in ("on", "off"):
-      cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--config", args.config,
+      cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--config",
+             os.path.abspath(args.config),
              "--arg", args.arg, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-      out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO,
                            env={**os.environ, "PYTHONPATH": REPO})
       row = json.loads(out.stdout.strip().splitlines()[-1])
       results[which].append(row)

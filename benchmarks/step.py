@@ -161,8 +161,9 @@ def batches(fam, args, n=4):
           # An SFT row: the loss on its last answer_tokens tokens only, and the LM head at the
           # positions that predict them, as the causal-LM Dataset batches carry them.
           b["loss_mask"][:, :-args.answer_tokens] = 0
-          k = -(-args.answer_tokens // 8) * 8
-          b["logit_positions"] = causal.target_positions(b["loss_mask"], k)
+          k = causal.logit_positions_per_row(b["loss_mask"])
+          if k is not None:
+            b["logit_positions"] = causal.target_positions(b["loss_mask"], k)
     out.append(b)
   return out
 

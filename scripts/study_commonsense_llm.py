@@ -103,6 +103,7 @@ VARIANTS = {v.name: v for v in (
 QV_VARIANTS = {v.name: v for v in (
     _variant("lora_qv", "lora", 16, QV), _variant("dora_qv", "dora", 16, QV),
     _variant("doran_qv", "doran", 16, QV))}
+ALL_VARIANTS = {**VARIANTS, **QV_VARIANTS}
 # The differences the papers claim, (minuend, subtrahend), reported where both ran.
 COMPARISONS = (("dora", "lora"), ("doran", "dora"), ("dora_r8", "lora"), ("dyndora", "lora"),
                ("dora_qv", "lora_qv"), ("doran_qv", "dora_qv"))
@@ -356,13 +357,13 @@ def reproduce(args, cell: str, rows: Sequence[dict]) -> list[str]:
   phase = {p.name: p for p in phases(args)}.get(phase_name)
   recorded = [r for r in rows if r["variant"] == name and r["seed"] != "" and
               float(r["lr"]) == lr and int(r["seed"]) == seed and _in_phase(r, phase_name)]
-  if phase is None or name not in {**VARIANTS, **QV_VARIANTS} or not recorded:
+  if phase is None or name not in ALL_VARIANTS or not recorded:
     cells = ", ".join(f"{r['variant']},{r['lr']:g},{r['seed']},{r['phase'].split('+')[-1]}"
                       for r in rows if r["phase"] != "zero_shot")
     raise SystemExit(f"--reproduce {cell!r}: no such recorded cell; the CSV holds {cells}.")
   scratch = argparse.Namespace(**{**vars(args), "runs": os.path.join(
       args.runs, "reproduce", time.strftime("%Y%m%d-%H%M%S"))})
-  config = run_config({**VARIANTS, **QV_VARIANTS}[name], lr, seed, phase, scratch)
+  config = run_config(ALL_VARIANTS[name], lr, seed, phase, scratch)
   rerun, _ = train_one(config, phase, name)
   diffs = compare_rows(recorded[0], rerun)
   print(f"reproduce {cell} in {config.workdir}: " +
@@ -669,7 +670,7 @@ def _parse(argv):
   p.add_argument("--runs", default=os.path.join(grid.REPO, "runs", "study_commonsense_llm"),
                  help="study root: one workdir per run")
   p.add_argument("--variants", default=",".join(VARIANTS),
-                 help=f"from {', '.join([*VARIANTS, *QV_VARIANTS])}")
+                 help=f"from {', '.join(ALL_VARIANTS)}")
   p.add_argument("--qv", action="store_true", help="also lora, dora, doran at rank 16 on q, v")
   p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the grid (half-decade steps around "
                  "configs/smollm2.py's 5e-4)")
@@ -699,11 +700,11 @@ def _parse(argv):
                 "final_steps", "final_per_task", "limit", "batch", "max_length"):
       setattr(args, key, SMOKE[key])
   names = grid.parse_list(args.variants, str) + (list(QV_VARIANTS) if args.qv else [])
-  unknown = [n for n in names if n not in {**VARIANTS, **QV_VARIANTS}]
+  unknown = [n for n in names if n not in ALL_VARIANTS]
   if unknown:
     raise ValueError(f"--variants {unknown} unknown; choose from "
-                     f"{', '.join([*VARIANTS, *QV_VARIANTS])}.")
-  args.variant_list = [{**VARIANTS, **QV_VARIANTS}[n] for n in dict.fromkeys(names)]
+                     f"{', '.join(ALL_VARIANTS)}.")
+  args.variant_list = [ALL_VARIANTS[n] for n in dict.fromkeys(names)]
   return args
 
 

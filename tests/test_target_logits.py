@@ -34,7 +34,9 @@ def test_the_transform_sizes_k_from_the_busiest_row_and_stays_off_when_most_posi
   batch = add({"loss_mask": mask, "input_ids": np.zeros((3, 64), np.int32)})
   assert batch["logit_positions"].shape == (3, 16)        # 11 rounded up to a multiple of 8
   assert batch["logit_positions"][0, :4].tolist() == [9, 10, 11, 63]
+  assert causal.logit_positions_per_row(mask) == 16
   assert causal.target_positions_transform(np.ones((2, 24), np.int32)) is None   # 23 of 24
+  assert causal.logit_positions_per_row(np.ones((2, 24), np.int32)) is None
 
 
 # The decoder families and GPT-2 each gather before their own LM head (tied and untied).

@@ -296,22 +296,33 @@ def target_positions(loss_mask_BxT: np.ndarray, k: int) -> np.ndarray:
   return np.where(real, first_k, t - 1).astype(np.int32)
 
 
-def target_positions_transform(loss_mask_NxT: np.ndarray, what: str = ""):
-  """A Dataset transform adding `logit_positions` (B, k) to every batch, k = the most targets any
-  row has (rounded up to a multiple of 8): the model then computes the LM head at those positions
-  only and the task reads its targets there. None where k would exceed half the row (the full
-  logits cost little more then).
+def logit_positions_per_row(loss_mask_NxT: np.ndarray) -> Optional[int]:
+  """K of `target_positions` for rows like these: the most targets any row has, rounded up to a
+  multiple of 8; None where K would exceed half the row (the full logits cost little more then).
 
   Example:
-    >>> ds = Dataset(arrays, None, None, transform=target_positions_transform(arrays["loss_mask"]))
+    >>> logit_positions_per_row(np.array([[0] * 60 + [1] * 4]))
+    8
   """
   t = loss_mask_NxT.shape[1]
   most = int((np.asarray(loss_mask_NxT)[:, 1:] > 0).sum(1).max())
   k = max(8, -(-most // 8) * 8)
-  if k > t // 2:
+  return None if k > t // 2 else k
+
+
+def target_positions_transform(loss_mask_NxT: np.ndarray, what: str = ""):
+  """A Dataset transform adding `logit_positions` (B, K) to every batch, K from
+  `logit_positions_per_row` over the whole data set: the model then computes the LM head at those
+  positions only and the task reads its targets there. None where K is None.
+
+  Example:
+    >>> ds = Dataset(arrays, None, None, transform=target_positions_transform(arrays["loss_mask"]))
+  """
+  k = logit_positions_per_row(loss_mask_NxT)
+  if k is None:
     return None
-  logging.info("%s: the LM head runs at %d of %d positions a row (the most targets in a row: %d).",
-               what or "causal LM data", k, t, most)
+  logging.info("%s: the LM head runs at %d of %d positions a row.", what or "causal LM data", k,
+               loss_mask_NxT.shape[1])
 
   def add_positions(batch: dict) -> dict:
     return {**batch, "logit_positions": target_positions(batch["loss_mask"], k)}
