@@ -594,15 +594,9 @@ def report(rows: Sequence[dict]) -> str:
       "",
       f"Cost: {cost}",
       "",
-      "### Conclusions",
-      "",
-      "- DoRA vs LoRA: _to be written from the numbers above._",
-      "- DoRAN vs DoRA: _to be written from the numbers above._",
-      "- DoRA at half rank, DynDoRA: _to be written from the numbers above._",
-      "- Where the two scorings disagree: _to be written from the numbers above._",
-      "- Reproducibility (a final cell rerun from scratch with `--reproduce "
-      "VARIANT,LR,SEED,final`): _to be written._",
-      "- What a 7B run would need: _to be written._",
+      "Conclusions (what held at this scale, where the scorings disagree, reproducibility, what "
+      "a 7B run would need): [docs/studies.md](../studies.md), section \"Commonsense reasoning "
+      "on SmolLM2-135M-Instruct\" (written by hand from these tables).",
       ""])
 
 

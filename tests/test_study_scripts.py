@@ -190,7 +190,7 @@ def test_commonsense_best_lr_report_and_welch():
   assert "| dora − lora | multiple choice | 10.0 | 1.6 | 6.12 | 4.0 | 3 vs 3 |" in text
   assert "**the two scorings rank the methods differently**" in text
   assert "0.001 (0.001: 55.0, 0.003: NaN)" in text     # dora's grid, its NaN run shown as such
-  assert "_to be written from the numbers above._" in text
+  assert "[docs/studies.md](../studies.md)" in text and "to be written" not in text
 
 
 @pytest.mark.slow  # tiny random LLaMA: ~30-60 s on 2 loaded cores
