@@ -54,7 +54,10 @@ ran 1.8x slower on the loaded machine).
 
 Writes into --out (docs/results): commonsense_llm.csv (one row per run and the zero-shot row),
 commonsense_llm.png (average accuracy per method, mean ± std and each seed) and
-commonsense_llm.md (the tables in DoRA Table 1's shape; a pure function of the CSV rows).
+commonsense_llm.md (the tables in DoRA Table 1's shape; a pure function of the CSV rows, plus
+the answer counts of the scored test rows for the constant-answer table: a run whose score on a
+task equals that of one answer word given to every question is marked, since a small model
+trained briefly can learn the answer format and a favourite label rather than the task).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from configs import smollm2, tiny  # noqa: E402
-from doran_jax import analysis, experiment, files, trainer  # noqa: E402
+from doran_jax import analysis, experiment, files, scoring, trainer  # noqa: E402
 from doran_jax import run as run_lib  # noqa: E402
 from doran_jax.data import commonsense  # noqa: E402
 from scripts import grid  # noqa: E402
@@ -522,11 +525,66 @@ def _describe(rs: Sequence[dict], what: str) -> str:
           f"by {scoring}, {where}, seeds {', '.join(map(str, seeds))}")
 
 
-def report(rows: Sequence[dict]) -> str:
-  """The markdown of the study: a pure function of the CSV rows (so --report-only rewrites it).
+def answer_counts(data_dir: str, per_task: int) -> dict[str, dict[str, int]]:
+  """How often each answer word is the right one among the rows the runs are scored on (the first
+  `per_task` records of each task's test.json), every word the records offer included.
 
   Example:
-    >>> text = report(analysis.read_csv("docs/results/commonsense_llm.csv"))
+    >>> answer_counts("../shared/data/commonsense", 30)["boolq"]
+    {'false': 5, 'true': 25}
+  """
+  out = {}
+  for task in TASKS:
+    records = commonsense.load_records(os.path.join(data_dir, task, "test.json"), task)[:per_task]
+    counts = {word: 0 for r in records for word in scoring.commonsense_choices(r)}
+    for r in records:
+      counts[r["answer"]] += 1
+    out[task] = dict(sorted(counts.items()))
+  return out
+
+
+def _constant_words(row: dict, prefix: str, task: str, counts: dict[str, int]) -> list[str]:
+  """The answer words that, given to every question of `task`, score exactly what `row` scored."""
+  n = sum(counts.values())
+  right = round(float(row[f"{prefix}_{task}"]) * n)
+  return [w for w, c in counts.items() if c == right] if np.isfinite(float(row[f"{prefix}_{task}"])) else []
+
+
+def _constant_answers(rows, variants, answers: dict[str, dict[str, int]]) -> tuple[str, str]:
+  """(table, summary): each final run's multiple-choice score per task, marked where it equals
+  the score of one answer word given to every question; the best constant as a row of its own."""
+  head = "| final run | " + " | ".join(TASK_LABELS) + " | Avg. | tasks at a constant: MC (generation) |"
+  lines = [head, "|---" * (len(TASKS) + 3) + "|"]
+  best = [max(answers[t].values()) / sum(answers[t].values()) for t in TASKS]
+  lines.append("| best constant answer per task (an oracle: it knows each task's most frequent "
+               "answer) | " + " | ".join(f"{100 * b:.1f} = {max(answers[t], key=answers[t].get)}"
+                                         for b, t in zip(best, TASKS))
+               + f" | {100 * float(np.mean(best)):.1f} | — |")
+  at_constant = []
+  for v in variants:
+    for r in sorted((r for r in _finals(rows, v) if r["status"] == "ok"), key=lambda r: int(r["seed"])):
+      cells, hits = [], {"mc": 0, "gen": 0}
+      for t in TASKS:
+        for prefix in hits:
+          hits[prefix] += bool(_constant_words(r, prefix, t, answers[t]))
+        words = _constant_words(r, "mc", t, answers[t])
+        cells.append(f"{100 * float(r[f'mc_{t}']):.1f}" + (f" = {'/'.join(words)}" if words else ""))
+      at_constant.append(hits["mc"])
+      lines.append(f"| {v} seed {int(r['seed'])} | " + " | ".join(cells)
+                   + f" | {100 * float(r['mc_avg']):.1f} | {hits['mc']}/7 ({hits['gen']}/7) |")
+  summary = (f"{sum(h >= 6 for h in at_constant)} of {len(at_constant)} final runs score, by "
+             f"multiple choice, exactly what one constant answer scores on at least 6 of the 7 "
+             f"tasks; the best constant per task averages {100 * float(np.mean(best)):.1f}")
+  return "\n".join(lines), summary
+
+
+def report(rows: Sequence[dict], answers: Optional[dict[str, dict[str, int]]] = None) -> str:
+  """The markdown of the study: a pure function of the CSV rows and, when given, the answer
+  counts of the scored rows (`answer_counts`), so --report-only rewrites it.
+
+  Example:
+    >>> text = report(analysis.read_csv("docs/results/commonsense_llm.csv"),
+    ...               answer_counts("../shared/data/commonsense", 30))
   """
   rows = list(rows)
   zero = next((r for r in rows if r["phase"] == "zero_shot"), None)
@@ -552,6 +610,15 @@ def report(rows: Sequence[dict]) -> str:
   agree = ("the two scorings rank the methods the same way"
            if [v for v, _ in mc_order] == [v for v, _ in gen_order] else
            "**the two scorings rank the methods differently**")
+  constant_section = []
+  if answers is not None and final_rows:
+    table, summary = _constant_answers(rows, variants, answers)
+    constant_section = [
+        f"Constant answers (no model; the final runs' {int(final_rows[0]['eval_per_task'])} rows "
+        f"per task): a task's score when every question gets the same answer word. A run whose "
+        f"count on a task equals a constant's (marked `= word`) is consistent with giving that "
+        f"answer throughout (the CSV keeps counts, not the answers). {summary}.",
+        "", table, ""]
   return "\n".join([
       f"## Commonsense reasoning on {model}: LoRA, DoRA, DoRAN, DynDoRA",
       "",
@@ -594,6 +661,7 @@ def report(rows: Sequence[dict]) -> str:
       "",
       f"Cost: {cost}",
       "",
+      *constant_section,
       "Conclusions (what held at this scale, where the scorings disagree, reproducibility, what "
       "a 7B run would need): [docs/studies.md](../studies.md), section \"Commonsense reasoning "
       "on SmolLM2-135M-Instruct\" (written by hand from these tables).",
@@ -634,8 +702,13 @@ def plot(rows: Sequence[dict], path_png: str) -> None:
   fig.savefig(path_png, dpi=130)
 
 
-def write_report(rows: Sequence[dict], out: str) -> str:
-  text = report(rows)
+def write_report(rows: Sequence[dict], out: str, data_dir: str = "") -> str:
+  """Writes <out>/commonsense_llm.md and .png; the constant-answer table when `data_dir` (the
+  commonsense folder the runs were scored on) is there."""
+  per_task = {int(r["eval_per_task"]) for r in rows if _in_phase(r, "final")}
+  answers = (answer_counts(data_dir, per_task.pop())
+             if data_dir and os.path.isdir(data_dir) and len(per_task) == 1 else None)
+  text = report(rows, answers)
   files.write_text(os.path.join(out, f"{NAME}.md"), text)
   plot(rows, os.path.join(out, f"{NAME}.png"))
   return text
@@ -656,6 +729,12 @@ def _merge(rows: list[dict], row: dict) -> None:
       r["phase"] = f"{r['phase']}+{row['phase']}"
       return
   rows.append(row)
+
+
+def data_dir_of(args) -> str:
+  """The commonsense folder the runs read: --data, else configs/smollm2.py's (relative to the repo)."""
+  path = args.data or smollm2.get_config().data.path
+  return path if os.path.isabs(path) else os.path.join(grid.REPO, path)
 
 
 def _parse(argv):
@@ -713,7 +792,7 @@ def main(argv=None):
     if args.reproduce:
       experiment.quiet_third_party_logs()
       return 1 if reproduce(args, args.reproduce, rows) else 0
-    print(write_report(rows, args.out))
+    print(write_report(rows, args.out, data_dir_of(args)))
     return
   if os.path.isdir(args.runs) and os.listdir(args.runs) and not args.resume:
     raise SystemExit(f"{args.runs} already holds runs: pass --resume to continue the study (finished "
@@ -769,7 +848,7 @@ def main(argv=None):
     rows.insert(0, row)
     progress(row, trained)
   # The report from the CSV as written, so --report-only gives the same text.
-  print(write_report(analysis.read_csv(csv_path), args.out))
+  print(write_report(analysis.read_csv(csv_path), args.out, data_dir_of(args)))
 
 
 if __name__ == "__main__":

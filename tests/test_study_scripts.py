@@ -193,6 +193,50 @@ def test_commonsense_best_lr_report_and_welch():
   assert "[docs/studies.md](../studies.md)" in text and "to be written" not in text
 
 
+def _write_suite(root, answers_by_task):
+  """A commonsense folder whose test.json of each task holds records with the given answers."""
+  import json
+  for task, answers in answers_by_task.items():
+    words = sorted(set(answers) | {"x_other"}) if task != "boolq" else ["true", "false"]
+    records = [{"instruction": f"Q{i}?\n\nAnswer format: {'/'.join(words)}", "input": "",
+                "output": f"the correct answer is {a}", "answer": a} for i, a in enumerate(answers)]
+    (root / task).mkdir(parents=True)
+    (root / task / "test.json").write_text(json.dumps(records))
+
+
+def test_commonsense_constant_answer_table(tmp_path):
+  """answer_counts reads the scored rows (the first N, every offered word counted, also at 0); a
+  run's per-task score is marked where one answer word given to every question scores the same,
+  and the best constant per task is its own row."""
+  cs = study_commonsense_llm
+  answers = {t: ["a1", "a2", "a2", "a1", "a2"] for t in cs.TASKS}
+  answers["boolq"] = ["true", "true", "true", "false", "true", "false"]   # the 6th is not scored
+  _write_suite(tmp_path, answers)
+  counts = cs.answer_counts(str(tmp_path), 5)
+  assert counts["boolq"] == {"false": 1, "true": 4}
+  assert counts["piqa"] == {"a1": 2, "a2": 3, "x_other": 0}
+  row = _cs_row("lora", 1e-3, 0, "final", 0.6, 0.4)   # 3 of 5 right = always a2
+  row["eval_per_task"] = 5
+  row["mc_boolq"] = 0.8                                  # 4 of 5 = always true
+  row["mc_piqa"] = 0.2                                   # 1 of 5: no constant scores that
+  row["gen_boolq"] = 0.0                                 # 0 of 5: every word is right at least once
+  text = cs.report([row], counts)
+  line = next(l for l in text.splitlines() if l.startswith("| lora seed 0 |"))
+  assert "| 80.0 = true | 20.0 | 60.0 = a2 |" in line
+  assert line.endswith("| 6/7 (6/7) |")    # gen: 40% = 2 of 5 = always a1, except boolq's 0 of 5
+  best = next(l for l in text.splitlines() if l.startswith("| best constant answer"))
+  assert "| 80.0 = true | 60.0 = a2 |" in best
+  assert "1 of 1 final runs score, by multiple choice, exactly what one constant" in text
+  assert "Constant answers" not in cs.report([row])       # no counts given: no section
+
+
+def test_commonsense_answer_counts_on_the_real_suite(shared_data):
+  counts = study_commonsense_llm.answer_counts(str(shared_data / "commonsense"), 30)
+  assert set(counts) == set(study_commonsense_llm.TASKS)
+  assert all(sum(c.values()) == 30 for c in counts.values())
+  assert set(counts["social_i_qa"]) == {"answer1", "answer2", "answer3"}
+
+
 @pytest.mark.slow  # tiny random LLaMA: ~30-60 s on 2 loaded cores
 def test_commonsense_llm_smoke_resume_and_report_only(tmp_path, monkeypatch):
   import time
@@ -214,6 +258,7 @@ def test_commonsense_llm_smoke_resume_and_report_only(tmp_path, monkeypatch):
   assert {r["rank"] for r in rows[1:]} == {4} and rows[1]["steps"] == 2
   text = (out / "commonsense_llm.md").read_text()
   assert "| zero-shot (base model) |" in text and "| dora − lora | multiple choice |" in text
+  assert "| best constant answer per task" in text and "| lora seed 1 |" in text   # data found
   assert (out / "commonsense_llm.png").stat().st_size > 1000
   # --resume trains and loads nothing: every run is complete in its workdir.
   def refuse(*a, **k):
