@@ -526,28 +526,30 @@ def _describe(rs: Sequence[dict], what: str) -> str:
 
 
 def answer_counts(data_dir: str, per_task: int) -> dict[str, dict[str, int]]:
-  """How often each answer word is the right one among the rows the runs are scored on (the first
-  `per_task` records of each task's test.json), every word the records offer included.
+  """How often each answer word is the right one among the rows the runs are scored on (read and
+  cut as the runs' eval split is: the first `per_task` records of each task's test.json), every
+  word the records offer included.
 
   Example:
     >>> answer_counts("../shared/data/commonsense", 30)["boolq"]
     {'false': 5, 'true': 25}
   """
-  out = {}
-  for task in TASKS:
-    records = commonsense.load_records(os.path.join(data_dir, task, "test.json"), task)[:per_task]
-    counts = {word: 0 for r in records for word in scoring.commonsense_choices(r)}
-    for r in records:
-      counts[r["answer"]] += 1
-    out[task] = dict(sorted(counts.items()))
-  return out
+  records = commonsense.first_per_task(
+      commonsense.read_split({"path": data_dir, "tasks": TASKS}, "eval", "test"), per_task)
+  out = {task: {} for task in TASKS}
+  for r in records:
+    for word in scoring.commonsense_choices(r):
+      out[r["task"]].setdefault(word, 0)
+    out[r["task"]][r["answer"]] += 1
+  return {task: dict(sorted(counts.items())) for task, counts in out.items()}
 
 
-def _constant_words(row: dict, prefix: str, task: str, counts: dict[str, int]) -> list[str]:
-  """The answer words that, given to every question of `task`, score exactly what `row` scored."""
-  n = sum(counts.values())
-  right = round(float(row[f"{prefix}_{task}"]) * n)
-  return [w for w, c in counts.items() if c == right] if np.isfinite(float(row[f"{prefix}_{task}"])) else []
+def _constant_words(score: float, counts: dict[str, int]) -> list[str]:
+  """The answer words that, given to every question of a task, score exactly `score` there."""
+  if not np.isfinite(score):
+    return []
+  right = round(score * sum(counts.values()))
+  return [w for w, c in counts.items() if c == right]
 
 
 def _constant_answers(rows, variants, answers: dict[str, dict[str, int]]) -> tuple[str, str]:
@@ -563,12 +565,11 @@ def _constant_answers(rows, variants, answers: dict[str, dict[str, int]]) -> tup
   at_constant = []
   for v in variants:
     for r in sorted((r for r in _finals(rows, v) if r["status"] == "ok"), key=lambda r: int(r["seed"])):
-      cells, hits = [], {"mc": 0, "gen": 0}
-      for t in TASKS:
-        for prefix in hits:
-          hits[prefix] += bool(_constant_words(r, prefix, t, answers[t]))
-        words = _constant_words(r, "mc", t, answers[t])
-        cells.append(f"{100 * float(r[f'mc_{t}']):.1f}" + (f" = {'/'.join(words)}" if words else ""))
+      words = {(p, t): _constant_words(float(r[f"{p}_{t}"]), answers[t])
+               for p in ("mc", "gen") for t in TASKS}
+      hits = {p: sum(bool(words[p, t]) for t in TASKS) for p in ("mc", "gen")}
+      cells = [f"{100 * float(r[f'mc_{t}']):.1f}"
+               + (f" = {'/'.join(words['mc', t])}" if words["mc", t] else "") for t in TASKS]
       at_constant.append(hits["mc"])
       lines.append(f"| {v} seed {int(r['seed'])} | " + " | ".join(cells)
                    + f" | {100 * float(r['mc_avg']):.1f} | {hits['mc']}/7 ({hits['gen']}/7) |")
