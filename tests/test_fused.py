@@ -49,7 +49,8 @@ def _reference(q, k, v, mask, keep, rate):
   g = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
   s = np.einsum("bqhd,bkhd->bhqk", q / math.sqrt(q.shape[-1]), k)
-  s = np.where(np.asarray(mask)[:, None, None, :], s, -np.inf)
+  mask = np.asarray(mask)   # (B, S) key padding or a (B, T, S) mask
+  s = np.where(mask[:, None, None, :] if mask.ndim == 2 else mask[:, None], s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   p = p / p.sum(-1, keepdims=True)
   p = np.where(keep, p / (1 - rate), 0.0)
@@ -141,6 +142,58 @@ def test_lean_attention_fully_masked_rows_and_jax_path_masks():
   # KV cache) goes in as an explicit mask; equal T and S use its own causal and window masks.
   _compare({"causal": True, "window": 4}, impls=("jax",), t=3, s=7)
   _compare({"causal": True, "window": 2}, impls=("jax", "lean"))
+
+
+def test_causal_blocks_cover_each_querys_visible_keys():
+  assert layers.causal_blocks(256, 256, True, None) == [
+      (0, 64, 0, 64), (64, 128, 0, 128), (128, 192, 0, 192), (192, 256, 0, 256)]
+  assert layers.causal_blocks(160, 160, True, 50) == [
+      (0, 64, 0, 64), (64, 128, 15, 128), (128, 160, 79, 160)]
+  assert len(layers.causal_blocks(4096, 4096, True, None)) == 8
+  # No split: not causal, a KV cache (T != S), or too few queries to gain.
+  assert layers.causal_blocks(256, 256, False, None) is None
+  assert layers.causal_blocks(256, 320, True, None) is None
+  assert layers.causal_blocks(127, 127, True, None) is None
+
+
+@pytest.mark.parametrize("impl", ["xla", "lean"])
+@pytest.mark.parametrize("window", [None, 50])
+def test_causal_attention_in_query_blocks_matches_float64_reference(impl, window):
+  # T = 160 splits into query blocks (0-64, 64-128, 128-160), each against the keys it can see;
+  # outputs and gradients must be those of the whole masked (T, T) square.
+  b, t, h, kv, d = 2, 160, 4, 2, 8
+  rng = np.random.default_rng(11)
+  q, w = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(b, t, kv, d)), jnp.float32) for _ in range(2))
+  pad = np.ones((b, t), bool)
+  pad[1, t - 7:] = False   # right padding: every query still sees key 0
+  rows, cols = np.arange(t)[:, None], np.arange(t)[None, :]
+  visible = (cols <= rows) & (True if window is None else cols > rows - window)
+  mask_BxTxS = pad[:, None, :] & visible[None]
+
+  def attn(q, k, v):
+    return layers.dot_product_attention(q, k, v, mask=pad, causal=True, window=window,
+                                        implementation=impl)
+
+  assert_close(jax.jit(attn)(q, k, v), _reference(q, k, v, mask_BxTxS, True, 0.0), 1e-5,
+               "output")
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  f = lambda a: np.sum(_reference(*a, mask_BxTxS, True, 0.0) * np.asarray(w))  # noqa: E731
+  for i, name in enumerate("qkv"):
+    args = [np.asarray(x, np.float64) for x in (q, k, v)]
+    direction = rng.normal(size=args[i].shape)
+    eps = 1e-4
+    plus = [a + eps * direction if j == i else a for j, a in enumerate(args)]
+    minus = [a - eps * direction if j == i else a for j, a in enumerate(args)]
+    numeric = (f(plus) - f(minus)) / (2 * eps)
+    analytic = float(np.sum(np.asarray(grads[i], np.float64) * direction))
+    assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric)), (name, analytic, numeric)
+  # The split is real: no tensor the size of the whole (B, H, T, T) score square is computed.
+  hlo = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a) * w), argnums=(0, 1, 2))).lower(
+      q, k, v).compile().as_text()
+  square = [m for m in re.finditer(r"= \w+\[([\d,]*)\]", hlo)
+            if math.prod(int(x) for x in m.group(1).split(",") if x) == b * h * t * t]
+  assert not square, square[0].group(0)
 
 
 def _score_sized_transposes(hlo_text, n_scores):

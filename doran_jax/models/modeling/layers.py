@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -199,19 +200,66 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   # The dropout mask is a keyed hash of each element's index (doran_jax.dropout): both paths
   # draw the same mask, and the lean path recomputes it in the backward pass from the seed.
   drop_seed = dropout_lib.seed(dropout_rng) if dropout else None
-
-  if implementation == "lean":
-    out = fused_ops.attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, drop_seed, scale,
-                              logit_softcap, float(dropout_rate))
-    return out.reshape(b, t, h, d).astype(out_dtype)
-
-  scores, _ = fused_ops.scores(q_BxTxKxGxD, k_BxSxKxD, bias_5d, keep, scale, logit_softcap)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if dropout:
-    kept = dropout_lib.keep_mask_from_seed(drop_seed, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(kept, probs / (1.0 - dropout_rate), 0.0)
-  out = fused_ops.weighted_values(probs, v_BxSxKxD)
+  attend = functools.partial(_attend, implementation=implementation, scale=scale,
+                             softcap=logit_softcap, rate=float(dropout_rate))
+  blocks = None if dropout else causal_blocks(t, s, causal, window)
+  if blocks is None:
+    out = attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, drop_seed)
+  else:
+    out = jnp.concatenate([
+        attend(q_BxTxKxGxD[:, t0:t1], k_BxSxKxD[:, s0:s1], v_BxSxKxD[:, s0:s1],
+               _block(bias_5d, t0, t1, s0, s1), _block(keep, t0, t1, s0, s1), None)
+        for t0, t1, s0, s1 in blocks], axis=1)
   return out.reshape(b, t, h, d).astype(out_dtype)
+
+
+def causal_blocks(t: int, s: int, causal: bool, window: Optional[int]):
+  """[(t0, t1, s0, s1)]: query blocks of a causal self-attention and the keys each can see.
+
+  Queries t0..t1-1 see no key at or after t1 (causality) nor before t0 + 1 - window, so each
+  block's scores are computed against keys s0..s1-1 only: about half the score-sized work (and
+  memory traffic) of the full (T, S) square at 4-8 blocks, and smaller blocks stay in cache. On a
+  2-core CPU one LLaMA-shaped layer's attention at T = 256 (forward and backward) took 12-15 ms
+  in 4 blocks against 31 ms whole (docs/benchmarks.md). None (no split) without causality, with a
+  KV cache (T != S) or below 128 queries. A query with no visible key at all (padding) averages
+  the values of its block's keys rather than of all keys; nothing reads such rows.
+
+  Example:
+    >>> causal_blocks(256, 256, True, None)
+    [(0, 64, 0, 64), (64, 128, 0, 128), (128, 192, 0, 192), (192, 256, 0, 256)]
+  """
+  if not causal or t != s or t < _MIN_SPLIT:
+    return None
+  size = max(_MIN_SPLIT // 2, -(-t // _MAX_BLOCKS))
+  return [(t0, min(t0 + size, t), 0 if window is None else max(0, t0 + 1 - window),
+           min(t0 + size, t)) for t0 in range(0, t, size)]
+
+
+_MIN_SPLIT = 128
+_MAX_BLOCKS = 8
+
+
+def _block(x, t0, t1, s0, s1):
+  """The (t0:t1, s0:s1) block of a mask or bias whose last two axes are (T or 1, S or 1)."""
+  if x is None:
+    return None
+  rows = slice(t0, t1) if x.shape[-2] > 1 else slice(None)
+  cols = slice(s0, s1) if x.shape[-1] > 1 else slice(None)
+  return x[..., rows, cols]
+
+
+def _attend(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, drop_seed, *, implementation,
+            scale, softcap, rate):
+  """(B, T, K, G, D) attention outputs by the 'lean' or 'xla' path (masks already combined)."""
+  if implementation == "lean":
+    return fused_ops.attention(q_BxTxKxGxD, k_BxSxKxD, v_BxSxKxD, bias_5d, keep, drop_seed,
+                               scale, softcap, rate)
+  scores, _ = fused_ops.scores(q_BxTxKxGxD, k_BxSxKxD, bias_5d, keep, scale, softcap)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if drop_seed is not None:
+    kept = dropout_lib.keep_mask_from_seed(drop_seed, 1.0 - rate, probs.shape)
+    probs = jnp.where(kept, probs / (1.0 - rate), 0.0)
+  return fused_ops.weighted_values(probs, v_BxSxKxD)
 
 
 def segment_mask(segment_ids_BxT: Array, key_mask_BxT: Optional[Array] = None) -> Array:
