@@ -119,7 +119,8 @@ def make_loglikelihood_fn(apply_fn: Callable, params, *, pad_id: int = 0,
     logits_BxPxV, cache_filled = apply_fn(p, {
         "input_ids": ctx_BxP, "attention_mask": keys_BxS,
         "position_ids": jnp.maximum(jnp.cumsum(ctx_mask_BxP, -1) - 1, 0),
-        "cache": cache.init(b, n_ctx + c), "cache_index": jnp.int32(0)})
+        "cache": cache.init(b, n_ctx + c), "cache_index": jnp.int32(0),
+        "logit_positions": jnp.full((b, 1), n_ctx - 1, jnp.int32)})   # the LM head there only
     last_Bx1xV = logits_BxPxV[:, -1:]
 
     def one_choice(xs):

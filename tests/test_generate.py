@@ -157,6 +157,31 @@ def test_one_compile_per_prompt_bucket():
   assert len(traces) == 2 * compiled and traces[-2] == (2, 32)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefill_computes_the_lm_head_at_the_last_position_only(family):
+  bb = _tiny(family)
+  spec = generate.cache_spec(bb)
+  logits_shapes = []
+
+  def apply(params, batch):      # records each call's logits shape while jit traces
+    out = bb.apply(params, batch)
+    logits_shapes.append(out[0].shape)
+    return out
+
+  def ignoring_positions(params, batch):   # a model that returns every position's logits
+    return bb.apply(params, {k: v for k, v in batch.items() if k != "logit_positions"})
+
+  prompts = _prompts([9, 3, 6], seed=5)
+  ours = generate.generate(bb, bb.params, prompts, max_new_tokens=6, bucket=16, apply_fn=apply,
+                           spec=spec)
+  vocab = bb.config["vocab_size"]
+  assert logits_shapes[0] == (3, 1, vocab)          # the prefill: one position per row
+  every = generate.generate(bb, bb.params, prompts, max_new_tokens=6, bucket=16,
+                            apply_fn=ignoring_positions, spec=spec)
+  np.testing.assert_array_equal(ours, every)
+  np.testing.assert_array_equal(ours, _reference(bb.apply, bb.params, prompts, 6))
+
+
 def test_sampling_limits_keys_and_filters():
   bb = _tiny("qwen3")
   prompts = _prompts([7, 4], seed=5)

@@ -91,6 +91,19 @@ def test_shared_context_scoring_equals_one_sequence_per_choice(family):
                                          cache=generate_lib.cache_spec(bb))
   ll_plain, greedy_plain = plain(pairs)
   ll_shared, greedy_shared = shared(pairs)
+  # The context's forward computes the LM head at its last position only.
+  logits_shapes = []
+
+  def recording(params, batch):
+    out = bb.apply(params, batch)
+    logits_shapes.append((batch["input_ids"].shape, out[0].shape))
+    return out
+
+  scoring.make_loglikelihood_fn(recording, bb.params, bucket=8, batch_size=2,
+                                cache=generate_lib.cache_spec(bb))(pairs[:3])
+  (ctx_shape, prefill_shape), (_, cont_shape) = logits_shapes[:2]
+  assert prefill_shape == (ctx_shape[0], 1, 300), logits_shapes
+  assert cont_shape[1] > 1                    # continuations: every position scored
   np.testing.assert_allclose(ll_shared, ll_plain, rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(greedy_shared, greedy_plain)
   for (ctx, cont), ll in zip(pairs[:3], ll_shared[:3]):

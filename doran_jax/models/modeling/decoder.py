@@ -384,7 +384,8 @@ class DecoderModel(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
   """Logits (B, T, V), or (B, K, V) at `logit_positions` (B, K) when the batch has them; `lm_head`
-  Dense without bias, or the tied embedding. With a `cache` in the batch: (logits, updated cache).
+  Dense without bias, or the tied embedding. With a `cache` in the batch: (logits, updated cache)
+  (a prefill that needs its last position only passes `logit_positions` (B, 1)).
 
   Example:
     >>> logits_BxTxV = DecoderForCausalLM(config).apply(variables, batch)
@@ -402,8 +403,7 @@ class DecoderForCausalLM(nn.Module):
     cache = None
     if batch.get("cache") is not None:
       h_BxTxD, cache = h_BxTxD
-    else:
-      h_BxTxD = layers.at_logit_positions(h_BxTxD, batch)   # (B, K, D) at the target positions
+    h_BxTxD = layers.at_logit_positions(h_BxTxD, batch)   # (B, K, D) at the target positions
     if c.tie_word_embeddings:
       logits_BxTxV = model.attend(h_BxTxD)
     else:

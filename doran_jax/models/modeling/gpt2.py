@@ -232,8 +232,7 @@ class LMHeadModel(nn.Module):
     cache = None
     if batch.get("cache") is not None:
       x, cache = x
-    else:
-      x = layers.at_logit_positions(x, batch)
+    x = layers.at_logit_positions(x, batch)
     if self.cfg.tie_word_embeddings:
       logits = model.attend(x)
     else:
