@@ -69,6 +69,19 @@ def _case(seed=0, b=2, t=6, h=6, kv=3, d=4, s=None, masked_row=False):
   return q, k, v, mask, w
 
 
+def _assert_matches_central_differences(grads, f, qkv, rng, eps=1e-4):
+  """Each gradient of q, k, v against central differences of the float64 reference f(q, k, v),
+  along a random direction."""
+  for i, name in enumerate("qkv"):
+    args = [np.asarray(x, np.float64) for x in qkv]
+    direction = rng.normal(size=args[i].shape)
+    plus = [a + eps * direction if j == i else a for j, a in enumerate(args)]
+    minus = [a - eps * direction if j == i else a for j, a in enumerate(args)]
+    numeric = (f(plus) - f(minus)) / (2 * eps)
+    analytic = float(np.sum(np.asarray(grads[i], np.float64) * direction))
+    assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric)), (name, analytic, numeric)
+
+
 def test_lean_attention_matches_float64_reference_forward_and_backward():
   q, k, v, mask, w = _case()
   b, t, h, d = q.shape
@@ -89,15 +102,7 @@ def test_lean_attention_matches_float64_reference_forward_and_backward():
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(lean(*a) * w), argnums=(0, 1, 2)))(q, k, v)
   rng = np.random.default_rng(1)
   f = lambda a: np.sum(_reference(*a, mask, keep_bhts, rate) * np.asarray(w))  # noqa: E731
-  for i, name in enumerate("qkv"):
-    args = [np.asarray(x, np.float64) for x in (q, k, v)]
-    direction = rng.normal(size=args[i].shape)
-    eps = 1e-4
-    plus = [a + eps * direction if j == i else a for j, a in enumerate(args)]
-    minus = [a - eps * direction if j == i else a for j, a in enumerate(args)]
-    numeric = (f(plus) - f(minus)) / (2 * eps)
-    analytic = float(np.sum(np.asarray(grads[i], np.float64) * direction))
-    assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric)), (name, analytic, numeric)
+  _assert_matches_central_differences(grads, f, (q, k, v), rng)
 
 
 def _compare(kwargs, impls=("lean",), argnums=(0, 1, 2), seed=0, **case):
@@ -179,15 +184,7 @@ def test_causal_attention_in_query_blocks_matches_float64_reference(impl, window
                "output")
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a) * w), argnums=(0, 1, 2)))(q, k, v)
   f = lambda a: np.sum(_reference(*a, mask_BxTxS, True, 0.0) * np.asarray(w))  # noqa: E731
-  for i, name in enumerate("qkv"):
-    args = [np.asarray(x, np.float64) for x in (q, k, v)]
-    direction = rng.normal(size=args[i].shape)
-    eps = 1e-4
-    plus = [a + eps * direction if j == i else a for j, a in enumerate(args)]
-    minus = [a - eps * direction if j == i else a for j, a in enumerate(args)]
-    numeric = (f(plus) - f(minus)) / (2 * eps)
-    analytic = float(np.sum(np.asarray(grads[i], np.float64) * direction))
-    assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric)), (name, analytic, numeric)
+  _assert_matches_central_differences(grads, f, (q, k, v), rng)
   # The split is real: no tensor the size of the whole (B, H, T, T) score square is computed.
   hlo = jax.jit(jax.grad(lambda *a: jnp.sum(attn(*a) * w), argnums=(0, 1, 2))).lower(
       q, k, v).compile().as_text()
