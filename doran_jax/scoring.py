@@ -252,8 +252,13 @@ def commonsense_questions(records: Sequence[dict], prompt_fn: Optional[Callable[
   return out
 
 
-def multiple_choice(ll_fn: Callable, tokenizer, questions: Sequence[Question]) -> dict:
+def multiple_choice(ll_fn: Callable, tokenizer, questions: Sequence[Question], *,
+                    return_outputs: bool = False) -> dict:
   """accuracy, accuracy_norm (per character), n and per-task results of `questions`.
+
+  With `return_outputs`, also 'outputs': per question (in order) its task, gold index, the
+  chosen index by log-likelihood ('choice') and per character ('choice_norm') and the
+  continuations' log-likelihoods: what paired tests between two runs (McNemar) need.
 
   Example:
     >>> multiple_choice(make_loglikelihood_fn(bb.apply, params), tok, questions)
@@ -270,16 +275,24 @@ def multiple_choice(ll_fn: Callable, tokenizer, questions: Sequence[Question]) -
       pairs.append(encode_pair(tokenizer, question.context, continuation))
   lls, _ = ll_fn(pairs)
   counts = collections.defaultdict(lambda: np.zeros(3))   # task -> [correct, correct_norm, n]
+  outputs = []
   start = 0
   for question in questions:
     k = len(question.continuations)
     ll_K = lls[start:start + k]
     chars_K = np.array([len(c) for c in question.continuations], np.float64)
     start += k
-    counts[question.task] += (int(np.argmax(ll_K) == question.gold),
-                              int(np.argmax(ll_K / chars_K) == question.gold), 1)
+    choice, choice_norm = int(np.argmax(ll_K)), int(np.argmax(ll_K / chars_K))
+    counts[question.task] += (int(choice == question.gold), int(choice_norm == question.gold), 1)
+    if return_outputs:
+      outputs.append({"task": question.task, "gold": question.gold, "choice": choice,
+                      "choice_norm": choice_norm,
+                      "loglikelihoods": [float(x) for x in ll_K]})
   total = sum(counts.values())
   per_task = {t: {"accuracy": c / n, "accuracy_norm": cn / n, "n": int(n)}
               for t, (c, cn, n) in sorted(counts.items())}
-  return {"accuracy": total[0] / total[2], "accuracy_norm": total[1] / total[2],
-          "n": int(total[2]), "per_task": per_task}
+  result = {"accuracy": total[0] / total[2], "accuracy_norm": total[1] / total[2],
+            "n": int(total[2]), "per_task": per_task}
+  if return_outputs:
+    result["outputs"] = outputs
+  return result

@@ -151,6 +151,14 @@ def test_multiple_choice_accuracy_and_length_normalisation():
   # q2: raw picks ' bb' (wrong), per character -2/2, -1/3, -9/4 picks ' bb' (wrong).
   assert out["accuracy"] == 0.0 and out["accuracy_norm"] == 0.5 and out["n"] == 2
   assert out["per_task"]["t1"] == {"accuracy": 0.0, "accuracy_norm": 1.0, "n": 1}
+  assert "outputs" not in out
+  # Per question, for paired tests: the choices behind those counts and their log-likelihoods.
+  detail = scoring.multiple_choice(ll_fn, tok, questions, return_outputs=True)
+  assert {k: detail[k] for k in out} == out
+  assert detail["outputs"] == [
+      {"task": "t1", "gold": 1, "choice": 0, "choice_norm": 1, "loglikelihoods": [-2.0, -4.0]},
+      {"task": "t2", "gold": 0, "choice": 1, "choice_norm": 1,
+       "loglikelihoods": [-2.0, -1.0, -9.0]}]
   with pytest.raises(DataError, match="two continuations"):
     scoring.multiple_choice(ll_fn, tok, [scoring.Question("q", (" a",), 0)])
 
