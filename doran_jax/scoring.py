@@ -116,12 +116,12 @@ def make_loglikelihood_fn(apply_fn: Callable, params, *, pad_id: int = 0,
     c = cont_KxBxC.shape[-1]
     lengths_B = ctx_mask_BxP.sum(-1)
     keys_BxS = jnp.concatenate([ctx_mask_BxP, jnp.zeros((b, c), ctx_mask_BxP.dtype)], 1)
-    logits_BxPxV, cache_filled = apply_fn(p, {
+    ctx_logits, cache_filled = apply_fn(p, {
         "input_ids": ctx_BxP, "attention_mask": keys_BxS,
         "position_ids": jnp.maximum(jnp.cumsum(ctx_mask_BxP, -1) - 1, 0),
         "cache": cache.init(b, n_ctx + c), "cache_index": jnp.int32(0),
         "logit_positions": jnp.full((b, 1), n_ctx - 1, jnp.int32)})   # the LM head there only
-    last_Bx1xV = logits_BxPxV[:, -1:]
+    last_Bx1xV = ctx_logits[:, -1:]   # (B, 1, V), or (B, P, V) from a model without positions
 
     def one_choice(xs):
       cont_BxC, cont_mask_BxC = xs

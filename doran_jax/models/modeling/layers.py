@@ -213,6 +213,11 @@ def dot_product_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, 
   return out.reshape(b, t, h, d).astype(out_dtype)
 
 
+# causal_blocks: split from 128 queries, into at most 8 blocks of at least 64.
+_MIN_SPLIT = 128
+_MAX_BLOCKS = 8
+
+
 def causal_blocks(t: int, s: int, causal: bool, window: Optional[int]):
   """[(t0, t1, s0, s1)]: query blocks of a causal self-attention and the keys each can see.
 
@@ -231,12 +236,11 @@ def causal_blocks(t: int, s: int, causal: bool, window: Optional[int]):
   if not causal or t != s or t < _MIN_SPLIT:
     return None
   size = max(_MIN_SPLIT // 2, -(-t // _MAX_BLOCKS))
-  return [(t0, min(t0 + size, t), 0 if window is None else max(0, t0 + 1 - window),
-           min(t0 + size, t)) for t0 in range(0, t, size)]
-
-
-_MIN_SPLIT = 128
-_MAX_BLOCKS = 8
+  blocks = []
+  for t0 in range(0, t, size):
+    t1 = min(t0 + size, t)   # the last query of the block sees keys up to t1 - 1
+    blocks.append((t0, t1, 0 if window is None else max(0, t0 + 1 - window), t1))
+  return blocks
 
 
 def _block(x, t0, t1, s0, s1):
